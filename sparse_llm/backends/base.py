@@ -1,0 +1,127 @@
+"""The contract every sparse-attention method follows, and the registry of methods by name.
+
+A method is a small dataclass of parameters (validated in ``__post_init__``) with one selection
+function, :meth:`SparseMethod.block_mask`, that turns a prefill's queries and keys into a
+:class:`~sparse_llm.kernels.BlockMask`. Methods that approximate what lies outside the selected
+blocks override :meth:`SparseMethod.attend` instead and merge with the exact part through the
+log-sum-exp (:func:`~sparse_llm.kernels.merge_attention`).
+
+The common options (``block_size``, ``min_seq_len``, ``dense_layers``, ``decode``) live here and are
+applied once, by the Hugging Face patch, for every method (kvpress's ``BasePress`` shape).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+import torch
+
+from sparse_llm.kernels import BlockMask, block_sparse_attention
+
+DECODE_MODES = ("dense", "sparse")
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """What the patch knows about one attention call, beyond q/k/v.
+
+    ``key_padding_mask`` is ``[B, Tk]`` bool (True = real token) or None; ``sliding_window`` is the
+    layer's own window (Gemma local layers) or None; ``softcap`` the logit soft-cap or None.
+    """
+
+    layer_idx: int
+    scale: float
+    softcap: float | None = None
+    sliding_window: int | None = None
+    key_padding_mask: torch.Tensor | None = None
+
+
+@dataclass
+class SparseMethod:
+    """Base of all methods: the options every method accepts.
+
+    Args:
+        block_size: query and key block size of the kernel (power of two).
+        min_seq_len: prefills with fewer query tokens than this run dense.
+        dense_layers: layer indices that always run dense.
+        decode: ``"dense"`` (default) runs single-token decode steps at full density;
+            ``"sparse"`` applies the method's selection to them too.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    block_size: int = 64
+    min_seq_len: int = 0
+    dense_layers: tuple[int, ...] = field(default_factory=tuple)
+    decode: str = "dense"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size!r}")
+        if not isinstance(self.min_seq_len, int) or self.min_seq_len < 0:
+            raise ValueError(f"min_seq_len must be a non-negative int, got {self.min_seq_len!r}")
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
+        try:
+            self.dense_layers = tuple(int(i) for i in self.dense_layers)
+        except TypeError:
+            raise TypeError(f"dense_layers must be a sequence of layer indices, got {self.dense_layers!r}") from None
+
+    def params(self) -> dict:
+        """The method's parameters as a plain dict (for result files)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def block_mask(self, q: torch.Tensor, k: torch.Tensor, call: LayerCall) -> BlockMask:
+        """Select the blocks each query block attends. q ``[B, Hq, Tq, D]``, k ``[B, Hkv, Tk, D]``."""
+        raise NotImplementedError
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: LayerCall
+    ) -> tuple[torch.Tensor, BlockMask]:
+        """Attention output ``[B, Hq, Tq, D]`` and the mask it used; exact over the selected blocks."""
+        mask = self.block_mask(q, k, call)
+        out = block_sparse_attention(
+            q, k, v, mask, scale=call.scale, softcap=call.softcap,
+            sliding_window=call.sliding_window, key_padding_mask=call.key_padding_mask,
+        )
+        return out, mask
+
+
+def require_positive(**values: int) -> None:
+    """Raise a ValueError naming the first argument that is not a positive int."""
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{key} must be a positive int, got {value!r}")
+
+
+_REGISTRY: dict[str, type[SparseMethod]] = {}
+
+
+def register_method(cls: type[SparseMethod]) -> type[SparseMethod]:
+    """Class decorator: make a method available by its ``name``."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"method name {cls.name!r} is empty or already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_methods() -> dict[str, str]:
+    """Registered method names with one-line descriptions."""
+    return {name: cls.description for name, cls in sorted(_REGISTRY.items())}
+
+
+def get_method(name: str, **params) -> SparseMethod:
+    """Instantiate a registered method; unknown names raise a ValueError listing the known ones."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown method {name!r}.{hint} Known methods: {', '.join(sorted(_REGISTRY))}")
+    cls = _REGISTRY[name]
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"method {name!r} got unknown parameters {unknown}; it accepts {sorted(known)}")
+    return cls(**params)

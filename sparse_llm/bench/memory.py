@@ -1,0 +1,56 @@
+"""Peak memory of one call: CUDA allocator peak on GPU, sampled resident set size on CPU."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def measure_peak(fn: Callable[[], Any], device: torch.device | str = "cpu", interval_s: float = 0.002):
+    """Run ``fn`` and return ``(result, peak_bytes_above_baseline)``.
+
+    On CUDA: ``max_memory_allocated`` after a reset, minus what was allocated before the call. On CPU:
+    ``ru_maxrss`` only ever grows over a process's life (a model load can set it), so a thread samples
+    the RSS every ``interval_s`` during the call; the peak minus the RSS before the call is returned.
+    Short spikes between samples can be missed, so CPU peaks are lower bounds.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result, torch.cuda.max_memory_allocated(device) - base
+    base = current_rss_bytes()
+    peak = base
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, current_rss_bytes())
+            time.sleep(interval_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        sampler.join()
+    peak = max(peak, current_rss_bytes())
+    return result, peak - base

@@ -1,0 +1,103 @@
+"""Prefill latency and peak activation memory of one (model, method, length) configuration.
+
+Baselines beside the registered methods: ``sdpa`` and ``eager`` (Hugging Face's own attention) and
+``floor``: the same forward with attention replaced by a zero-cost stub, so ``sdpa / floor`` is the
+Amdahl bound on any attention speedup. Prefill uses ``logits_to_keep=1`` so that full-vocabulary
+logits do not dominate time and memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+import sparse_llm
+from sparse_llm.bench.memory import measure_peak
+
+HF_BASELINES = ("sdpa", "eager")
+FLOOR = "floor"
+
+
+@dataclass
+class PrefillResult:
+    method: str
+    params: dict
+    length: int
+    times_s: list[float]
+    peak_mem_mb: float
+    density: float | None
+    device: str
+    median_s: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.median_s = statistics.median(self.times_s)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _zero_attention(module, query, key, value, attention_mask, **kwargs):
+    b, _, t, d = query.shape
+    return query.new_zeros(b, t, query.shape[1], d), None
+
+
+@contextlib.contextmanager
+def _attention(model, method: str, params: dict):
+    """Run the block with ``method``: an HF implementation, the zero-cost floor, or a sparse method."""
+    if method in HF_BASELINES or method == FLOOR:
+        previous = model.config._attn_implementation
+        name = "sparse_llm_floor" if method == FLOOR else method
+        if method == FLOOR:
+            AttentionInterface.register(name, _zero_attention)
+            AttentionMaskInterface.register(name, lambda **kwargs: None)
+        model.set_attn_implementation(name)
+        try:
+            yield
+        finally:
+            model.set_attn_implementation(previous)
+            if method == FLOOR:
+                AttentionInterface._global_mapping.pop(name, None)
+                AttentionMaskInterface._global_mapping.pop(name, None)
+    else:
+        with sparse_llm.sparse_attention(model, method, **params):
+            yield
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_prefill(model, input_ids: torch.Tensor, method: str, params: dict | None = None, *,
+                  repeats: int = 3, warmup_tokens: int = 256) -> PrefillResult:
+    """Median prefill time over ``repeats`` runs and the peak memory of the first timed run.
+
+    A warm-up forward on the first ``warmup_tokens`` tokens runs first and is not timed. The device
+    is synchronized before and after each timed call.
+    """
+    params = dict(params or {})
+    device = input_ids.device
+    times = []
+    peak = 0
+    density = None
+    with torch.no_grad(), _attention(model, method, params):
+        model(input_ids[:, :warmup_tokens], logits_to_keep=1)
+        for i in range(repeats):
+            _synchronize(device)
+            start = time.perf_counter()
+            if i == 0:
+                _, peak = measure_peak(lambda: model(input_ids, logits_to_keep=1), device)
+            else:
+                model(input_ids, logits_to_keep=1)
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+        if method not in HF_BASELINES and method != FLOOR:
+            density = sparse_llm.attention_stats(model)["density"]
+    return PrefillResult(method=method, params=params, length=input_ids.shape[1], times_s=times,
+                         peak_mem_mb=peak / 2**20, density=density, device=str(device))

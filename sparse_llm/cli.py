@@ -1,0 +1,66 @@
+"""The ``sparse-llm`` command: thin argument parsing around functions usable from Python."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
+def _cmd_demo(args) -> int:
+    from sparse_llm.demo import format_table, run_demo
+
+    rows = run_demo(args.model, context_tokens=args.context_tokens, methods=args.methods)
+    print(format_table(rows))
+    return 0
+
+
+def _cmd_methods(args) -> int:
+    from sparse_llm import list_methods
+
+    for name, description in list_methods().items():
+        print(f"{name:12s} {description}")
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from sparse_llm.models import list_models
+
+    for name, description in list_models().items():
+        print(f"{name:14s} {description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparse-llm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="needle-in-a-haystack prefill demo on an embedded model")
+    demo.add_argument("--model", default="gemma3-270m", help="embedded model name (see `sparse-llm models`)")
+    demo.add_argument("--context-tokens", type=int, default=4096)
+    demo.add_argument("--methods", type=_methods, default=("sdpa", "dense", "streaming", "block_topk"),
+                      help="comma-separated; 'sdpa' is the unpatched Hugging Face baseline")
+    demo.set_defaults(func=_cmd_demo)
+
+    sub.add_parser("methods", help="list the sparse-attention methods").set_defaults(func=_cmd_methods)
+    sub.add_parser("models", help="list the embedded models").set_defaults(func=_cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as err:
+        print(f"sparse-llm: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Hugging Face integration: the attention/mask interface registration and version compatibility."""
