@@ -1,0 +1,250 @@
+"""Kernel vs dense reference under the tolerance rule (tests/attention_cases.py), merge, bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attention_cases import BASE, GRID, Case, build, check_attention, params, truth_and_pt
+
+from sparse_llm.kernels import BlockMask, block_sparse_attention, merge_attention
+from sparse_llm.kernels import cpu as cpu_kernel
+
+
+def run(case: Case, backend: str, device: str = "cpu"):
+    q, k, v, mask, kwargs = build(case, device)
+    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, backend=backend, **kwargs)
+    return out, lse, (q, k, v, mask, kwargs)
+
+
+@pytest.mark.parametrize("case", params(GRID))
+def test_cpu_path_matches_reference(case):
+    out, lse, inputs = run(case, "cpu")
+    check_attention(out, lse, *inputs)
+
+
+@pytest.mark.parametrize("case", params([BASE, BASE.but(dtype="bfloat16", mask="empty_rows", left_pad=(9,))]))
+def test_cpu_path_without_fused_op_matches_reference(case, monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "_fused_op", lambda device, softcap: None)
+    out, lse, inputs = run(case, "cpu")
+    check_attention(out, lse, *inputs)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])
+def test_cpu_path_key_chunks_merge_exactly(fused, monkeypatch):
+    case = BASE.but(mask="full_rows", b=2, left_pad=(0, 40), window=90)
+    if not fused:
+        monkeypatch.setattr(cpu_kernel, "_fused_op", lambda device, softcap: None)
+    monkeypatch.setattr(cpu_kernel, "_MAX_SCORE_ELEMENTS", 2 * 2 * 64 * 16)  # 16-key chunks
+    out, lse, inputs = run(case, "cpu")
+    check_attention(out, lse, *inputs)
+
+
+@pytest.mark.parametrize("mask_kind", ["sink", "causal"])
+def test_cpu_path_work_scales_with_selected_blocks(mask_kind, monkeypatch):
+    """Keys sent to attention calls = selected blocks x block_k: no Tq x Tk work, nothing dense."""
+    case = Case(tq=1024, tk=1024, hq=2, hkv=1, block_q=64, block_k=64, mask=mask_kind)
+    q, k, v, mask, kwargs = build(case)
+    seen = []
+    attend = cpu_kernel._attend
+
+    def counting(qs, ks, vs, *args, **kw):
+        seen.append(ks.shape[0] * ks.shape[2])  # (query blocks x batch) x keys
+        return attend(qs, ks, vs, *args, **kw)
+
+    monkeypatch.setattr(cpu_kernel, "_attend", counting)
+    block_sparse_attention(q, k, v, mask, backend="cpu", **kwargs)
+    assert sum(seen) == mask.num_selected_blocks * case.block_k
+
+
+def test_reference_backend_returns_input_dtype():
+    out, lse, inputs = run(BASE.but(dtype="bfloat16"), "reference")
+    check_attention(out, lse, *inputs)
+
+
+def test_auto_uses_cpu_path_for_cpu_tensors():
+    q, k, v, mask, kwargs = build(BASE)
+    auto = block_sparse_attention(q, k, v, mask, **kwargs)
+    assert torch.equal(auto, block_sparse_attention(q, k, v, mask, backend="cpu", **kwargs))
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    q, k, v, mask, kwargs = build(BASE)
+    kwargs.pop("scale")
+    assert torch.equal(
+        block_sparse_attention(q, k, v, mask, **kwargs),
+        block_sparse_attention(q, k, v, mask, scale=BASE.d**-0.5, **kwargs),
+    )
+
+
+def split_mask(mask: BlockMask, seed: int) -> tuple[BlockMask, BlockMask]:
+    """Two disjoint masks whose union is ``mask``, each block assigned at random."""
+    dense = mask.to_dense()
+    side = torch.rand(dense.shape, generator=torch.Generator().manual_seed(seed)) < 0.5
+    geo = dict(block_q=mask.block_q, block_k=mask.block_k, q_len=mask.q_len, kv_len=mask.kv_len,
+               causal=mask.is_causal, sliding_window=mask.sliding_window)  # fmt: skip
+    return BlockMask.from_dense(dense & side, **geo), BlockMask.from_dense(dense & ~side, **geo)
+
+
+SPLIT_CASES = [
+    BASE.but(mask="full_rows"),
+    BASE.but(mask="causal", window=70, dtype="bfloat16", b=2, left_pad=(0, 33)),
+    BASE.but(mask="empty_rows", mask_heads="q", softcap=30.0),
+    Case(tq=1, tk=200, hq=4, hkv=1, mask="causal"),
+]
+
+
+@pytest.mark.parametrize("case", params(SPLIT_CASES))
+def test_split_masks_merged_by_lse_equal_one_run_on_union(case):
+    q, k, v, mask, kwargs = build(case)
+    part_a, part_b = split_mask(mask, case.seed + 1)
+    assert not (part_a.to_dense() & part_b.to_dense()).any()
+    assert torch.equal(part_a.to_dense() | part_b.to_dense(), mask.to_dense())
+    out_a, lse_a = block_sparse_attention(q, k, v, part_a, return_lse=True, **kwargs)
+    out_b, lse_b = block_sparse_attention(q, k, v, part_b, return_lse=True, **kwargs)
+    out, lse = merge_attention(out_a, lse_a, out_b, lse_b)
+    check_attention(out, lse, q, k, v, mask, kwargs)
+    union_out, union_lse = block_sparse_attention(q, k, v, mask, return_lse=True, **kwargs)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(union_lse))
+
+
+def test_merge_handles_empty_rows():
+    out_a, out_b = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    lse_a = torch.tensor([[0.5, float("-inf"), float("-inf")], [1.0, 2.0, float("-inf")]])
+    lse_b = torch.tensor([[float("-inf"), 0.3, float("-inf")], [1.0, float("-inf"), float("-inf")]])
+    out, lse = merge_attention(out_a, lse_a, out_b, lse_b)
+    assert not torch.isnan(out).any()
+    assert torch.equal(out[0, 0], out_a[0, 0]) and torch.equal(out[0, 1], out_b[0, 1])
+    assert (out[:, 2] == 0).all() and torch.isneginf(lse[:, 2]).all()
+    torch.testing.assert_close(out[1, 0], (out_a[1, 0] + out_b[1, 0]) / 2)
+    torch.testing.assert_close(lse[1, 0], torch.tensor(1.0 + torch.log(torch.tensor(2.0)).item()))
+
+
+def test_merge_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="same shape"):
+        merge_attention(torch.zeros(2, 3), torch.zeros(2), torch.zeros(2, 4), torch.zeros(2))
+    with pytest.raises(ValueError, match="out.shape"):
+        merge_attention(torch.zeros(2, 3), torch.zeros(3), torch.zeros(2, 3), torch.zeros(3))
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def _inputs(hq=2, hkv=1, tq=8, tk=16, d=16, dtype=torch.float32, b=1):
+    q = torch.randn(b, hq, tq, d, dtype=dtype)
+    k, v = torch.randn(b, hkv, tk, d, dtype=dtype), torch.randn(b, hkv, tk, d, dtype=dtype)
+    return q, k, v, BlockMask.causal(q_len=tq, kv_len=tk, block_q=4, block_k=4)
+
+
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.float64, id="float64"), pytest.param(torch.int32, id="int32")]
+)
+def test_rejects_unsupported_dtypes(dtype):
+    q, k, v, mask = _inputs()
+    with pytest.raises(TypeError, match="allowed: float16, bfloat16, float32"):
+        block_sparse_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask)
+
+
+def test_rejects_mixed_dtypes():
+    q, k, v, mask = _inputs()
+    with pytest.raises(TypeError, match="share one dtype"):
+        block_sparse_attention(q, k.half(), v, mask)
+
+
+def test_rejects_head_counts_that_do_not_divide():
+    q, k, v, _ = _inputs(hq=3, hkv=2)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        block_sparse_attention(q, k, v, BlockMask.causal(q_len=8, kv_len=16, block_q=4, block_k=4))
+
+
+def test_rejects_more_queries_than_keys():
+    q, _, _, _ = _inputs(tq=16)
+    k = v = torch.randn(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="Tq <= Tk"):
+        block_sparse_attention(q, k, v, BlockMask.causal(q_len=8, kv_len=8, block_q=4, block_k=4))
+
+
+def test_rejects_mismatched_batch_or_head_dim():
+    q, k, v, mask = _inputs()
+    with pytest.raises(ValueError, match="agree on batch and head dim"):
+        block_sparse_attention(q, k[..., :8], v[..., :8], mask)
+    with pytest.raises(ValueError, match="same shape"):
+        block_sparse_attention(q, k, v[:, :, :8], mask)
+
+
+def test_rejects_mask_built_for_other_lengths():
+    q, k, v, _ = _inputs()
+    with pytest.raises(ValueError, match="block_mask was built for q_len=4"):
+        block_sparse_attention(q, k, v, BlockMask.causal(q_len=4, kv_len=16, block_q=4, block_k=4))
+
+
+def test_rejects_mask_with_wrong_batch_or_heads():
+    q, k, v, _ = _inputs(hq=4, hkv=2, b=2)
+    with pytest.raises(ValueError, match="heads \\(3\\) must be 1, Hkv \\(2\\) or Hq \\(4\\)"):
+        block_sparse_attention(q, k, v, BlockMask.causal(q_len=8, kv_len=16, block_q=4, block_k=4, heads=3))
+    with pytest.raises(ValueError, match="batch \\(3\\) must be 1 or B \\(2\\)"):
+        block_sparse_attention(q, k, v, BlockMask.causal(q_len=8, kv_len=16, block_q=4, block_k=4, batch=3))
+
+
+def test_rejects_bad_block_size():
+    with pytest.raises(ValueError, match="power of two"):
+        BlockMask.causal(q_len=8, kv_len=16, block_q=3, block_k=4)
+    with pytest.raises(ValueError, match="power of two"):
+        BlockMask.causal(q_len=8, kv_len=16, block_q=4, block_k=0)
+
+
+def test_rejects_bad_options():
+    q, k, v, mask = _inputs()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        block_sparse_attention(q, k, v, mask, backend="cuda")
+    with pytest.raises(ValueError, match="sliding_window requires causal=True"):
+        block_sparse_attention(q, k, v, mask, sliding_window=4, causal=False)
+    with pytest.raises(ValueError, match="softcap must be None or a positive number"):
+        block_sparse_attention(q, k, v, mask, softcap=0.0)
+    with pytest.raises(TypeError, match="key_padding_mask must be a bool tensor"):
+        block_sparse_attention(q, k, v, mask, key_padding_mask=torch.ones(1, 16))
+    with pytest.raises(ValueError, match="key_padding_mask has shape"):
+        block_sparse_attention(q, k, v, mask, key_padding_mask=torch.ones(1, 15, dtype=torch.bool))
+    with pytest.raises(TypeError, match="block_mask must be a BlockMask"):
+        block_sparse_attention(q, k, v, mask.to_dense())
+
+
+def test_rejects_device_mismatch():
+    q, k, v, mask = _inputs()
+    with pytest.raises(ValueError, match="one device"):
+        block_sparse_attention(q, k.to("meta"), v, mask)
+    with pytest.raises(ValueError, match="block_mask is on meta"):
+        block_sparse_attention(q, k, v, mask.to("meta"))
+
+
+def test_triton_backend_needs_cuda_tensors(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v, mask = _inputs()
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        block_sparse_attention(q, k, v, mask, backend="triton")
+
+
+# ----------------------------------------------------------------------------- CUDA
+CUDA_GRID = list(dict.fromkeys([c.but(dtype=dt) for c in GRID for dt in ("bfloat16", "float16")] + GRID))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", params(CUDA_GRID))
+def test_triton_kernel_matches_reference_on_cuda(case):
+    out, lse, inputs = run(case, "triton", "cuda")
+    check_attention(out, lse, *inputs)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", params(SPLIT_CASES))
+def test_triton_split_masks_merge_on_cuda(case):
+    q, k, v, mask, kwargs = build(case, "cuda")
+    part_a, part_b = split_mask(mask, case.seed + 1)
+    out_a, lse_a = block_sparse_attention(q, k, v, part_a, return_lse=True, backend="triton", **kwargs)
+    out_b, lse_b = block_sparse_attention(q, k, v, part_b, return_lse=True, backend="triton", **kwargs)
+    check_attention(*merge_attention(out_a, lse_a, out_b, lse_b), q, k, v, mask, kwargs)
+
+
+def test_truth_is_one_precision_above_input():
+    q, k, v, mask, kwargs = build(BASE)
+    (t_out, _), (p_out, _) = truth_and_pt(q, k, v, mask, kwargs)
+    assert t_out.dtype == torch.float64 and p_out.dtype == torch.float32
