@@ -70,7 +70,10 @@ def attention_stats(model: torch.nn.Module) -> dict:
     method = hf.active_method(model)
     if method is None:
         raise ValueError("model is not sparsified: call sparse_llm.sparsify(model, ...) first")
-    layers = {idx: {"density": mask.density(), "sparse": sparse} for idx, (mask, sparse) in hf.last_masks(model).items()}
+    layers = {
+        idx: {"density": mask.density(), "sparse": sparse}
+        for idx, (mask, sparse) in hf.last_masks(model).items()
+    }
     sparse = [info["density"] for info in layers.values() if info["sparse"]]
     return {
         "method": method.name,

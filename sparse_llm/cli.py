@@ -43,8 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="needle-in-a-haystack prefill demo on an embedded model")
     demo.add_argument("--model", default="gemma3-270m", help="embedded model name (see `sparse-llm models`)")
     demo.add_argument("--context-tokens", type=int, default=4096)
-    demo.add_argument("--methods", type=_methods, default=("sdpa", "dense", "streaming", "block_topk"),
-                      help="comma-separated; 'sdpa' is the unpatched Hugging Face baseline")
+    demo.add_argument(
+        "--methods",
+        type=_methods,
+        default=("sdpa", "dense", "streaming", "block_topk"),
+        help="comma-separated; 'sdpa' is the unpatched Hugging Face baseline",
+    )
     demo.set_defaults(func=_cmd_demo)
 
     sub.add_parser("methods", help="list the sparse-attention methods").set_defaults(func=_cmd_methods)
@@ -54,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as err:

@@ -31,7 +31,9 @@ def test_unknown_method_lists_known_ones(model):
     "method, params, match",
     [
         pytest.param("streaming", dict(sink_tokens=0), "sink_tokens must be a positive int", id="zero-sink"),
-        pytest.param("streaming", dict(local_tokens=-5), "local_tokens must be a positive int", id="neg-window"),
+        pytest.param(
+            "streaming", dict(local_tokens=-5), "local_tokens must be a positive int", id="neg-window"
+        ),
         pytest.param("block_topk", dict(budget=0), "budget must be a positive int", id="zero-budget"),
         pytest.param("dense", dict(block_size=48), "block_size must be a power of two", id="block-not-pow2"),
         pytest.param("dense", dict(decode="fast"), "decode must be one of", id="bad-decode"),
@@ -48,7 +50,9 @@ def test_bad_parameters_raise_and_leave_model_unpatched(model, method, params, m
 def test_unsupported_family_names_supported_ones():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     before = gpt2.config._attn_implementation
-    with pytest.raises(NotImplementedError, match=r"'gpt2' is not supported.*llama.*gemma2.*gemma3_text.*bitnet"):
+    with pytest.raises(
+        NotImplementedError, match=r"'gpt2' is not supported.*llama.*gemma2.*gemma3_text.*bitnet"
+    ):
         sparse_llm.sparsify(gpt2, "dense")
     assert gpt2.config._attn_implementation == before
 
@@ -61,5 +65,8 @@ def test_attention_stats_needs_a_sparsified_model(model):
 def test_four_dimensional_mask_is_refused(model):
     ids = torch.randint(3, 100, (1, 40))
     mask4d = torch.ones(1, 1, 40, 40, dtype=torch.bool).tril()
-    with sparse_llm.sparse_attention(model, "dense"), pytest.raises(NotImplementedError, match="2D padding mask"):
+    with (
+        sparse_llm.sparse_attention(model, "dense"),
+        pytest.raises(NotImplementedError, match="2D padding mask"),
+    ):
         model(input_ids=ids, attention_mask=mask4d)

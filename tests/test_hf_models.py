@@ -79,7 +79,9 @@ def test_unsparsify_restores_bit_identical_outputs(family):
     assert not torch.equal(sparse_out, before)  # the method was really in use
     assert sparse_llm.unsparsify(model) is model
     assert model.config._attn_implementation == previous
-    assert name not in AttentionInterface._global_mapping and name not in AttentionMaskInterface._global_mapping
+    assert (
+        name not in AttentionInterface._global_mapping and name not in AttentionMaskInterface._global_mapping
+    )
     assert torch.equal(logits(model, ids), before)
 
 
@@ -118,13 +120,15 @@ def test_small_budget_is_sparse_and_sliding_layers_stay_exact():
 def test_dense_layers_and_min_seq_len_keep_layers_dense():
     model = tiny_model("llama")
     ids = random_ids(1, 200, seed=6)
-    with sparse_llm.sparse_attention(model, "streaming", sink_tokens=16, local_tokens=32, block_size=16,
-                                     dense_layers=[0]):
+    with sparse_llm.sparse_attention(
+        model, "streaming", sink_tokens=16, local_tokens=32, block_size=16, dense_layers=[0]
+    ):
         logits(model, ids)
         layers = sparse_llm.attention_stats(model)["layers"]
     assert layers[0]["sparse"] is False and layers[1]["sparse"] is True
-    with sparse_llm.sparse_attention(model, "streaming", sink_tokens=16, local_tokens=32, block_size=16,
-                                     min_seq_len=201):
+    with sparse_llm.sparse_attention(
+        model, "streaming", sink_tokens=16, local_tokens=32, block_size=16, min_seq_len=201
+    ):
         logits(model, ids)
         assert sparse_llm.attention_stats(model)["density"] == 1.0
 
@@ -133,8 +137,12 @@ def test_sparse_decode_uses_the_method_for_single_tokens():
     model = tiny_model("llama")
     ids = random_ids(1, 200, seed=7)
     for decode, expect_sparse in [("dense", False), ("sparse", True)]:
-        with sparse_llm.sparse_attention(model, "streaming", sink_tokens=16, local_tokens=32, block_size=16,
-                                         decode=decode), torch.no_grad():
+        with (
+            sparse_llm.sparse_attention(
+                model, "streaming", sink_tokens=16, local_tokens=32, block_size=16, decode=decode
+            ),
+            torch.no_grad(),
+        ):
             model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)
             layers = sparse_llm.attention_stats(model)["layers"]
         assert layers[1]["sparse"] is expect_sparse
@@ -158,7 +166,9 @@ def test_model_loaded_with_device_map(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="auto", attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path, device_map="auto", attn_implementation="sdpa"
+    ).eval()
     ids = random_ids(1, 100, seed=8)
     expected = logits(model, ids)
     with sparse_llm.sparse_attention(model, "dense", block_size=32):

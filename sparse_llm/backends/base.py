@@ -59,7 +59,11 @@ class SparseMethod:
     decode: str = "dense"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size & (self.block_size - 1):
+        if (
+            not isinstance(self.block_size, int)
+            or self.block_size < 16
+            or self.block_size & (self.block_size - 1)
+        ):
             raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size!r}")
         if not isinstance(self.min_seq_len, int) or self.min_seq_len < 0:
             raise ValueError(f"min_seq_len must be a non-negative int, got {self.min_seq_len!r}")
@@ -68,7 +72,9 @@ class SparseMethod:
         try:
             self.dense_layers = tuple(int(i) for i in self.dense_layers)
         except TypeError:
-            raise TypeError(f"dense_layers must be a sequence of layer indices, got {self.dense_layers!r}") from None
+            raise TypeError(
+                f"dense_layers must be a sequence of layer indices, got {self.dense_layers!r}"
+            ) from None
 
     def params(self) -> dict:
         """The method's parameters as a plain dict (for result files)."""
@@ -84,8 +90,14 @@ class SparseMethod:
         """Attention output ``[B, Hq, Tq, D]`` and the mask it used; exact over the selected blocks."""
         mask = self.block_mask(q, k, call)
         out = block_sparse_attention(
-            q, k, v, mask, scale=call.scale, softcap=call.softcap,
-            sliding_window=call.sliding_window, key_padding_mask=call.key_padding_mask,
+            q,
+            k,
+            v,
+            mask,
+            scale=call.scale,
+            softcap=call.softcap,
+            sliding_window=call.sliding_window,
+            key_padding_mask=call.key_padding_mask,
         )
         return out, mask
 

@@ -11,13 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sparse_llm.backends.base import LayerCall, SparseMethod, register_method, require_positive
-from sparse_llm.backends.selection import (
-    block_means,
-    first_real_key,
-    reachable_blocks,
-    sink_local_blocks,
-    topk_blocks,
-)
+from sparse_llm.backends.selection import block_means, first_real_key
 from sparse_llm.kernels import BlockMask
 
 
@@ -37,6 +31,11 @@ class BlockTopK(SparseMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         require_positive(budget=self.budget, sink_tokens=self.sink_tokens, local_tokens=self.local_tokens)
+        if self.budget < self.sink_tokens + self.local_tokens:
+            raise ValueError(
+                f"budget ({self.budget}) must cover sink_tokens + local_tokens "
+                f"({self.sink_tokens} + {self.local_tokens}); raise the budget or shrink the window"
+            )
 
     def block_mask(self, q, k, call: LayerCall) -> BlockMask:
         (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
@@ -44,13 +43,23 @@ class BlockTopK(SparseMethod):
         q_means = block_means(q, bs).view(b, hkv, hq // hkv, -1, d).mean(2)  # [B, Hkv, nQ, D]
         k_means = block_means(k, bs, call.key_padding_mask)  # [B, Hkv, nK, D]
         scores = q_means @ k_means.transpose(-1, -2)
-        kv_start = first_real_key(call.key_padding_mask, b, k.device)
-        forced = sink_local_blocks(
-            q_len, kv_len, bs, bs, sink_tokens=self.sink_tokens, local_tokens=self.local_tokens,
-            kv_start=kv_start,
-        )
-        reachable = reachable_blocks(q_len, kv_len, bs, bs, k.device)
-        keep = topk_blocks(scores, forced, reachable, k=-(-self.budget // bs))
-        return BlockMask.from_dense(
-            keep, block_q=bs, block_k=bs, q_len=q_len, kv_len=kv_len, sliding_window=call.sliding_window
+        forced = BlockMask.sink_window(
+            q_len=q_len,
+            kv_len=kv_len,
+            block_q=bs,
+            block_k=bs,
+            sink_tokens=self.sink_tokens,
+            local_tokens=self.local_tokens,
+            device=q.device,
+            kv_start=first_real_key(call.key_padding_mask),
+        ).to_dense()
+        # Forced blocks rank first and count towards the budget.
+        return BlockMask.from_topk(
+            scores.masked_fill(forced, float("inf")),
+            -(-self.budget // bs),
+            block_q=bs,
+            block_k=bs,
+            q_len=q_len,
+            kv_len=kv_len,
+            sliding_window=call.sliding_window,
         )

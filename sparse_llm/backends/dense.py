@@ -16,6 +16,10 @@ class Dense(SparseMethod):
 
     def block_mask(self, q, k, call: LayerCall) -> BlockMask:
         return BlockMask.causal(
-            q_len=q.shape[2], kv_len=k.shape[2], block_q=self.block_size, block_k=self.block_size,
-            device=q.device, sliding_window=call.sliding_window,
+            q_len=q.shape[2],
+            kv_len=k.shape[2],
+            block_q=self.block_size,
+            block_k=self.block_size,
+            device=q.device,
+            sliding_window=call.sliding_window,
         )

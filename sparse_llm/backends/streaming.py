@@ -9,14 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sparse_llm.backends.base import LayerCall, SparseMethod, register_method, require_positive
-from sparse_llm.backends.selection import first_real_key, sink_local_blocks
+from sparse_llm.backends.selection import first_real_key
 from sparse_llm.kernels import BlockMask
 
 
 @register_method
 @dataclass
 class Streaming(SparseMethod):
-    """Args: sink_tokens (first tokens always kept, default 128), local_tokens (recent window, default 1024)."""
+    """Args: sink_tokens (first tokens always kept, default 128),
+    local_tokens (recent window, default 1024)."""
 
     name = "streaming"
     description = "StreamingLLM baseline: sink tokens + a local window of recent tokens."
@@ -29,13 +30,14 @@ class Streaming(SparseMethod):
         require_positive(sink_tokens=self.sink_tokens, local_tokens=self.local_tokens)
 
     def block_mask(self, q, k, call: LayerCall) -> BlockMask:
-        q_len, kv_len = q.shape[2], k.shape[2]
-        kv_start = first_real_key(call.key_padding_mask, k.shape[0], k.device)
-        blocks = sink_local_blocks(
-            q_len, kv_len, self.block_size, self.block_size,
-            sink_tokens=self.sink_tokens, local_tokens=self.local_tokens, kv_start=kv_start,
-        )
-        return BlockMask.from_dense(
-            blocks, block_q=self.block_size, block_k=self.block_size, q_len=q_len, kv_len=kv_len,
+        return BlockMask.sink_window(
+            q_len=q.shape[2],
+            kv_len=k.shape[2],
+            block_q=self.block_size,
+            block_k=self.block_size,
+            sink_tokens=self.sink_tokens,
+            local_tokens=self.local_tokens,
+            device=q.device,
             sliding_window=call.sliding_window,
+            kv_start=first_real_key(call.key_padding_mask),
         )

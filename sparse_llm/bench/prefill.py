@@ -74,8 +74,15 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_prefill(model, input_ids: torch.Tensor, method: str, params: dict | None = None, *,
-                  repeats: int = 3, warmup_tokens: int = 256) -> PrefillResult:
+def bench_prefill(
+    model,
+    input_ids: torch.Tensor,
+    method: str,
+    params: dict | None = None,
+    *,
+    repeats: int = 3,
+    warmup_tokens: int = 256,
+) -> PrefillResult:
     """Median prefill time over ``repeats`` runs and the peak memory of the first timed run.
 
     A warm-up forward on the first ``warmup_tokens`` tokens runs first and is not timed. The device
@@ -99,5 +106,12 @@ def bench_prefill(model, input_ids: torch.Tensor, method: str, params: dict | No
             times.append(time.perf_counter() - start)
         if method not in HF_BASELINES and method != FLOOR:
             density = sparse_llm.attention_stats(model)["density"]
-    return PrefillResult(method=method, params=params, length=input_ids.shape[1], times_s=times,
-                         peak_mem_mb=peak / 2**20, density=density, device=str(device))
+    return PrefillResult(
+        method=method,
+        params=params,
+        length=input_ids.shape[1],
+        times_s=times,
+        peak_mem_mb=peak / 2**20,
+        density=density,
+        device=str(device),
+    )

@@ -211,19 +211,26 @@ class BlockMask:
         heads: int = 1,
         device: torch.device | str | None = None,
         sliding_window: int | None = None,
+        kv_start: Tensor | None = None,
     ) -> BlockMask:
         """StreamingLLM (Xiao et al. 2023): key blocks overlapping the first ``sink_tokens`` keys plus
-        those overlapping the ``local_tokens`` keys ending at each query block's last position."""
+        those overlapping the ``local_tokens`` keys ending at each query block's last position.
+
+        ``kv_start`` (int ``[B]``, optional) is each row's first real key: with left padding a row's
+        sinks are its first real tokens, not position 0. It sets the batch size of the mask."""
         for name, value in (("sink_tokens", sink_tokens), ("local_tokens", local_tokens)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         n_q, n_k = _grid(q_len, kv_len, block_q, block_k, True, sliding_window)
         q_end = torch.clamp(torch.arange(1, n_q + 1, device=device) * block_q, max=q_len) - 1 + kv_len - q_len
         k_blk = torch.arange(n_k, device=device)
-        sink = k_blk * block_k < sink_tokens
+        start = torch.zeros(1, dtype=torch.long, device=device) if kv_start is None else kv_start.to(device)
+        # [B', nK]: blocks overlapping [start, start + sink_tokens)
+        sink = (k_blk * block_k < start[:, None] + sink_tokens) & ((k_blk + 1) * block_k > start[:, None])
         local = (k_blk[None, :] + 1) * block_k > q_end[:, None] - local_tokens + 1
         local &= local_tokens > 0
-        dense = (sink[None, :] | local).expand(batch, heads, n_q, n_k)
+        batch = batch if kv_start is None else kv_start.shape[0]
+        dense = (sink[:, None, None, :] | local).expand(batch, heads, n_q, n_k)
         return cls.from_dense(
             dense, block_q=block_q, block_k=block_k, q_len=q_len, kv_len=kv_len, sliding_window=sliding_window
         )

@@ -48,6 +48,6 @@ def key_padding_mask(attention_mask, kv_len: int) -> torch.Tensor | None:
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
-    """The name of the KV-cache argument of ``model.forward``: ``cache`` from 5.24, else ``past_key_values``."""
+    """The KV-cache argument of ``model.forward``: ``cache`` from 5.24 on, else ``past_key_values``."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"

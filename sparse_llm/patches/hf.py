@@ -39,7 +39,11 @@ class _Patch:
 
 def _dense_mask(q: torch.Tensor, k: torch.Tensor, call: LayerCall, block_size: int) -> BlockMask:
     return BlockMask.causal(
-        q_len=q.shape[2], kv_len=k.shape[2], block_q=block_size, block_k=block_size, device=q.device,
+        q_len=q.shape[2],
+        kv_len=k.shape[2],
+        block_q=block_size,
+        block_k=block_size,
+        device=q.device,
         sliding_window=call.sliding_window,
     )
 
@@ -49,7 +53,9 @@ def _make_attention_function(patch: _Patch):
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if dropout and module.training:
-            raise NotImplementedError("sparse-llm backends are inference-only: attention dropout is not supported")
+            raise NotImplementedError(
+                "sparse-llm backends are inference-only: attention dropout is not supported"
+            )
         if not getattr(module, "is_causal", True):
             raise NotImplementedError("sparse-llm backends support causal (decoder) attention only")
         layer_idx = getattr(module, "layer_idx", -1)
@@ -72,8 +78,14 @@ def _make_attention_function(patch: _Patch):
         if stay_dense:
             mask = _dense_mask(query, key, call, method.block_size)
             out = block_sparse_attention(
-                query, key, value, mask, scale=call.scale, softcap=call.softcap,
-                sliding_window=call.sliding_window, key_padding_mask=call.key_padding_mask,
+                query,
+                key,
+                value,
+                mask,
+                scale=call.scale,
+                softcap=call.softcap,
+                sliding_window=call.sliding_window,
+                key_padding_mask=call.key_padding_mask,
             )
         else:
             out, mask = method.attend(query, key, value, call)
@@ -94,8 +106,11 @@ def install(model: torch.nn.Module, method: SparseMethod) -> None:
         )
     if model in _ACTIVE:
         uninstall(model)
-    patch = _Patch(name=f"sparse_llm_{method.name}_{next(_NAMES)}", previous=model.config._attn_implementation,
-                   method=method)
+    patch = _Patch(
+        name=f"sparse_llm_{method.name}_{next(_NAMES)}",
+        previous=model.config._attn_implementation,
+        method=method,
+    )
     AttentionInterface.register(patch.name, _make_attention_function(patch))
     AttentionMaskInterface.register(patch.name, compat.padding_mask_function)
     try:
