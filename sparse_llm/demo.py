@@ -25,9 +25,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+import sparse_llm
 from sparse_llm.bench.memory import measure_peak
 from sparse_llm.eval.haystack import REPEAT_FILLER, build_needle_prompt, load_haystack_text, score_answer
 from sparse_llm.models import load
+from sparse_llm.patches.compat import cache_kwarg
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +61,6 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _density(model) -> float | None:
-    import sparse_llm
-
-    stats = getattr(sparse_llm, "attention_stats", None)
-    return None if stats is None else float(stats(model)["density"])
-
-
 def _run_one(model, tokenizer, input_ids: torch.Tensor, answer: str, max_new_tokens: int, sparse: bool):
     device = input_ids.device
     _synchronize(device)
@@ -73,13 +68,12 @@ def _run_one(model, tokenizer, input_ids: torch.Tensor, answer: str, max_new_tok
     out, peak = measure_peak(lambda: model(input_ids, use_cache=True, logits_to_keep=1), device)
     _synchronize(device)
     prefill_s = time.perf_counter() - start
-    density = _density(model) if sparse else None  # read before decoding replaces the prefill's masks
+    # read before decoding replaces the prefill's masks
+    density = sparse_llm.attention_stats(model)["density"] if sparse else None
 
     first = out.logits[:, -1:].argmax(-1)
     tokens = first
     if max_new_tokens > 1 and first.item() != tokenizer.eos_token_id:
-        from sparse_llm.patches.compat import cache_kwarg
-
         name = cache_kwarg(model)
         prompt = torch.cat([input_ids, first], dim=1)
         generated = model.generate(
@@ -134,11 +128,8 @@ def run_demo(
     unknown = set(method_params) - set(order)
     if unknown:
         raise ValueError(f"method_params given for methods not run: {sorted(unknown)}; methods: {order}")
-    if len(order) > 1:
-        import sparse_llm  # lazily: the sdpa-only demo needs no sparse machinery
-
-        for method in order[1:]:  # unknown names and bad parameters fail before any timing
-            sparse_llm.get_method(method, **method_params.get(method, {}))
+    for method in order[1:]:  # unknown names and bad parameters fail before any timing
+        sparse_llm.get_method(method, **method_params.get(method, {}))
 
     model, tokenizer = load(model_name, device=device)
     prompt = build_needle_prompt(
@@ -163,8 +154,6 @@ def run_demo(
         if method == BASELINE:
             context = contextlib.nullcontext()
         else:
-            import sparse_llm
-
             context = sparse_llm.sparse_attention(model, method, **method_params.get(method, {}))
         with torch.inference_mode(), context:
             row = _run_one(model, tokenizer, input_ids, prompt.answer, max_new_tokens, method != BASELINE)
