@@ -18,8 +18,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from sparse_llm.backends.base import LayerCall, SparseMethod
-from sparse_llm.kernels import BlockMask, block_sparse_attention
+from sparse_llm.backends.base import LayerCall, SparseMethod, get_method
+from sparse_llm.kernels import BlockMask
 from sparse_llm.patches import compat
 from sparse_llm.patches.families import family_of
 
@@ -37,19 +37,9 @@ class _Patch:
     last_masks: dict[int, tuple[BlockMask, bool]] = field(default_factory=dict)  # layer -> (mask, sparse?)
 
 
-def _dense_mask(q: torch.Tensor, k: torch.Tensor, call: LayerCall, block_size: int) -> BlockMask:
-    return BlockMask.causal(
-        q_len=q.shape[2],
-        kv_len=k.shape[2],
-        block_q=block_size,
-        block_k=block_size,
-        device=q.device,
-        sliding_window=call.sliding_window,
-    )
-
-
 def _make_attention_function(patch: _Patch):
     method = patch.method
+    dense = get_method("dense", block_size=method.block_size)
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if dropout and module.training:
@@ -75,20 +65,7 @@ def _make_attention_function(patch: _Patch):
             or (q_len == 1 and method.decode == "dense")
             or (q_len > 1 and q_len < method.min_seq_len)
         )
-        if stay_dense:
-            mask = _dense_mask(query, key, call, method.block_size)
-            out = block_sparse_attention(
-                query,
-                key,
-                value,
-                mask,
-                scale=call.scale,
-                softcap=call.softcap,
-                sliding_window=call.sliding_window,
-                key_padding_mask=call.key_padding_mask,
-            )
-        else:
-            out, mask = method.attend(query, key, value, call)
+        out, mask = (dense if stay_dense else method).attend(query, key, value, call)
         patch.last_masks[layer_idx] = (mask, not stay_dense)
         return out.transpose(1, 2).contiguous(), None
 
