@@ -31,7 +31,7 @@ def test_streaming_padded_row_keeps_its_first_real_tokens():
     k = torch.randn(2, 1, 256, 64)
     padding = torch.ones(2, 256, dtype=torch.bool)
     padding[1, :64] = False
-    dense = method.block_mask(q, k, LayerCall(0, 0.125, key_padding_mask=padding)).to_dense()
+    dense = method.block_mask(q, k, k, LayerCall(0, 0.125, key_padding_mask=padding)).to_dense()
     assert dense[1, 0, -1, 4] and not dense[1, 0, -1, 0]
     assert dense[0, 0, -1, 0] and not dense[0, 0, -1, 4]
 
@@ -45,7 +45,7 @@ def test_block_topk_finds_the_planted_block_and_respects_the_budget():
     q[:, :, -bs:] += direction  # the last query block points at ...
     k[:, 0, 5 * bs : 6 * bs] += direction  # ... key block 5 of KV head 0 only
     method = get_method("block_topk", budget=5 * bs, sink_tokens=bs, local_tokens=2 * bs, block_size=bs)
-    mask = method.block_mask(q, k, LayerCall(0, d**-0.5))
+    mask = method.block_mask(q, k, k, LayerCall(0, d**-0.5))
     last = mask.to_dense()[0, :, -1]  # [Hkv, nK]
     n_k = t // bs
     assert last[0, 5] and last[0, 0] and last[0, n_k - 2 :].all()
@@ -57,3 +57,65 @@ def test_block_topk_finds_the_planted_block_and_respects_the_budget():
 def test_block_topk_budget_must_cover_the_forced_blocks():
     with pytest.raises(ValueError, match="must cover sink_tokens"):
         get_method("block_topk", budget=256, sink_tokens=128, local_tokens=512)
+
+
+def _planted(seed: int = 0, t: int = 512, d: int = 64, bs: int = 32):
+    torch.manual_seed(seed)
+    q = torch.randn(1, 4, t, d) * 0.1
+    k = torch.randn(1, 2, t, d) * 0.1
+    v = torch.randn(1, 2, t, d)
+    return q, k, v
+
+
+def test_dma_value_norm_picks_the_planted_high_norm_values_for_every_query_block():
+    q, k, v = _planted()
+    bs = 32
+    v[:, 0, 7 * bs : 8 * bs] *= 10  # block 7 of KV head 0 carries large values
+    method = get_method("dma", budget=4 * bs, sink_tokens=bs, local_tokens=bs, block_size=bs)
+    dense = method.block_mask(q, k, v, LayerCall(0, 0.125)).to_dense()[0]  # [Hkv, nQ, nK]
+    assert dense[0, 7:, 7].all()  # every query block that can see block 7 attends it
+    # one key set per head: away from the sink and local blocks, all late rows pick the same blocks
+    rows = dense[:, 12:, 1:10]
+    assert (rows == rows[:, :1]).all()
+    assert dense.sum(-1).max() <= 4  # budget / block_size blocks per query block
+
+
+def test_dma_observation_picks_the_keys_the_last_queries_attend():
+    q, k, v = _planted(seed=1)
+    bs = 32
+    direction = torch.randn(64) * 3
+    q[:, 2:4, -16:] += direction  # the last queries of group 1 ...
+    k[:, 1, 5 * bs + 3] += direction  # ... look at one key in block 5 of KV head 1
+    method = get_method(
+        "dma", score="observation", window=16, budget=3 * bs, sink_tokens=bs, local_tokens=bs, block_size=bs
+    )
+    dense = method.block_mask(q, k, v, LayerCall(0, 64**-0.5)).to_dense()[0]
+    assert dense[1, -1, 5] and dense[1, 5:, 5].all()
+
+
+def test_dma_skips_padding_keys():
+    q, k, v = _planted(seed=2)
+    v[:, :, :64] *= 100  # huge values, but they are padding
+    padding = torch.ones(1, 512, dtype=torch.bool)
+    padding[:, :64] = False
+    method = get_method("dma", budget=128, sink_tokens=32, local_tokens=32, block_size=32)
+    dense = method.block_mask(q, k, v, LayerCall(0, 0.125, key_padding_mask=padding)).to_dense()[0]
+    # real query blocks (2 on) never attend the padded blocks 0-1; their sinks start at block 2
+    assert not dense[:, 2:, :2].any()
+    assert dense[:, -1, 2].all()
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        pytest.param(dict(score="attention"), "score must be one of", id="bad-score"),
+        pytest.param(dict(budget=-1), "budget must be a positive int", id="neg-budget"),
+        pytest.param(dict(window=0), "window must be a positive int", id="zero-window"),
+        pytest.param(
+            dict(budget=100, sink_tokens=64, local_tokens=512), "must cover", id="budget-below-forced"
+        ),
+    ],
+)
+def test_dma_bad_parameters(params, match):
+    with pytest.raises(ValueError, match=match):
+        get_method("dma", **params)

@@ -90,6 +90,10 @@ def test_unsparsify_restores_bit_identical_outputs(family):
     [
         pytest.param("streaming", dict(sink_tokens=16, local_tokens=SEQ), id="streaming"),
         pytest.param("block_topk", dict(budget=SEQ, sink_tokens=16, local_tokens=32), id="block_topk"),
+        pytest.param("dma", dict(budget=SEQ, sink_tokens=16, local_tokens=32), id="dma-value_norm"),
+        pytest.param(
+            "dma", dict(budget=SEQ, score="observation", sink_tokens=16, local_tokens=32), id="dma-obs"
+        ),
     ],
 )
 @pytest.mark.parametrize("family", FAMILIES)

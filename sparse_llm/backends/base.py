@@ -80,26 +80,27 @@ class SparseMethod:
         """The method's parameters as a plain dict (for result files)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def block_mask(self, q: torch.Tensor, k: torch.Tensor, call: LayerCall) -> BlockMask:
-        """Select the blocks each query block attends. q ``[B, Hq, Tq, D]``, k ``[B, Hkv, Tk, D]``."""
+    def block_mask(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: LayerCall) -> BlockMask:
+        """Select the blocks each query block attends.
+
+        q ``[B, Hq, Tq, D]``, k and v ``[B, Hkv, Tk, D]`` (keys with RoPE applied, GQA not expanded).
+        """
         raise NotImplementedError
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: LayerCall
     ) -> tuple[torch.Tensor, BlockMask]:
         """Attention output ``[B, Hq, Tq, D]`` and the mask it used; exact over the selected blocks."""
-        mask = self.block_mask(q, k, call)
-        out = block_sparse_attention(
-            q,
-            k,
-            v,
-            mask,
-            scale=call.scale,
-            softcap=call.softcap,
-            sliding_window=call.sliding_window,
-            key_padding_mask=call.key_padding_mask,
-        )
-        return out, mask
+        mask = self.block_mask(q, k, v, call)
+        return exact_attention(q, k, v, mask, call), mask
+
+
+def exact_attention(q, k, v, mask: BlockMask, call: LayerCall, return_lse: bool = False):
+    """The shared kernel over ``mask`` with the layer's scale, softcap, window and padding."""
+    return block_sparse_attention(
+        q, k, v, mask, scale=call.scale, softcap=call.softcap, sliding_window=call.sliding_window,
+        key_padding_mask=call.key_padding_mask, return_lse=return_lse,
+    )  # fmt: skip
 
 
 def require_positive(**values: int) -> None:

@@ -37,7 +37,7 @@ class BlockTopK(SparseMethod):
                 f"({self.sink_tokens} + {self.local_tokens}); raise the budget or shrink the window"
             )
 
-    def block_mask(self, q, k, call: LayerCall) -> BlockMask:
+    def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
         (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
         bs = self.block_size
         q_means = block_means(q, bs).view(b, hkv, hq // hkv, -1, d).mean(2)  # [B, Hkv, nQ, D]

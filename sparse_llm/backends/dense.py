@@ -14,7 +14,7 @@ class Dense(SparseMethod):
     name = "dense"
     description = "Exact causal attention through the block-sparse kernel (full density; equals sdpa)."
 
-    def block_mask(self, q, k, call: LayerCall) -> BlockMask:
+    def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
         return BlockMask.causal(
             q_len=q.shape[2],
             kv_len=k.shape[2],

@@ -29,7 +29,7 @@ class Streaming(SparseMethod):
         super().__post_init__()
         require_positive(sink_tokens=self.sink_tokens, local_tokens=self.local_tokens)
 
-    def block_mask(self, q, k, call: LayerCall) -> BlockMask:
+    def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
         return BlockMask.sink_window(
             q_len=q.shape[2],
             kv_len=k.shape[2],
