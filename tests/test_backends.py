@@ -119,3 +119,52 @@ def test_dma_skips_padding_keys():
 def test_dma_bad_parameters(params, match):
     with pytest.raises(ValueError, match=match):
         get_method("dma", **params)
+
+
+def test_spherical_kmeans_groups_planted_clusters():
+    from sparse_llm.backends.routing import spherical_kmeans
+
+    torch.manual_seed(0)
+    centers = torch.nn.functional.normalize(torch.randn(3, 32), dim=-1) * 5
+    labels = torch.arange(300) % 3
+    x = (centers[labels] + 0.3 * torch.randn(300, 32))[None].repeat(2, 1, 1)  # batch of 2 "heads"
+    _, assign = spherical_kmeans(x, n_clusters=3, iterations=5, seed=1)
+    for row in assign:  # same planted label <=> same cluster (up to renaming)
+        assert (row[:, None] == row[None, :]).equal(labels[:, None] == labels[None, :])
+
+
+def test_routing_sends_a_query_block_to_the_blocks_of_its_cluster():
+    torch.manual_seed(0)
+    bs, t, d = 32, 1024, 32
+    directions = torch.nn.functional.normalize(torch.randn(4, d), dim=-1) * 4
+    block_label = torch.arange(t // bs) % 4  # key block m holds keys of planted cluster m % 4
+    k = (directions[block_label].repeat_interleave(bs, 0) + 0.2 * torch.randn(t, d))[None, None]
+    q = 0.2 * torch.randn(1, 2, t, d)
+    q[:, :, -bs:] += directions[1]  # the last query block asks for cluster 1
+    method = get_method(
+        "routing",
+        n_clusters=4,
+        top_clusters=1,
+        budget=16 * bs,
+        sink_tokens=bs,
+        local_tokens=bs,
+        block_size=bs,
+    )
+    last = method.block_mask(q, k, k, LayerCall(0, d**-0.5)).to_dense()[0, 0, -1]
+    routed = last.clone()
+    routed[0] = routed[-1] = False  # drop the sink and local blocks
+    assert routed.nonzero().flatten().tolist() == (block_label == 1).nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        pytest.param(dict(n_clusters=0), "n_clusters must be None", id="zero-clusters"),
+        pytest.param(dict(top_clusters=-2), "top_clusters must be None", id="neg-top"),
+        pytest.param(dict(iterations=0), "iterations must be a positive int", id="zero-iterations"),
+        pytest.param(dict(budget=0), "budget must be a positive int", id="zero-budget"),
+    ],
+)
+def test_routing_bad_parameters(params, match):
+    with pytest.raises(ValueError, match=match):
+        get_method("routing", **params)

@@ -94,6 +94,7 @@ def test_unsparsify_restores_bit_identical_outputs(family):
         pytest.param(
             "dma", dict(budget=SEQ, score="observation", sink_tokens=16, local_tokens=32), id="dma-obs"
         ),
+        pytest.param("routing", dict(budget=SEQ, sink_tokens=16, local_tokens=32), id="routing"),
     ],
 )
 @pytest.mark.parametrize("family", FAMILIES)
