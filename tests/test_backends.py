@@ -168,3 +168,66 @@ def test_routing_sends_a_query_block_to_the_blocks_of_its_cluster():
 def test_routing_bad_parameters(params, match):
     with pytest.raises(ValueError, match=match):
         get_method("routing", **params)
+
+
+def _segmented_keys(bounds: list[int], t: int, d: int = 32, heads: int = 2, seed: int = 0) -> torch.Tensor:
+    """Keys [1, heads, t, d] made of segments [bounds[i], bounds[i+1]) with one direction each."""
+    torch.manual_seed(seed)
+    k = torch.empty(1, heads, t, d)
+    edges = [*bounds, t]
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        k[:, :, lo:hi] = torch.randn(1, heads, 1, d) + 0.15 * torch.randn(1, heads, hi - lo, d)
+    return k
+
+
+def test_dhsa_dynamic_chunking_finds_planted_boundaries():
+    from sparse_llm.backends.dhsa import chunk_boundaries
+
+    bounds = [0, 37, 100, 170, 230, 301, 360, 449]
+    k = _segmented_keys(bounds, 512)
+    starts = chunk_boundaries(k, chunking="dynamic", chunk_size=64, min_chunk=16, max_chunk=256)
+    assert starts[0].nonzero().flatten().tolist() == bounds
+
+
+def test_dhsa_chunking_limits_and_fixed_mode():
+    from sparse_llm.backends.dhsa import chunk_boundaries
+
+    k = _segmented_keys([0, 300], 512)  # one change only: long chunks get cut at max_chunk
+    starts = chunk_boundaries(k, chunking="dynamic", chunk_size=64, min_chunk=16, max_chunk=128)[0]
+    found = starts.nonzero().flatten().tolist()
+    assert 300 in found and all(b - a <= 128 for a, b in zip(found, [*found[1:], 512], strict=True))
+    fixed = chunk_boundaries(k, chunking="fixed", chunk_size=64, min_chunk=16, max_chunk=128)[0]
+    assert fixed.nonzero().flatten().tolist() == list(range(0, 512, 64))
+
+
+def test_dhsa_ranks_the_chunk_the_query_block_matches():
+    bs, t, d = 32, 1024, 32
+    bounds = [0, 200, 330, 420, 700]
+    k = _segmented_keys(bounds, t, d=d, heads=1, seed=3)
+    q = 0.1 * torch.randn(1, 2, t, d)
+    q[:, :, -2 * bs : -bs] += k[0, 0, 340] * 3  # the second-to-last query block looks for chunk [330, 420)
+    method = get_method("dhsa", budget=8 * bs, sink_tokens=bs, local_tokens=bs, block_size=bs, min_chunk=16)
+    dense = method.block_mask(q, k, k, LayerCall(0, d**-0.5)).to_dense()[0, 0]
+    row = dense[-2]
+    assert row[330 // bs : 420 // bs + 1].all()  # every block overlapping the matched chunk
+    assert int(row.sum()) <= 8
+    assert dense[-1].sum() == dense.shape[-1]  # the trailing query block attends densely
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        pytest.param(
+            dict(min_chunk=300, max_chunk=200, chunk_size=250),
+            "min_chunk .* must be <= max_chunk",
+            id="min-gt-max",
+        ),
+        pytest.param(dict(chunk_size=8), "chunk_size .* must lie in", id="chunk-below-min"),
+        pytest.param(dict(chunking="learned"), "chunking must be one of", id="bad-chunking"),
+        pytest.param(dict(budget=0), "budget must be a positive int", id="zero-budget"),
+        pytest.param(dict(budget=100), "must cover", id="budget-below-forced"),
+    ],
+)
+def test_dhsa_bad_parameters(params, match):
+    with pytest.raises(ValueError, match=match):
+        get_method("dhsa", **params)

@@ -95,6 +95,10 @@ def test_unsparsify_restores_bit_identical_outputs(family):
             "dma", dict(budget=SEQ, score="observation", sink_tokens=16, local_tokens=32), id="dma-obs"
         ),
         pytest.param("routing", dict(budget=SEQ, sink_tokens=16, local_tokens=32), id="routing"),
+        pytest.param("dhsa", dict(budget=SEQ, sink_tokens=16, local_tokens=32), id="dhsa"),
+        pytest.param(
+            "dhsa", dict(budget=SEQ, chunking="fixed", sink_tokens=16, local_tokens=32), id="dhsa-fixed"
+        ),
     ],
 )
 @pytest.mark.parametrize("family", FAMILIES)

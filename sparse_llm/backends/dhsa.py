@@ -1,0 +1,180 @@
+"""``dhsa``: dynamic hierarchical sparse attention, training-free (arXiv 2510.24606).
+
+DHSA splits the keys into variable-length chunks, scores chunks against each query block with
+length-normalized representations, and keeps the best chunks up to a token budget. The paper learns
+its chunk-boundary predictor; here boundaries are found without training:
+
+1. Chunking (``chunking="dynamic"``): a boundary where the keys change direction, i.e. where the
+   cosine similarity of adjacent keys (averaged over KV heads) drops. Drops are peak-picked with
+   non-maximum suppression over ``min_chunk`` tokens (so chunks are at least ``min_chunk`` long), the
+   ``Tk / chunk_size`` strongest peaks become boundaries, and chunks longer than ``max_chunk`` are cut
+   every ``max_chunk`` tokens. ``chunking="fixed"`` cuts every ``chunk_size`` tokens, for comparison.
+2. Representations: a chunk is the mean of its keys times sqrt(its length) (the paper's length
+   normalization: a long chunk of similar keys weighs more than one stray key); a query block is the
+   mean of its queries (of the whole GQA group) times sqrt(its length).
+3. Chunk to kernel blocks: chunk scores ``q_rep . c_rep`` are upsampled to the chunk's tokens and a
+   kernel block takes the maximum over the tokens it holds, i.e. over the chunks overlapping it: a
+   block is kept if any chunk inside it is among the best. Blocks are then ranked per query block.
+4. Budget: each query block attends ``budget`` tokens in blocks, always including the first
+   ``sink_tokens`` and the ``local_tokens`` most recent tokens; the last ``dense_tail_blocks`` query
+   blocks (the instruction at the end of a prompt) attend densely. Decode is dense by default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sparse_llm.backends.base import LayerCall, SparseMethod, register_method, require_positive
+from sparse_llm.backends.selection import block_means, first_real_key
+from sparse_llm.kernels import BlockMask
+
+CHUNKINGS = ("dynamic", "fixed")
+
+
+def chunk_boundaries(
+    k: torch.Tensor,
+    *,
+    chunking: str,
+    chunk_size: int,
+    min_chunk: int,
+    max_chunk: int,
+    kv_start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Chunk starts of the keys ``k`` ``[B, Hkv, Tk, D]``: bool ``[B, Tk]`` (True = a chunk starts here).
+
+    Position 0 and each row's first real key (``kv_start``, left padding) always start a chunk.
+    """
+    b, _, t, _ = k.shape
+    pos = torch.arange(t, device=k.device)
+    if chunking == "fixed":
+        starts = (pos % chunk_size == 0).expand(b, t).clone()
+    else:
+        kn = F.normalize(k.float(), dim=-1)
+        drop = torch.ones(b, t, device=k.device)  # drop[t]: 1 - cos(k[t], k[t-1]), averaged over heads
+        drop[:, 1:] = 1 - (kn[:, :, 1:] * kn[:, :, :-1]).sum(-1).mean(1)
+        # Strict peaks: a tiny position tie-break so equal drops in a window do not both survive.
+        drop = drop - pos * 1e-7
+        radius = min_chunk - 1
+        window_max = (
+            F.max_pool1d(drop[:, None], 2 * radius + 1, stride=1, padding=radius)[:, 0] if radius else drop
+        )
+        peaks = (drop >= window_max) & (pos >= min_chunk)
+        n_peaks = max(t // chunk_size - 1, 0)
+        ranked = drop.masked_fill(~peaks, float("-inf")).topk(min(n_peaks, t), dim=-1)
+        starts = torch.zeros(b, t, dtype=torch.bool, device=k.device)
+        starts.scatter_(-1, ranked.indices, torch.isfinite(ranked.values))
+        starts[:, 0] = True
+    if kv_start is not None:
+        starts[torch.arange(b, device=k.device), kv_start] = True
+    # Cut chunks longer than max_chunk every max_chunk tokens.
+    first = torch.cummax(torch.where(starts, pos, 0), dim=-1).values
+    return starts | ((pos - first) % max_chunk == 0)
+
+
+@register_method
+@dataclass
+class DHSA(SparseMethod):
+    """Args: budget (tokens per query block incl. sinks and window, default 2048; the paper uses 1024
+    for NIAH and 2048 for LongBench), chunking ("dynamic" or "fixed"), chunk_size (average/fixed chunk
+    length, default 64), min_chunk (16), max_chunk (256), sink_tokens (128), local_tokens (128),
+    dense_tail_blocks (last query blocks attending densely, default 1)."""
+
+    name = "dhsa"
+    description = "Dynamic hierarchical sparse attention: similarity-based key chunks ranked per query block."
+
+    budget: int = 2048
+    chunking: str = "dynamic"
+    chunk_size: int = 64
+    min_chunk: int = 16
+    max_chunk: int = 256
+    sink_tokens: int = 128
+    local_tokens: int = 128
+    dense_tail_blocks: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_positive(
+            budget=self.budget, chunk_size=self.chunk_size, min_chunk=self.min_chunk,
+            max_chunk=self.max_chunk, sink_tokens=self.sink_tokens, local_tokens=self.local_tokens,
+        )  # fmt: skip
+        if self.chunking not in CHUNKINGS:
+            raise ValueError(f"chunking must be one of {CHUNKINGS}, got {self.chunking!r}")
+        if self.min_chunk > self.max_chunk:
+            raise ValueError(f"min_chunk ({self.min_chunk}) must be <= max_chunk ({self.max_chunk})")
+        if not self.min_chunk <= self.chunk_size <= self.max_chunk:
+            raise ValueError(
+                f"chunk_size ({self.chunk_size}) must lie in [min_chunk, max_chunk] = "
+                f"[{self.min_chunk}, {self.max_chunk}]"
+            )
+        if not isinstance(self.dense_tail_blocks, int) or self.dense_tail_blocks < 0:
+            raise ValueError(f"dense_tail_blocks must be an int >= 0, got {self.dense_tail_blocks!r}")
+        if self.budget < self.sink_tokens + self.local_tokens:
+            raise ValueError(
+                f"budget ({self.budget}) must cover sink_tokens + local_tokens "
+                f"({self.sink_tokens} + {self.local_tokens})"
+            )
+
+    def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
+        (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
+        bs, dev = self.block_size, q.device
+        kv_start = first_real_key(call.key_padding_mask)
+        starts = chunk_boundaries(
+            k, chunking=self.chunking, chunk_size=self.chunk_size, min_chunk=self.min_chunk,
+            max_chunk=self.max_chunk, kv_start=kv_start,
+        )  # fmt: skip
+        chunk_id = starts.long().cumsum(-1) - 1  # [B, Tk]
+        n_c = int(chunk_id.max()) + 1
+        valid = (
+            torch.ones(b, kv_len, device=dev)
+            if call.key_padding_mask is None
+            else call.key_padding_mask.float()
+        )
+        # Chunk representations: sum of keys / sqrt(length) = mean * sqrt(length).
+        index = chunk_id[:, None, :, None].expand(b, hkv, kv_len, d)
+        sums = torch.zeros(b, hkv, n_c, d, device=dev).scatter_add_(
+            2, index, k.float() * valid[:, None, :, None]
+        )
+        counts = torch.zeros(b, n_c, device=dev).scatter_add_(1, chunk_id, valid)
+        c_rep = sums / counts.clamp_min(1).sqrt()[:, None, :, None]
+        q_rep = block_means(q, bs).view(b, hkv, hq // hkv, -1, d).mean(2) * math.sqrt(bs)
+        scores = (q_rep @ c_rep.transpose(-1, -2)).masked_fill(counts[:, None, None, :] == 0, float("-inf"))
+        block_scores = _chunk_to_block_max(scores, starts, chunk_id, n_c, bs, kv_len)
+        forced = BlockMask.sink_window(
+            q_len=q_len, kv_len=kv_len, block_q=bs, block_k=bs, sink_tokens=self.sink_tokens,
+            local_tokens=self.local_tokens, device=dev, kv_start=kv_start,
+        ).to_dense()  # fmt: skip
+        ranked = BlockMask.from_topk(
+            block_scores.masked_fill(forced, float("inf")), -(-self.budget // bs), block_q=bs, block_k=bs,
+            q_len=q_len, kv_len=kv_len, sliding_window=call.sliding_window,
+        ).to_dense()  # fmt: skip
+        if self.dense_tail_blocks:
+            ranked[:, :, -self.dense_tail_blocks :] = True
+        return BlockMask.from_dense(
+            ranked, block_q=bs, block_k=bs, q_len=q_len, kv_len=kv_len, sliding_window=call.sliding_window
+        )
+
+
+def _chunk_to_block_max(
+    scores: torch.Tensor, starts: torch.Tensor, chunk_id: torch.Tensor, n_c: int, bs: int, kv_len: int
+) -> torch.Tensor:
+    """Max over the chunks overlapping each kernel block: ``[B, Hkv, nQ, nC]`` -> ``[B, Hkv, nQ, nK]``."""
+    b, dev = scores.shape[0], scores.device
+    n_k = -(-kv_len // bs)
+    pos = torch.arange(kv_len, device=dev).expand(b, kv_len)
+    first_tok = torch.full((b, n_c), kv_len - 1, dtype=torch.long, device=dev).scatter_reduce_(
+        1, chunk_id, pos, "amin"
+    )
+    last_tok = torch.zeros(b, n_c, dtype=torch.long, device=dev).scatter_reduce_(1, chunk_id, pos, "amax")
+    first_blk, last_blk = first_tok // bs, last_tok // bs
+    span = int((last_blk - first_blk).max()) + 1
+    blocks = torch.minimum(
+        first_blk[..., None] + torch.arange(span, device=dev), last_blk[..., None]
+    )  # [B, nC, S]
+    index = blocks.flatten(1)[:, None, None, :].expand(*scores.shape[:3], -1)
+    values = scores[..., None].expand(*scores.shape, span).flatten(-2)
+    out = torch.full((*scores.shape[:3], n_k), float("-inf"), device=dev)
+    return out.scatter_reduce_(-1, index, values, "amax")
