@@ -231,3 +231,19 @@ def test_dhsa_ranks_the_chunk_the_query_block_matches():
 def test_dhsa_bad_parameters(params, match):
     with pytest.raises(ValueError, match=match):
         get_method("dhsa", **params)
+
+
+SELECTION = ["block_topk", "dma", "routing", "dhsa"]
+
+
+@pytest.mark.parametrize("name", SELECTION)
+def test_achieved_budget_is_within_ten_percent(name):
+    torch.manual_seed(0)
+    bs, t, d, budget = 32, 2048, 32, 512
+    q, k, v = torch.randn(2, 4, t, d), torch.randn(2, 2, t, d), torch.randn(2, 2, t, d)
+    method = get_method(name, budget=budget, sink_tokens=32, local_tokens=128, block_size=bs)
+    dense = method.block_mask(q, k, v, LayerCall(0, d**-0.5)).to_dense()
+    # The last query block can see every key, so it must spend the budget, never more.
+    tokens = dense[..., -2, :].sum(-1).float() * bs  # [B, H]; -2: dhsa keeps the last block dense
+    assert (tokens <= budget).all()
+    assert (tokens >= 0.9 * budget).all(), tokens

@@ -184,3 +184,30 @@ def test_model_loaded_with_device_map(tmp_path):
         got = logits(model, ids)
     ref64 = logits(float64_reference(model), ids)
     assert (got.double() - ref64).abs().max().item() <= rule_bound(ref64, expected)
+
+
+@pytest.mark.parametrize("method", ["streaming", "block_topk", "dma", "routing", "dhsa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparse_methods_generate_on_padded_batches(family, method):
+    model = tiny_model(family)
+    ids = random_ids(2, 300, seed=10)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :57] = 0
+    params = dict(sink_tokens=16, local_tokens=32, block_size=16)
+    if method != "streaming":
+        params["budget"] = 96
+    with sparse_llm.sparse_attention(model, method, **params), torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=attention_mask,
+            max_new_tokens=3,
+            min_new_tokens=3,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        model(input_ids=ids, attention_mask=attention_mask)
+        density = sparse_llm.attention_stats(model)["density"]
+    assert out.sequences.shape == (2, 303)
+    assert all(torch.isfinite(logits).all() for logits in out.logits)
+    assert 0 < density < 0.75
