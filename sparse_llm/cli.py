@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -16,6 +17,30 @@ def _cmd_demo(args) -> int:
 
     rows = run_demo(args.model, context_tokens=args.context_tokens, methods=args.methods)
     print(format_table(rows))
+    return 0
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    """``"1k,4k,8192"`` -> ``(1024, 4096, 8192)``."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        try:
+            out.append(int(part[:-1]) * 1024 if part.endswith("k") else int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad length {part!r}: use integers or 'Nk'") from None
+    return tuple(out)
+
+
+def _cmd_bench(args) -> int:
+    from sparse_llm.bench.runner import BenchConfig, markdown, run_bench
+
+    config = BenchConfig(
+        model=args.model, methods=args.methods, lengths=args.lengths, repeats=args.repeats,
+        device=args.device, dtype=args.dtype, method_params=json.loads(args.method_params),
+    )  # fmt: skip
+    report = run_bench(config, out=args.out, progress=not args.quiet)
+    print(markdown(report["results"]))
     return 0
 
 
@@ -50,6 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated; 'sdpa' is the unpatched Hugging Face baseline",
     )
     demo.set_defaults(func=_cmd_demo)
+
+    bench = sub.add_parser("bench", help="prefill latency and peak memory per method and length")
+    bench.add_argument("--model", default="gemma3-270m", help="embedded model name or HF model path")
+    bench.add_argument(
+        "--methods",
+        type=_methods,
+        default=("sdpa", "floor", "dense", "streaming", "block_topk"),
+        help="comma-separated; baselines: sdpa, eager, floor (attention replaced by nothing)",
+    )
+    bench.add_argument("--lengths", type=_lengths, default=(1024, 4096, 8192), help="e.g. 1k,4k,8k")
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median)")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    bench.add_argument(
+        "--method-params", default="{}", help='JSON, e.g. \'{"streaming": {"local_tokens": 512}}\''
+    )
+    bench.add_argument("--out", default=None, help="write the JSON report here")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.set_defaults(func=_cmd_bench)
 
     sub.add_parser("methods", help="list the sparse-attention methods").set_defaults(func=_cmd_methods)
     sub.add_parser("models", help="list the embedded models").set_defaults(func=_cmd_models)

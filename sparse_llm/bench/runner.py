@@ -1,0 +1,161 @@
+"""``sparse-llm bench``: prefill latency and peak memory per (method, length), each in a fresh process.
+
+A fresh subprocess per configuration keeps one run's allocations out of the next one's memory peak
+(CPU peaks are resident-set sizes, which only a new process resets). Results are one JSON report
+with the machine and versions, and a markdown table with speedups over ``sdpa`` and the Amdahl
+bound ``sdpa / floor``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sparse_llm.bench.prefill import FLOOR, HF_BASELINES, bench_prefill
+
+# Parameters of the issue's comparisons; anything else can be passed as method_params.
+DEFAULT_PARAMS: dict[str, dict] = {
+    "streaming": {"sink_tokens": 128, "local_tokens": 1024},
+    "block_topk": {"budget": 2048},
+    "dma": {"budget": 2048},
+    "routing": {"budget": 2048},
+    "dhsa": {"budget": 2048},
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class BenchConfig:
+    model: str = "gemma3-270m"
+    methods: tuple[str, ...] = ("sdpa", "floor", "dense", "streaming", "block_topk")
+    lengths: tuple[int, ...] = (1024, 4096, 8192)
+    repeats: int = 3
+    device: str = "cpu"
+    dtype: str = "float32"
+    method_params: dict[str, dict] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        import sparse_llm
+
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.repeats < 1 or any(n < 1 for n in self.lengths):
+            raise ValueError("repeats and lengths must be positive")
+        for method in self.methods:
+            if method not in (*HF_BASELINES, FLOOR):
+                sparse_llm.get_method(method, **self.params(method))  # unknown names fail here
+
+    def params(self, method: str) -> dict:
+        return {**DEFAULT_PARAMS.get(method, {}), **self.method_params.get(method, {})}
+
+
+def load_any(name: str, device: str, dtype: torch.dtype):
+    """An embedded model by name, else a Hugging Face model path or hub name: ``(model, tokenizer)``."""
+    from sparse_llm.models import list_models, load
+
+    if name in list_models():
+        return load(name, device=device, dtype=dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = (
+        AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError):  # a bare checkpoint (e.g. a random-weight test model)
+        tokenizer = None
+    return model, tokenizer
+
+
+def prompt_ids(tokenizer, vocab_size: int, length: int) -> torch.Tensor:
+    """``[1, length]`` ids of real text (the offline essays, repeated as needed), or seeded random ids."""
+    if tokenizer is None:
+        return torch.randint(3, vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    from sparse_llm.eval.haystack import load_haystack_text
+
+    ids = tokenizer(load_haystack_text(), return_tensors="pt").input_ids
+    return ids.repeat(1, -(-length // ids.shape[1]))[:, :length]
+
+
+def _child(config: BenchConfig, method: str, length: int) -> dict:
+    model, tokenizer = load_any(config.model, config.device, DTYPES[config.dtype])
+    ids = prompt_ids(tokenizer, model.config.vocab_size, length).to(config.device)
+    params = {} if method in (*HF_BASELINES, FLOOR) else config.params(method)
+    return bench_prefill(model, ids, method, params, repeats=config.repeats).to_dict()
+
+
+def run_bench(
+    config: BenchConfig, out: str | os.PathLike | None = None, progress: bool | None = None
+) -> dict:
+    """Run every (length, method) in a fresh subprocess; write the report to ``out`` (JSON) if given."""
+    cells = [(length, method) for length in config.lengths for method in config.methods]
+    show = sys.stderr.isatty() if progress is None else progress
+    results = []
+    for length, method in tqdm(cells, desc="bench", unit="config", disable=not show):
+        cmd = [
+            sys.executable,
+            "-m",
+            "sparse_llm.bench.runner",
+            json.dumps(asdict(config)),
+            method,
+            str(length),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if proc.returncode or line is None:
+            raise RuntimeError(f"bench of {method} at {length} tokens failed:\n{proc.stderr[-3000:]}")
+        results.append(json.loads(line[len("RESULT ") :]))
+    import transformers
+
+    report = {
+        "config": asdict(config),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": os.cpu_count(), "device": _device_name(config.device)},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "results": results,
+    }  # fmt: skip
+    if out is not None:
+        path = Path(out)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(path)  # atomic: an interrupted run never leaves half a report
+    return report
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def markdown(results: list[dict]) -> str:
+    """A table with the speedup over ``sdpa`` and the peak memory relative to it, per length."""
+    by = {(r["length"], r["method"]): r for r in results}
+    lines = [
+        "| length | method | density | prefill s (median) | speedup vs sdpa | peak act. MiB | mem vs sdpa |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (length, method), r in by.items():
+        sdpa = by.get((length, "sdpa"))
+        speed = f"{sdpa['median_s'] / r['median_s']:.2f}x" if sdpa else "-"
+        mem = f"{r['peak_mem_mb'] / sdpa['peak_mem_mb']:.2f}" if sdpa and sdpa["peak_mem_mb"] > 0 else "-"
+        density = "-" if r["density"] is None else f"{r['density']:.3f}"
+        label = "floor (attention = 0)" if method == FLOOR else method
+        cells = (length, label, density, f"{r['median_s']:.2f}", speed, f"{r['peak_mem_mb']:.0f}", mem)
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the per-configuration subprocess of run_bench
+    _config = BenchConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(sys.argv[1]).items()}
+    )
+    print("RESULT " + json.dumps(_child(_config, sys.argv[2], int(sys.argv[3]))), flush=True)
