@@ -22,6 +22,24 @@ def test_cpu_path_matches_reference(case):
     check_attention(out, lse, *inputs)
 
 
+# Shapes that reach the CPU path's shortcuts (strided K/V views for window and sink + local rows, one
+# fused is_causal call for the whole causal triangle) with Tq < Tk, key padding, Hkv > 1 and HF layout.
+SHORTCUT_CASES = [
+    BASE.but(mask="sink", tq=150, tk=290, b=2, left_pad=(0, 45), block_k=16),
+    BASE.but(mask="causal", window=70, tq=200, tk=300, b=2, left_pad=(37, 0), block_q=64, block_k=32),
+    BASE.but(
+        mask="causal", window=64, tq=250, tk=250, dtype="bfloat16", block_q=16, block_k=16, softcap=30.0
+    ),
+    Case(tq=100, tk=300, hq=4, hkv=2, mask="causal", transposed=True),
+]
+
+
+@pytest.mark.parametrize("case", params(SHORTCUT_CASES))
+def test_cpu_path_shortcuts_match_reference(case):
+    out, lse, inputs = run(case, "cpu")
+    check_attention(out, lse, *inputs)
+
+
 @pytest.mark.parametrize("case", params([BASE, BASE.but(dtype="bfloat16", mask="empty_rows", left_pad=(9,))]))
 def test_cpu_path_without_fused_op_matches_reference(case, monkeypatch):
     monkeypatch.setattr(cpu_kernel, "_fused_op", lambda device, softcap: None)
@@ -29,20 +47,25 @@ def test_cpu_path_without_fused_op_matches_reference(case, monkeypatch):
     check_attention(out, lse, *inputs)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])
-def test_cpu_path_key_chunks_merge_exactly(fused, monkeypatch):
+def test_cpu_path_key_chunks_merge_exactly(monkeypatch):
+    """The matmul path splits long rows into key chunks (the fused op needs none: flash tiles)."""
     case = BASE.but(mask="full_rows", b=2, left_pad=(0, 40), window=90)
-    if not fused:
-        monkeypatch.setattr(cpu_kernel, "_fused_op", lambda device, softcap: None)
+    monkeypatch.setattr(cpu_kernel, "_fused_op", lambda device, softcap: None)
     monkeypatch.setattr(cpu_kernel, "_MAX_SCORE_ELEMENTS", 2 * 2 * 64 * 16)  # 16-key chunks
     out, lse, inputs = run(case, "cpu")
     check_attention(out, lse, *inputs)
 
 
-@pytest.mark.parametrize("mask_kind", ["sink", "causal"])
-def test_cpu_path_work_scales_with_selected_blocks(mask_kind, monkeypatch):
+WORK_CASES = [
+    Case(tq=1024, tk=1024, hq=2, hkv=1, block_q=64, block_k=64, mask="sink"),  # two strided views
+    Case(tq=1024, tk=1024, hq=2, hkv=1, block_q=64, block_k=32, mask="causal", window=200),  # one view
+    Case(tq=1024, tk=1024, hq=2, hkv=1, block_q=64, block_k=64, mask="causal", left_pad=(5,)),  # gathers
+]
+
+
+@pytest.mark.parametrize("case", params(WORK_CASES))
+def test_cpu_path_work_scales_with_selected_blocks(case, monkeypatch):
     """Keys sent to attention calls = selected blocks x block_k: no Tq x Tk work, nothing dense."""
-    case = Case(tq=1024, tk=1024, hq=2, hkv=1, block_q=64, block_k=64, mask=mask_kind)
     q, k, v, mask, kwargs = build(case)
     seen = []
     attend = cpu_kernel._attend
@@ -54,6 +77,18 @@ def test_cpu_path_work_scales_with_selected_blocks(mask_kind, monkeypatch):
     monkeypatch.setattr(cpu_kernel, "_attend", counting)
     block_sparse_attention(q, k, v, mask, backend="cpu", **kwargs)
     assert sum(seen) == mask.num_selected_blocks * case.block_k
+
+
+@pytest.mark.parametrize("tq", [1, 300, 1024])
+def test_cpu_path_full_causal_mask_is_one_fused_causal_call(tq, monkeypatch):
+    """A mask covering the whole causal triangle skips the block machinery: ATen's flash kernel with
+    is_causal (plus one unmasked call for the Tk - Tq keys every query sees), exact under the rule."""
+    case = Case(tq=tq, tk=1024, hq=4, hkv=2, block_q=64, block_k=64, mask="causal")
+    calls = []
+    monkeypatch.setattr(cpu_kernel, "_attend", lambda *args, **kw: calls.append(args))
+    out, lse, inputs = run(case, "cpu")
+    assert not calls
+    check_attention(out, lse, *inputs)
 
 
 def test_reference_backend_returns_input_dtype():

@@ -1,21 +1,30 @@
-"""Block-sparse attention in plain PyTorch, gathering the selected K/V blocks per query block.
+"""Block-sparse attention in plain PyTorch: selected K/V blocks per query block, fused attention calls.
 
 The CPU path (and the fallback on any device). Cost scales with the selected blocks; no Tq x Tk tensor.
-Consecutive query blocks with the same block counts form a segment served by ONE attention call: their
-K/V blocks are gathered by one ``index_select`` (or taken as a view when they are one contiguous run)
-and stacked along the batch dimension. GQA is never expanded: with a mask shared by a KV head's group,
-the group's queries are stacked into one [G * block_q, D] tile (fla's ``naive.py`` grouping); with a
-per-query-head mask each query head gathers from its own KV head. Full blocks need no element mask
-(only an additive per-key mask for key padding, the Tk tail and padded index slots); partial blocks get
-the causal/window element mask. When a segment's keys are few, full and partial blocks share one call
-(one mask over all keys); otherwise they run apart and are merged by log-sum-exp once, at the end.
-Everything is computed in fp32.
+Consecutive query blocks with the same block counts form a segment served by ONE attention call. Three
+ways to feed it, cheapest first:
+
+1. A mask covering the whole causal triangle (``dense`` on a global layer) is one fused call with
+   ``is_causal``, so the flash kernel skips the masked half itself (``_causal_attention``).
+2. Where every query block's selected blocks are one or two contiguous runs whose starts move by a fixed
+   stride (sliding windows: block_q / block_k blocks per query block; sinks: 0), each run of a segment
+   is an ``as_strided`` view of K/V (no copy), and its mask is the causal/window rule built once for
+   the first query block and broadcast over the segment (the relative pattern is the same for all).
+3. Otherwise the K/V blocks are gathered by one ``index_select`` and stacked along the batch dimension.
+
+GQA is never expanded: with a mask shared by a KV head's group, the group's queries are stacked into
+one [G * block_q, D] tile (fla's ``naive.py`` grouping); with a per-query-head mask each query head
+gathers from its own KV head. Full blocks need no element mask (only an additive per-key mask for key
+padding, the Tk tail and padded index slots); partial blocks get the causal/window element mask. When a
+segment's keys are few, full and partial blocks share one call (one mask over all keys); otherwise they
+run apart, and the second part (and a second view run) is merged by log-sum-exp into the output.
+Results are written straight into the output's memory. Everything is computed in fp32.
 
 On CPU each call goes to ATen's fused flash-attention kernel
-(``aten::_scaled_dot_product_flash_attention_for_cpu``, which returns the LSE; ~2.7x faster than
-matmul + softmax here). With softcap, on other devices, or if the op is missing, a matmul/exp version
-chunked over keys is used. Few, large ops matter on a busy 2-core machine: each op is an OpenMP
-parallel region that may wait a scheduler tick for its second thread (docs/benchmarks.md).
+(``aten::_scaled_dot_product_flash_attention_for_cpu``, which returns the LSE, takes strided K/V and a
+broadcast mask, and maps GQA heads itself). With softcap, on other devices, or if the op is missing, a
+matmul/exp version chunked over keys is used. Few, large ops matter on a busy 2-core machine: each op is
+an OpenMP parallel region that may wait a scheduler tick for its second thread (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -26,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparse_llm.kernels.block_mask import BlockMask
+from sparse_llm.kernels.block_mask import BlockMask, block_geometry
 from sparse_llm.kernels.merge import merge_attention
 
-# Elements per attention tile / segment (fp32): 2^25 = 128 MiB, bounds memory on 128K-token rows.
+# fp32 elements per segment (gathered K/V + masks) and per score tile of the matmul path: 2^25 = 128 MiB.
 _MAX_SCORE_ELEMENTS = 1 << 25
 # Full and partial blocks share one call (one mask over all keys) up to this many keys per head dim.
 _SHARED_CALL_KEYS_PER_DIM = 4
@@ -41,30 +50,25 @@ def _fused_op(device: torch.device, softcap: float | None):
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def _attend(qs, k, v, bias: Tensor | None, scale: float, softcap: float | None, fix_empty: bool = False):
-    """qs [B, Hr, R, D], k, v [B, Hr, L, D] fp32; bias None or an additive fp32 mask (0 / -inf)
-    broadcastable to [B, Hr, R, L]. Returns (out [B, Hr, R, D], lse [B, Hr, R]). Rows without an
-    allowed key are left to the caller (the fused op returns lse = 0 for them) unless ``fix_empty``,
-    which key chunks need before their LSE merge."""
+def _attend(qs, k, v, bias: Tensor | None, scale: float, softcap: float | None):
+    """qs [B, Hr, R, D], k, v [B, Hr, L, D] fp32 (any strides); bias None or an additive fp32 mask
+    (0 / -inf) broadcastable to [B, Hr, R, L]. Returns (out [B, Hr, R, D], lse [B, Hr, R]). Rows without
+    an allowed key are left to the caller: the fused op returns lse = 0 for them (the matmul path -inf)."""
     b, hr, r, _ = qs.shape
     length = k.shape[2]
     step = max(1, _MAX_SCORE_ELEMENTS // (b * hr * r))
-    if length > step:  # very long rows: key chunks merged by LSE keep the scores tile bounded
+    op = _fused_op(qs.device, softcap)
+    if op is None and length > step:  # matmul path: key chunks merged by LSE bound the scores tile
         parts = [
             _attend(qs, k[:, :, s : s + step], v[:, :, s : s + step],
-                    None if bias is None else bias[..., s : s + step], scale, softcap, fix_empty=True)
+                    None if bias is None else bias[..., s : s + step], scale, softcap)
             for s in range(0, length, step)
         ]  # fmt: skip
         out, lse = parts[0]
         for o, lse_part in parts[1:]:
             out, lse = merge_attention(out, lse, o, lse_part)
         return out, lse
-    if fix_empty and bias is not None:
-        empty = torch.isneginf(bias).all(-1)
-        out, lse = _attend(qs, k, v, bias, scale, softcap)
-        return out.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("-inf"))
-    op = _fused_op(qs.device, softcap)
-    if op is not None:
+    if op is not None:  # flash tiles: no [R, L] scores in memory, so no key chunks either
         return op(qs, k, v, attn_mask=bias, scale=scale)
     scores = (qs @ k.transpose(-1, -2)).mul_(scale)
     if softcap is not None:  # Gemma2 eager order: scale, cap, then mask
@@ -117,21 +121,6 @@ def _block_list(
     return _Blocks(idx, slot_ok, count.tolist(), needs, starts, elementwise)
 
 
-def _stack(pieces: list, n_q: int, shape: tuple[int, ...], device) -> tuple[Tensor, Tensor]:
-    """Segment results [(n0, n1, out [ng, *shape], lse [ng, *shape[:-1]])] -> one [nQ, ...] pair;
-    query blocks no segment covers get out 0 and lse -inf. One concatenation, not a copy per piece."""
-    outs, lses, cursor = [], [], 0
-    for n0, n1, o, lse in [*pieces, (n_q, n_q, None, None)]:
-        if n0 > cursor:
-            outs.append(torch.zeros(n0 - cursor, *shape, device=device))
-            lses.append(torch.full((n0 - cursor, *shape[:-1]), float("-inf"), device=device))
-        if o is not None:
-            outs.append(o)
-            lses.append(lse)
-        cursor = n1
-    return (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(lses))
-
-
 def _runs(keys: list, sizes: list[int]) -> list[tuple[int, int]]:
     """Runs [n0, n1) of consecutive query blocks with equal, non-None keys whose summed ``sizes``
     (fp32 elements of gathered K/V and masks) stay within _MAX_SCORE_ELEMENTS: one call each."""
@@ -146,6 +135,66 @@ def _runs(keys: list, sizes: list[int]) -> list[tuple[int, int]]:
         else:
             out.append((n, n + 1))
             total = sizes[n]
+    return out
+
+
+def _covers_causal(block_mask: BlockMask) -> bool:
+    """Every row selects every block the plain causal geometry reaches (``dense`` on a global layer)."""
+    reach = block_geometry(
+        q_len=block_mask.q_len, kv_len=block_mask.kv_len, block_q=block_mask.block_q,
+        block_k=block_mask.block_k, device=block_mask.device,
+    )[0]  # fmt: skip
+    return bool((block_mask.to_dense() | ~reach).all())
+
+
+def _causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, op) -> tuple[Tensor, Tensor]:
+    """Whole causal attention in one fused call, so the flash kernel skips the masked half itself.
+    ATen's ``is_causal`` is top-left aligned, ours bottom-right: with Tq < Tk the first Tk - Tq keys
+    are seen by every query (one unmasked call) and the rest form a square causal block; merged by LSE."""
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    prefix = k.shape[2] - q.shape[2]
+    out, lse = op(q32, k32[:, :, prefix:], v32[:, :, prefix:], is_causal=True, scale=scale)
+    if prefix:
+        out, lse = merge_attention(out, lse, *op(q32, k32[:, :, :prefix], v32[:, :, :prefix], scale=scale))
+    return out.to(q.dtype), lse
+
+
+def _selected_runs(full: _Blocks, part: _Blocks, n_k: int) -> list[tuple[tuple[int, int], ...] | None]:
+    """Per query block, its selected blocks (full + partial) as one or two contiguous runs
+    ``((start, count), ...)`` when every mask row selects the same ones, else None (sliding windows give
+    one run, sink + local window two)."""
+    ids = torch.cat([torch.where(bl.slot_ok, bl.idx, n_k) for bl in (full, part)], -1).sort(-1).values
+    same = (ids == ids[:1, :1]).all(-1).flatten(0, 1).all(0)  # [nQ]
+    u = ids[0, 0]  # [nQ, M], ascending, n_k past the count
+    count = (u < n_k).sum(-1)
+    breaks = (u[:, 1:] - u[:, :-1] != 1) & (u[:, 1:] < n_k)
+    cut = torch.where(breaks.any(-1), breaks.int().argmax(-1) + 1, count)  # first block of run 2
+    second = u.gather(-1, cut.clamp_max(u.shape[-1] - 1)[:, None])[:, 0]
+    ok = same & (breaks.sum(-1) <= 1) & (count > 0)
+    rows = zip(ok.tolist(), u[:, 0].tolist(), cut.tolist(), second.tolist(), count.tolist(), strict=True)
+    return [
+        None if not good else ((a, c),) if c == n else ((a, c), (a2, n - c)) for good, a, c, a2, n in rows
+    ]
+
+
+def _strided_segments(runs: list, step: int, size: int) -> list[tuple[int, int, tuple[int, ...]]]:
+    """Runs [n0, n1) of query blocks whose key runs have equal counts and starts that advance by a
+    constant stride of 0 (sinks) or ``step`` blocks (windows) per query block, so each key run of the
+    segment is one strided view of K/V. Returns (n0, n1, strides); ``size`` bounds ng x keys."""
+    out: list[tuple[int, int, tuple[int, ...]]] = []
+    for n, cur in enumerate(runs):
+        if cur is None:
+            continue
+        if out and out[-1][1] == n and runs[n - 1] is not None:
+            n0, _, strides = out[-1]
+            prev = runs[n - 1]
+            moved = tuple(a - p for (a, _), (p, _) in zip(cur, prev, strict=False))
+            counts_equal = [c for _, c in cur] == [c for _, c in prev]
+            fits = (n + 1 - n0) * sum(c for _, c in cur) <= size
+            if counts_equal and fits and all(m in (0, step) for m in moved) and moved == (strides or moved):
+                out[-1] = (n0, n + 1, moved)
+                continue
+        out.append((n, n + 1, ()))
     return out
 
 
@@ -175,6 +224,10 @@ def gather_attention(
     r = bq if per_q_head else g * bq  # rows of one query tile
     mask_head = torch.arange(hr, device=dev) if hm == hr else torch.zeros(hr, dtype=torch.long, device=dev)
     kv_head = torch.arange(hr, device=dev) // (g if per_q_head else 1)
+    op = _fused_op(dev, softcap)
+    no_padding = key_padding_mask is None or bool(key_padding_mask.all())
+    if causal and sliding_window is None and no_padding and op is not None and _covers_causal(block_mask):
+        return _causal_attention(q, k, v, scale, op)
 
     # Queries fp32, padded to whole blocks, laid out [nQ, B, Hr, R, D] (R = G * bq: a group stacked).
     qb = _padded(q, q_len, n_q * bq).view(b, hkv, g, n_q, bq, d).permute(3, 0, 1, 2, 4, 5)
@@ -184,9 +237,7 @@ def gather_attention(
     pad = n_k * bk - kv_len
     k4, v4 = _padded(k, kv_len, n_k * bk), _padded(v, kv_len, n_k * bk)
     kflat, vflat = k4.view(b * hkv * n_k, bk, d), v4.view(b * hkv * n_k, bk, d)
-    key_ok = None
-    if key_padding_mask is not None and not bool(key_padding_mask.all()):
-        key_ok = F.pad(key_padding_mask, (0, pad))
+    key_ok = None if no_padding else F.pad(key_padding_mask, (0, pad))
     base = (torch.arange(b, device=dev)[:, None, None] * hkv + kv_head[:, None]) * n_k  # [B, Hr, 1]
     bi = torch.arange(b, device=dev)[None, :, None, None]
 
@@ -216,6 +267,35 @@ def gather_attention(
                 allowed = allowed & (dist < sliding_window)
         return allowed
 
+    def view_attend(start: int, count: int, stride: int, n0: int, n1: int) -> tuple[Tensor, Tensor]:
+        """One call for query blocks [n0, n1) over key blocks [start + i * stride, + count) (i = n - n0):
+        K/V are a strided view, no copy. The mask is the causal/window rule on positions (a no-op on
+        full blocks), built once when every query block sees the same relative pattern."""
+        ng, length = n1 - n0, count * bk
+        shape, strides = (ng, b * hkv, length, d), (stride * bk * d, n_k * bk * d, d, 1)
+        ks, vs = (t.as_strided(shape, strides, t.storage_offset() + start * bk * d) for t in (k4, v4))
+        kpos = (start + torch.arange(ng, device=dev)[:, None] * stride) * bk + torch.arange(
+            length, device=dev
+        )
+        qpos = pos_q[n0 : n0 + 1 if stride * bk == bq else n1]  # [ng' = 1 or ng, R]
+        dist = qpos[:, :, None] - kpos[: qpos.shape[0], None, :]
+        allowed = dist >= 0  # [ng', R, L]; also drops the Tk tail (keys past every real query)
+        if sliding_window is not None:
+            allowed &= dist < sliding_window
+        allowed = allowed[:, None, None]  # [ng', 1, 1, R, L]
+        if key_ok is not None:
+            allowed = allowed & key_ok[:, kpos].transpose(0, 1)[:, :, None, None, :]  # [ng, B, 1, R, L]
+        bias = empty = None
+        if not bool(allowed.all()):  # additive mask in its final dtype, broadcast over ng and heads
+            bias = torch.zeros(allowed.shape, device=dev).masked_fill_(~allowed, float("-inf"))
+            bias = bias.expand(-1, -1, hr, -1, -1).flatten(1, 2) if bias.shape[1] > 1 else bias[:, 0]
+            empty = ~allowed.any(-1)  # [ng', B', 1, R]
+        o, lse = _attend(qb[n0:n1].view(ng, b * hr, r, d), ks, vs, bias, scale, softcap)
+        o, lse = o.reshape(ng, b, hr, r, d), lse.reshape(ng, b, hr, r)
+        if empty is not None and bool(empty.any()):  # the fused op leaves lse = 0 there
+            o, lse = o.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("-inf"))
+        return o, lse
+
     def attend(lists: list[_Blocks], n0: int, n1: int) -> tuple[Tensor, Tensor]:
         """One call over the keys of ``lists`` for query blocks [n0, n1): out [ng, B, Hr, R, D], lse."""
         ng, counts = n1 - n0, [blocks.counts[n0] for blocks in lists]
@@ -243,19 +323,33 @@ def gather_attention(
             o, lse = o.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("-inf"))
         return o, lse
 
+    # Query blocks whose selected blocks are one or two contiguous runs moving by a fixed stride
+    # (windows, sink + local) take K/V as views: one call per run, the second merged by LSE at the end.
+    main: list = []
+    extra: list = []
+    alone = [True] * n_q
+    if causal and not per_q_head and bq % bk == 0:
+        runs = _selected_runs(full, part, n_k)
+        for n0, n1, strides in _strided_segments(runs, bq // bk, _MAX_SCORE_ELEMENTS // (b * r * bk)):
+            if n1 - n0 < 2:  # a lone block is left to the gathers, which batch equal counts
+                continue
+            for pieces, (start, count), stride in zip((main, extra), runs[n0], strides, strict=False):
+                pieces.append((n0, n1, *view_attend(start, count, stride, n0, n1)))
+            alone[n0:n1] = [False] * (n1 - n0)
     # A long run of query blocks with few keys shares one call for its full + partial blocks; the
     # rest run full and partial blocks apart, each in runs of equal counts, merged once at the end.
     cost = b * hr * bk * (2 * d + r)
     limit = max(1, _SHARED_CALL_KEYS_PER_DIM * d // bk)
-    facts = zip(full.counts, part.counts, full.needs, part.needs, strict=True)
-    both = [(f, p, nf, np) if 0 < f and 0 < p and f + p <= limit else None for f, p, nf, np in facts]
+    facts = zip(alone, full.counts, part.counts, full.needs, part.needs, strict=True)
+    both = [
+        (f, p, nf, np) if todo and 0 < f and 0 < p and f + p <= limit else None
+        for todo, f, p, nf, np in facts
+    ]
     sizes = [(f + p) * cost for f, p in zip(full.counts, part.counts, strict=True)]
     shared = [(n0, n1) for n0, n1 in _runs(both, sizes) if n1 - n0 > 1]
-    alone = [True] * n_q
     for n0, n1 in shared:
         alone[n0:n1] = [False] * (n1 - n0)
-    main = [(n0, n1, *attend([full, part], n0, n1)) for n0, n1 in shared]
-    extra: list = []
+    main += [(n0, n1, *attend([full, part], n0, n1)) for n0, n1 in shared]
     for blocks, pieces in ((full, main), (part, extra)):
         keys = [
             (c, need) if c and alone[n] else None
@@ -264,14 +358,25 @@ def gather_attention(
         pieces += [
             (n0, n1, *attend([blocks], n0, n1)) for n0, n1 in _runs(keys, [c * cost for c in blocks.counts])
         ]
-    if not main and not extra:
-        return torch.zeros(q.shape, dtype=q.dtype, device=dev), torch.full(
-            (b, hq, q_len), float("-inf"), device=dev
+    # Pieces land straight in the output's memory: [B, Hq, nQ * bq, D] seen as [nQ, B, Hkv, G, bq, D]
+    # (the tile's rows are a group stacked, or one query head); the extra pieces merge in by LSE.
+    out = torch.empty(b, hq, n_q * bq, d, device=dev)
+    lse = torch.empty(b, hq, n_q * bq, device=dev)
+    acc = out.view(b, hkv, g, n_q, bq, d).permute(3, 0, 1, 2, 4, 5)
+    acc_lse = lse.view(b, hkv, g, n_q, bq).permute(3, 0, 1, 2, 4)
+    tile = (b, hkv, g, bq)
+    done = [False] * n_q
+    for n0, n1, o, o_lse in main:
+        acc[n0:n1].copy_(o.reshape(-1, *tile, d))
+        acc_lse[n0:n1].copy_(o_lse.reshape(-1, *tile))
+        done[n0:n1] = [True] * (n1 - n0)
+    for n in (n for n, ok in enumerate(done) if not ok):  # no key at all
+        acc[n].zero_()
+        acc_lse[n].fill_(float("-inf"))
+    for n0, n1, o, o_lse in extra:
+        o, o_lse = merge_attention(
+            acc[n0:n1], acc_lse[n0:n1], o.reshape(-1, *tile, d), o_lse.reshape(-1, *tile)
         )
-    stacks = [_stack(sorted(p, key=lambda x: x[0]), n_q, (b, hr, r, d), dev) for p in (main, extra) if p]
-    acc, acc_lse = merge_attention(*stacks[0], *stacks[1]) if len(stacks) == 2 else stacks[0]
-    # [nQ, B, Hr, R, (D)] -> [B, Hq, Tq, (D)], cast to q's dtype in the same copy
-    out = torch.empty(q.shape, dtype=q.dtype, device=dev)
-    out.copy_(acc.reshape(n_q, b, hq, bq, d).permute(1, 2, 0, 3, 4).flatten(2, 3)[:, :, :q_len])
-    lse = acc_lse.reshape(n_q, b, hq, bq).permute(1, 2, 0, 3).flatten(2, 3)[:, :, :q_len].contiguous()
-    return out, lse
+        acc[n0:n1].copy_(o)
+        acc_lse[n0:n1].copy_(o_lse)
+    return out[:, :, :q_len].to(q.dtype).contiguous(), lse[:, :, :q_len].contiguous()
