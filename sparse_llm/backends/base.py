@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import torch
 
+from sparse_llm.backends.selection import first_real_key
 from sparse_llm.kernels import BlockMask, block_sparse_attention
 
 DECODE_MODES = ("dense", "sparse")
@@ -93,6 +94,41 @@ class SparseMethod:
         """Attention output ``[B, Hq, Tq, D]`` and the mask it used; exact over the selected blocks."""
         mask = self.block_mask(q, k, v, call)
         return exact_attention(q, k, v, mask, call), mask
+
+
+@dataclass
+class BudgetedMethod(SparseMethod):
+    """A selection method that attends ``budget`` tokens per query block, sinks and window included.
+
+    The common knob of the selection methods, so that they compare at equal cost. The first
+    ``sink_tokens`` real tokens and the ``local_tokens`` most recent ones are always kept
+    (:meth:`forced_blocks`) and count towards the budget.
+    """
+
+    budget: int = 2048
+    sink_tokens: int = 64
+    local_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_positive(budget=self.budget, sink_tokens=self.sink_tokens, local_tokens=self.local_tokens)
+        if self.budget < self.sink_tokens + self.local_tokens:
+            raise ValueError(
+                f"budget ({self.budget}) must cover sink_tokens + local_tokens "
+                f"({self.sink_tokens} + {self.local_tokens}); raise the budget or shrink the window"
+            )
+
+    @property
+    def budget_blocks(self) -> int:
+        return -(-self.budget // self.block_size)
+
+    def forced_blocks(self, q: torch.Tensor, k: torch.Tensor, call: LayerCall) -> torch.Tensor:
+        """Sink and local blocks of every query block, bool ``[B or 1, 1, nQ, nK]`` (left padding aware)."""
+        return BlockMask.sink_window(
+            q_len=q.shape[2], kv_len=k.shape[2], block_q=self.block_size, block_k=self.block_size,
+            sink_tokens=self.sink_tokens, local_tokens=self.local_tokens, device=q.device,
+            kv_start=first_real_key(call.key_padding_mask),
+        ).to_dense()  # fmt: skip
 
 
 def exact_attention(q, k, v, mask: BlockMask, call: LayerCall, return_lse: bool = False):

@@ -10,32 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sparse_llm.backends.base import LayerCall, SparseMethod, register_method, require_positive
-from sparse_llm.backends.selection import block_means, first_real_key
+from sparse_llm.backends.base import BudgetedMethod, LayerCall, register_method
+from sparse_llm.backends.selection import block_means
 from sparse_llm.kernels import BlockMask
 
 
 @register_method
 @dataclass
-class BlockTopK(SparseMethod):
+class BlockTopK(BudgetedMethod):
     """Args: budget (tokens per query block, sinks and local window included; default 2048),
     sink_tokens (default 64), local_tokens (default 512)."""
 
     name = "block_topk"
     description = "Top-k key blocks by mean-pooled q.k per query block, plus sink and local blocks."
-
-    budget: int = 2048
-    sink_tokens: int = 64
-    local_tokens: int = 512
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require_positive(budget=self.budget, sink_tokens=self.sink_tokens, local_tokens=self.local_tokens)
-        if self.budget < self.sink_tokens + self.local_tokens:
-            raise ValueError(
-                f"budget ({self.budget}) must cover sink_tokens + local_tokens "
-                f"({self.sink_tokens} + {self.local_tokens}); raise the budget or shrink the window"
-            )
 
     def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
         (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
@@ -43,20 +30,11 @@ class BlockTopK(SparseMethod):
         q_means = block_means(q, bs).view(b, hkv, hq // hkv, -1, d).mean(2)  # [B, Hkv, nQ, D]
         k_means = block_means(k, bs, call.key_padding_mask)  # [B, Hkv, nK, D]
         scores = q_means @ k_means.transpose(-1, -2)
-        forced = BlockMask.sink_window(
-            q_len=q_len,
-            kv_len=kv_len,
-            block_q=bs,
-            block_k=bs,
-            sink_tokens=self.sink_tokens,
-            local_tokens=self.local_tokens,
-            device=q.device,
-            kv_start=first_real_key(call.key_padding_mask),
-        ).to_dense()
+        forced = self.forced_blocks(q, k, call)
         # Forced blocks rank first and count towards the budget.
         return BlockMask.from_topk(
             scores.masked_fill(forced, float("inf")),
-            -(-self.budget // bs),
+            self.budget_blocks,
             block_q=bs,
             block_k=bs,
             q_len=q_len,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sparse_llm.backends.base import LayerCall, SparseMethod, register_method, require_positive
+from sparse_llm.backends.base import BudgetedMethod, LayerCall, register_method, require_positive
 from sparse_llm.backends.selection import block_means, first_real_key
 from sparse_llm.kernels import BlockMask
 
@@ -77,7 +77,7 @@ def chunk_boundaries(
 
 @register_method
 @dataclass
-class DHSA(SparseMethod):
+class DHSA(BudgetedMethod):
     """Args: budget (tokens per query block incl. sinks and window, default 2048; the paper uses 1024
     for NIAH and 2048 for LongBench), chunking ("dynamic" or "fixed"), chunk_size (average/fixed chunk
     length, default 64), min_chunk (16), max_chunk (256), sink_tokens (128), local_tokens (128),
@@ -86,21 +86,17 @@ class DHSA(SparseMethod):
     name = "dhsa"
     description = "Dynamic hierarchical sparse attention: similarity-based key chunks ranked per query block."
 
-    budget: int = 2048
+    sink_tokens: int = 128  # the paper always keeps the first and the most recent 128 tokens
+    local_tokens: int = 128
     chunking: str = "dynamic"
     chunk_size: int = 64
     min_chunk: int = 16
     max_chunk: int = 256
-    sink_tokens: int = 128
-    local_tokens: int = 128
     dense_tail_blocks: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_positive(
-            budget=self.budget, chunk_size=self.chunk_size, min_chunk=self.min_chunk,
-            max_chunk=self.max_chunk, sink_tokens=self.sink_tokens, local_tokens=self.local_tokens,
-        )  # fmt: skip
+        require_positive(chunk_size=self.chunk_size, min_chunk=self.min_chunk, max_chunk=self.max_chunk)
         if self.chunking not in CHUNKINGS:
             raise ValueError(f"chunking must be one of {CHUNKINGS}, got {self.chunking!r}")
         if self.min_chunk > self.max_chunk:
@@ -112,11 +108,6 @@ class DHSA(SparseMethod):
             )
         if not isinstance(self.dense_tail_blocks, int) or self.dense_tail_blocks < 0:
             raise ValueError(f"dense_tail_blocks must be an int >= 0, got {self.dense_tail_blocks!r}")
-        if self.budget < self.sink_tokens + self.local_tokens:
-            raise ValueError(
-                f"budget ({self.budget}) must cover sink_tokens + local_tokens "
-                f"({self.sink_tokens} + {self.local_tokens})"
-            )
 
     def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
         (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
@@ -143,12 +134,9 @@ class DHSA(SparseMethod):
         q_rep = block_means(q, bs).view(b, hkv, hq // hkv, -1, d).mean(2) * math.sqrt(bs)
         scores = (q_rep @ c_rep.transpose(-1, -2)).masked_fill(counts[:, None, None, :] == 0, float("-inf"))
         block_scores = _chunk_to_block_max(scores, starts, chunk_id, n_c, bs, kv_len)
-        forced = BlockMask.sink_window(
-            q_len=q_len, kv_len=kv_len, block_q=bs, block_k=bs, sink_tokens=self.sink_tokens,
-            local_tokens=self.local_tokens, device=dev, kv_start=kv_start,
-        ).to_dense()  # fmt: skip
+        forced = self.forced_blocks(q, k, call)
         ranked = BlockMask.from_topk(
-            block_scores.masked_fill(forced, float("inf")), -(-self.budget // bs), block_q=bs, block_k=bs,
+            block_scores.masked_fill(forced, float("inf")), self.budget_blocks, block_q=bs, block_k=bs,
             q_len=q_len, kv_len=kv_len, sliding_window=call.sliding_window,
         ).to_dense()  # fmt: skip
         if self.dense_tail_blocks:

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_llm.backends.base import LayerCall, SparseMethod, register_method, require_positive
-from sparse_llm.backends.selection import first_real_key
+from sparse_llm.backends.base import BudgetedMethod, LayerCall, register_method, require_positive
 from sparse_llm.kernels import BlockMask
 
 SCORES = ("value_norm", "observation")
@@ -31,7 +30,7 @@ SCORES = ("value_norm", "observation")
 
 @register_method
 @dataclass
-class DMA(SparseMethod):
+class DMA(BudgetedMethod):
     """Args: budget (tokens per query block incl. sinks and window, default 2048), score
     (``"value_norm"`` default, or ``"observation"``), key_norm (value_norm only: multiply by ||k||),
     window (observation queries, default 64), sink_tokens (64), local_tokens (512)."""
@@ -39,28 +38,15 @@ class DMA(SparseMethod):
     name = "dma"
     description = "Dynamic mask attention (training-free): one content-scored key-block set per KV head."
 
-    budget: int = 2048
     score: str = "value_norm"
     key_norm: bool = False
     window: int = 64
-    sink_tokens: int = 64
-    local_tokens: int = 512
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_positive(
-            budget=self.budget,
-            window=self.window,
-            sink_tokens=self.sink_tokens,
-            local_tokens=self.local_tokens,
-        )
+        require_positive(window=self.window)
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
-        if self.budget < self.sink_tokens + self.local_tokens:
-            raise ValueError(
-                f"budget ({self.budget}) must cover sink_tokens + local_tokens "
-                f"({self.sink_tokens} + {self.local_tokens})"
-            )
 
     def key_scores(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: LayerCall) -> torch.Tensor:
         """Importance of each key, ``[B, Hkv, Tk]`` fp32 (padding keys get -inf)."""
@@ -80,19 +66,10 @@ class DMA(SparseMethod):
         token = self.key_scores(q, k, v, call)
         pad = n_k * bs - kv_len
         blocks = torch.nn.functional.pad(token, (0, pad), value=float("-inf")).view(b, hkv, n_k, bs).amax(-1)
-        forced = BlockMask.sink_window(
-            q_len=q_len,
-            kv_len=kv_len,
-            block_q=bs,
-            block_k=bs,
-            sink_tokens=self.sink_tokens,
-            local_tokens=self.local_tokens,
-            device=q.device,
-            kv_start=first_real_key(call.key_padding_mask),
-        ).to_dense()  # [B or 1, 1, nQ, nK]
+        forced = self.forced_blocks(q, k, call)
         # The last query block sees every key: its forced blocks are not spent from the set.
         last_forced = forced[:, :, -1, :]
-        n_set = max(-(-self.budget // bs) - int(last_forced.sum(-1).max()), 0)
+        n_set = max(self.budget_blocks - int(last_forced.sum(-1).max()), 0)
         chosen = torch.zeros(b, hkv, n_k, dtype=torch.bool, device=q.device)
         top = blocks.masked_fill(last_forced, float("-inf")).topk(min(n_set, n_k), dim=-1)
         chosen.scatter_(-1, top.indices, torch.isfinite(top.values))

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sparse_llm.backends.base import LayerCall, SparseMethod, register_method, require_positive
-from sparse_llm.backends.selection import block_means, first_real_key
+from sparse_llm.backends.base import BudgetedMethod, LayerCall, register_method, require_positive
+from sparse_llm.backends.selection import block_means
 from sparse_llm.kernels import BlockMask
 
 
@@ -48,7 +48,7 @@ def spherical_kmeans(
 
 @register_method
 @dataclass
-class Routing(SparseMethod):
+class Routing(BudgetedMethod):
     """Args: budget (tokens per query block incl. sinks and window, default 2048), n_clusters
     (default: round(sqrt(Tk))), top_clusters (clusters per query block; default: enough to fill the
     budget, ceil(n_clusters * budget / Tk)), iterations (k-means steps, default 4), seed (0),
@@ -59,29 +59,18 @@ class Routing(SparseMethod):
         "Spherical k-means on keys per KV head; query blocks attend the blocks of their top clusters."
     )
 
-    budget: int = 2048
     n_clusters: int | None = None
     top_clusters: int | None = None
     iterations: int = 4
     seed: int = 0
-    sink_tokens: int = 64
-    local_tokens: int = 512
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_positive(
-            budget=self.budget, iterations=self.iterations, sink_tokens=self.sink_tokens,
-            local_tokens=self.local_tokens,
-        )  # fmt: skip
+        require_positive(iterations=self.iterations)
         for name in ("n_clusters", "top_clusters"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be None (automatic) or an int >= 1, got {value!r}")
-        if self.budget < self.sink_tokens + self.local_tokens:
-            raise ValueError(
-                f"budget ({self.budget}) must cover sink_tokens + local_tokens "
-                f"({self.sink_tokens} + {self.local_tokens})"
-            )
 
     def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
         (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
@@ -99,18 +88,9 @@ class Routing(SparseMethod):
         routed = (q_means.flatten(0, 1) @ centroids.transpose(1, 2)).topk(top_c, dim=-1).indices
         chosen = torch.zeros(b * hkv, routed.shape[1], n_c, device=q.device).scatter_(-1, routed, 1.0)
         scores = (chosen @ counts.transpose(1, 2)).view(b, hkv, -1, n_k)  # routed keys per block
-        forced = BlockMask.sink_window(
-            q_len=q_len,
-            kv_len=kv_len,
-            block_q=bs,
-            block_k=bs,
-            sink_tokens=self.sink_tokens,
-            local_tokens=self.local_tokens,
-            device=q.device,
-            kv_start=first_real_key(call.key_padding_mask),
-        ).to_dense()
+        forced = self.forced_blocks(q, k, call)
         ranked = BlockMask.from_topk(
-            scores.masked_fill(forced, float("inf")), -(-self.budget // bs), block_q=bs, block_k=bs,
+            scores.masked_fill(forced, float("inf")), self.budget_blocks, block_q=bs, block_k=bs,
             q_len=q_len, kv_len=kv_len, sliding_window=call.sliding_window,
         )  # fmt: skip
         # A block without routed keys is never taken just to fill the budget.
