@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 import sparse_llm
-from sparse_llm.bench.memory import measure_peak
+from sparse_llm.bench.memory import measure_peak, synchronize
 from sparse_llm.eval.haystack import REPEAT_FILLER, build_needle_prompt, load_haystack_text, score_answer
 from sparse_llm.models import load
 from sparse_llm.patches.compat import cache_kwarg
@@ -56,17 +56,12 @@ class DemoRow:
     correct: bool
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _run_one(model, tokenizer, input_ids: torch.Tensor, answer: str, max_new_tokens: int, sparse: bool):
     device = input_ids.device
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     out, peak = measure_peak(lambda: model(input_ids, use_cache=True, logits_to_keep=1), device)
-    _synchronize(device)
+    synchronize(device)
     prefill_s = time.perf_counter() - start
     # read before decoding replaces the prefill's masks
     density = sparse_llm.attention_stats(model)["density"] if sparse else None

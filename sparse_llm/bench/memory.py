@@ -19,6 +19,13 @@ def current_rss_bytes() -> int:
         return int(f.read().split()[1]) * _PAGE
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued GPU work (a no-op on CPU), so that host timers measure the work itself."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure_peak(fn: Callable[[], Any], device: torch.device | str = "cpu", interval_s: float = 0.002):
     """Run ``fn`` and return ``(result, peak_bytes_above_baseline)``.
 

@@ -14,11 +14,10 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 import sparse_llm
-from sparse_llm.bench.memory import measure_peak
+from sparse_llm.bench.memory import measure_peak, synchronize
+from sparse_llm.patches.compat import register_backend, unregister_backend
 
 HF_BASELINES = ("sdpa", "eager")
 FLOOR = "floor"
@@ -54,24 +53,17 @@ def _attention(model, method: str, params: dict):
         previous = model.config._attn_implementation
         name = "sparse_llm_floor" if method == FLOOR else method
         if method == FLOOR:
-            AttentionInterface.register(name, _zero_attention)
-            AttentionMaskInterface.register(name, lambda **kwargs: None)
+            register_backend(name, _zero_attention, lambda **kwargs: None)
         model.set_attn_implementation(name)
         try:
             yield
         finally:
             model.set_attn_implementation(previous)
             if method == FLOOR:
-                AttentionInterface._global_mapping.pop(name, None)
-                AttentionMaskInterface._global_mapping.pop(name, None)
+                unregister_backend(name)
     else:
         with sparse_llm.sparse_attention(model, method, **params):
             yield
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench_prefill(
@@ -96,13 +88,13 @@ def bench_prefill(
     with torch.no_grad(), _attention(model, method, params):
         model(input_ids[:, :warmup_tokens], logits_to_keep=1)
         for i in range(repeats):
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             if i == 0:
                 _, peak = measure_peak(lambda: model(input_ids, logits_to_keep=1), device)
             else:
                 model(input_ids, logits_to_keep=1)
-            _synchronize(device)
+            synchronize(device)
             times.append(time.perf_counter() - start)
         if method not in HF_BASELINES and method != FLOOR:
             density = sparse_llm.attention_stats(model)["density"]

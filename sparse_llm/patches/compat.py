@@ -9,6 +9,8 @@ from __future__ import annotations
 import inspect
 
 import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
 
 
 def padding_mask_function(*, attention_mask: torch.Tensor | None = None, kv_length: int | None = None, **_):
@@ -45,6 +47,19 @@ def key_padding_mask(attention_mask, kv_len: int) -> torch.Tensor | None:
             "Pass a 2D attention_mask [batch, seq] (or none) to the model."
         )
     return attention_mask.to(torch.bool)[:, -kv_len:]
+
+
+def register_backend(name: str, attention_function, mask_function) -> None:
+    """Register an attention function and its mask function under ``name`` (both are needed)."""
+    AttentionInterface.register(name, attention_function)
+    AttentionMaskInterface.register(name, mask_function)
+
+
+def unregister_backend(name: str) -> None:
+    """Undo :func:`register_backend`; a no-op for unknown names."""
+    # GeneralInterface has ``register`` but no way to remove a key: drop it from the class mapping.
+    AttentionInterface._global_mapping.pop(name, None)
+    AttentionMaskInterface._global_mapping.pop(name, None)
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:

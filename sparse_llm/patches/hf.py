@@ -15,8 +15,6 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 from sparse_llm.backends.base import LayerCall, SparseMethod, get_method
 from sparse_llm.kernels import BlockMask
@@ -88,12 +86,11 @@ def install(model: torch.nn.Module, method: SparseMethod) -> None:
         previous=model.config._attn_implementation,
         method=method,
     )
-    AttentionInterface.register(patch.name, _make_attention_function(patch))
-    AttentionMaskInterface.register(patch.name, compat.padding_mask_function)
+    compat.register_backend(patch.name, _make_attention_function(patch), compat.padding_mask_function)
     try:
         model.set_attn_implementation(patch.name)
     except Exception:
-        _unregister(patch.name)
+        compat.unregister_backend(patch.name)
         raise
     _ACTIVE[model] = patch
     logger.debug("model %s now uses %s (was %s)", type(model).__name__, patch.name, patch.previous)
@@ -105,13 +102,7 @@ def uninstall(model: torch.nn.Module) -> None:
     if patch is None:
         return
     model.set_attn_implementation(patch.previous)
-    _unregister(patch.name)
-
-
-def _unregister(name: str) -> None:
-    # GeneralInterface has ``register`` but no way to remove a key: drop it from the class mapping.
-    AttentionInterface._global_mapping.pop(name, None)
-    AttentionMaskInterface._global_mapping.pop(name, None)
+    compat.unregister_backend(patch.name)
 
 
 def active_method(model: torch.nn.Module) -> SparseMethod | None:
