@@ -60,6 +60,13 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _unavailable(name: str, err: Exception):
+    def run(args) -> int:
+        raise ImportError(f"evaluation {name!r} is unavailable: {err}")
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-llm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -94,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None, help="write the JSON report here")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(func=_cmd_bench)
+
+    evaluate = sub.add_parser("eval", help="run an evaluation (niah, mqar, longbench, lm-eval)")
+    tasks = evaluate.add_subparsers(dest="task", required=True)
+    from sparse_llm.eval import list_tasks, task_module
+
+    for name, description in list_tasks().items():
+        task = tasks.add_parser(name, help=description, description=description)
+        try:
+            task_module(name).add_arguments(task)
+        except ModuleNotFoundError as err:  # a task not implemented yet, or its optional dependency missing
+            task.set_defaults(func=_unavailable(name, err))
+        else:
+            task.set_defaults(func=task_module(name).run_from_args)
 
     sub.add_parser("methods", help="list the sparse-attention methods").set_defaults(func=_cmd_methods)
     sub.add_parser("models", help="list the embedded models").set_defaults(func=_cmd_models)

@@ -215,3 +215,23 @@ def load(
     model = model.to(device).eval()
     logger.debug("loaded %s from %s in %.1f s", name, path, time.perf_counter() - start)
     return model, tokenizer
+
+
+def load_any(
+    name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+):
+    """An embedded model by name, else a Hugging Face model path or hub name: ``(model, tokenizer)``.
+
+    The tokenizer is None for a bare checkpoint without one (e.g. a random-weight test model).
+    """
+    if name in list_models():
+        return load(name, device=device, dtype=dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(device).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer

@@ -20,6 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from sparse_llm.bench.prefill import FLOOR, HF_BASELINES, bench_prefill
+from sparse_llm.models import load_any
+from sparse_llm.results import atomic_write_json, run_metadata
 
 # Parameters of the issue's comparisons; anything else can be passed as method_params.
 DEFAULT_PARAMS: dict[str, dict] = {
@@ -55,24 +57,6 @@ class BenchConfig:
 
     def params(self, method: str) -> dict:
         return {**DEFAULT_PARAMS.get(method, {}), **self.method_params.get(method, {})}
-
-
-def load_any(name: str, device: str, dtype: torch.dtype):
-    """An embedded model by name, else a Hugging Face model path or hub name: ``(model, tokenizer)``."""
-    from sparse_llm.models import list_models, load
-
-    if name in list_models():
-        return load(name, device=device, dtype=dtype)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = (
-        AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-    )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError):  # a bare checkpoint (e.g. a random-weight test model)
-        tokenizer = None
-    return model, tokenizer
 
 
 def prompt_ids(tokenizer, vocab_size: int, length: int) -> torch.Tensor:
@@ -113,27 +97,10 @@ def run_bench(
         if proc.returncode or line is None:
             raise RuntimeError(f"bench of {method} at {length} tokens failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(line[len("RESULT ") :]))
-    import transformers
-
-    report = {
-        "config": asdict(config),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpus": os.cpu_count(), "device": _device_name(config.device)},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "results": results,
-    }  # fmt: skip
+    report = {"config": asdict(config), **run_metadata(config.device), "results": results}
     if out is not None:
-        path = Path(out)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(path)  # atomic: an interrupted run never leaves half a report
+        atomic_write_json(out, report)  # an interrupted run never leaves half a report
     return report
-
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({os.cpu_count()} cores)"
 
 
 def markdown(results: list[dict]) -> str:

@@ -1,1 +1,33 @@
-"""Evaluation: offline long texts and needle-in-a-haystack prompts (``haystack``), and the task runners."""
+"""Evaluations, each a module with ``add_arguments(parser)`` and ``run_from_args(args) -> int``.
+
+``list_tasks()`` names them; ``task_module(name)`` imports one lazily (lm-eval and datasets are
+optional, so nothing heavy is imported until a task runs). Shared pieces: ``haystack`` (offline long
+texts, needle prompts) and :mod:`sparse_llm.results` (result files, resume).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from types import ModuleType
+
+_TASKS = {
+    "niah": ("sparse_llm.eval.niah", "needle-in-a-haystack grid (context length x depth), heatmap"),
+    "mqar": ("sparse_llm.eval.mqar", "multi-query associative recall: prompted LLM or a tiny trained model"),
+    "longbench": ("sparse_llm.eval.longbench", "LongBench / LongBench-E with the official prompts and metrics"),
+    "lm-eval": ("sparse_llm.eval.lm_eval_plugin", "any lm-evaluation-harness task through the sparse-llm model"),
+}
+
+
+def list_tasks() -> dict[str, str]:
+    """Evaluation names with one-line descriptions."""
+    return {name: description for name, (_, description) in _TASKS.items()}
+
+
+def task_module(name: str) -> ModuleType:
+    """The module of evaluation ``name``; unknown names raise a ValueError with close matches."""
+    if name not in _TASKS:
+        close = difflib.get_close_matches(str(name), list(_TASKS), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown evaluation {name!r}.{hint} Known: {', '.join(_TASKS)}")
+    return importlib.import_module(_TASKS[name][0])

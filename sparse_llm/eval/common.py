@@ -1,0 +1,114 @@
+"""What every evaluation shares: model and method options, the method loop, greedy generation.
+
+A run compares methods side by side on one loaded model: ``"sdpa"`` is the unpatched Hugging Face
+model, any other name a registered method applied with :func:`sparse_llm.sparse_attention` for the
+duration of one sample (so a crash never leaves the model patched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+import sparse_llm
+from sparse_llm.models import load_any
+from sparse_llm.results import config_hash
+
+BASELINE = "sdpa"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+@dataclass
+class MethodSpec:
+    """One compared method: a registered name (or ``"sdpa"``) and its parameters."""
+
+    name: str
+    params: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if not self.params:
+            return self.name
+        return f"{self.name}[{','.join(f'{k}={v}' for k, v in sorted(self.params.items()))}]"
+
+
+def method_specs(methods, method_params: dict | None = None) -> list[MethodSpec]:
+    """Validated specs, in order, duplicates dropped; unknown methods or parameters raise ValueError."""
+    method_params = dict(method_params or {})
+    names = list(dict.fromkeys(methods))
+    if not names:
+        raise ValueError("no method given; use e.g. --methods sdpa,dense,dhsa")
+    unknown = set(method_params) - set(names)
+    if unknown:
+        raise ValueError(f"method parameters given for methods not run: {sorted(unknown)}; methods: {names}")
+    specs = []
+    for name in names:
+        params = dict(method_params.get(name, {}))
+        if name == BASELINE:
+            if params:
+                raise ValueError("the sdpa baseline takes no parameters")
+        else:
+            sparse_llm.get_method(name, **params)  # unknown names and bad parameters fail here
+        specs.append(MethodSpec(name, params))
+    return specs
+
+
+@contextlib.contextmanager
+def applied(model, spec: MethodSpec) -> Iterator[None]:
+    """The model with ``spec``'s attention for the duration of the block (``sdpa``: unchanged)."""
+    if spec.name == BASELINE:
+        yield
+        return
+    with sparse_llm.sparse_attention(model, spec.name, **spec.params):
+        yield
+
+
+@torch.inference_mode()
+def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id=None) -> torch.Tensor:
+    """Greedy continuation ids ``[B, <= max_new_tokens]`` of ``input_ids`` ``[B, T]``."""
+    out = model.generate(
+        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+        do_sample=False, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
+    )  # fmt: skip
+    return out[:, input_ids.shape[1] :]
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, default_methods: str = "sdpa,dense") -> None:
+    """``--model --device --dtype --methods --method-params --out --resume --quiet``."""
+    parser.add_argument("--model", default="gemma3-270m", help="embedded model name or HF model path/name")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument(
+        "--methods", type=comma_list, default=comma_list(default_methods),
+        help="comma-separated registered methods; 'sdpa' is the unpatched model",
+    )  # fmt: skip
+    parser.add_argument(
+        "--method-params", type=json.loads, default={},
+        help='JSON per method, e.g. \'{"dhsa": {"budget": 1024}}\'',
+    )  # fmt: skip
+    parser.add_argument("--out", default=None, help="results folder (default: results/<task>-<config hash>)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def load_model(args) -> tuple:
+    """``(model, tokenizer)`` from the common arguments."""
+    return load_any(args.model, device=args.device, dtype=DTYPES[args.dtype])
+
+
+def default_out(task: str, config: dict) -> str:
+    return f"results/{task}-{config_hash(config)}"
+
+
+def show_progress(args) -> bool:
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
