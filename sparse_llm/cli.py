@@ -53,10 +53,14 @@ def _cmd_methods(args) -> int:
 
 
 def _cmd_models(args) -> int:
+    from sparse_llm.model_shapes import list_shapes
     from sparse_llm.models import list_models
 
     for name, description in list_models().items():
-        print(f"{name:14s} {description}")
+        print(f"{name:20s} {description}")
+    print("\nshape-only (random weights, for `sparse-llm bench`):")
+    for name, description in list_shapes().items():
+        print(f"{name:20s} {description}")
     return 0
 
 
@@ -84,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     bench = sub.add_parser("bench", help="prefill latency and peak memory per method and length")
-    bench.add_argument("--model", default="gemma3-270m", help="embedded model name or HF model path")
+    bench.add_argument(
+        "--model", default="gemma3-270m",
+        help="embedded model, shape-only model (e.g. llama-3.2-1b-shape) or HF model path",
+    )  # fmt: skip
     bench.add_argument(
         "--methods",
         type=_methods,

@@ -222,10 +222,15 @@ def load_any(
 ):
     """An embedded model by name, else a Hugging Face model path or hub name: ``(model, tokenizer)``.
 
-    The tokenizer is None for a bare checkpoint without one (e.g. a random-weight test model).
+    Names ending in ``-shape`` (:mod:`sparse_llm.model_shapes`) are random-weight models of a real
+    architecture, for benchmarks. The tokenizer is None for those and for a bare checkpoint.
     """
+    from sparse_llm.model_shapes import build_shape_model, list_shapes
+
     if name in list_models():
         return load(name, device=device, dtype=dtype)
+    if name in list_shapes():
+        return build_shape_model(name, device=device, dtype=dtype), None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
