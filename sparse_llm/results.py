@@ -100,7 +100,8 @@ class ResultsStore:
         if resume and config_path.exists():
             stored = json.loads(config_path.read_text())
             if stored != self.config:
-                changed = sorted(k for k in set(stored) | set(self.config) if stored.get(k) != self.config.get(k))
+                keys = set(stored) | set(self.config)
+                changed = sorted(k for k in keys if stored.get(k) != self.config.get(k))
                 raise ValueError(
                     f"cannot resume {self.folder}: its configuration differs in {changed}; "
                     "use the same options or another output folder"

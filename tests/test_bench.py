@@ -40,8 +40,54 @@ def test_bench_cli_writes_a_report_for_every_configuration(tmp_path, capsys):
     assert streaming["params"]["local_tokens"] == 32 and 0 < streaming["density"] < 1
     assert all(len(r["times_s"]) == 2 and r["median_s"] > 0 for r in report["results"])
     assert report["versions"]["torch"] and report["machine"]["cpus"] >= 1
+    # the sparse layers' time is split into selection and the rest; baselines have no split
+    assert streaming["selection_s"] > 0 and streaming["sparse_attention_s"] > 0
+    assert all(r["selection_s"] is None for r in report["results"] if r["method"] in ("sdpa", "floor"))
     table = capsys.readouterr().out
-    assert table == markdown(report["results"]) + "\n" and "| 160 | streaming |" in table
+    png = out.with_suffix(".png")
+    assert table == markdown(report["results"]) + f"\nplot: {png}\n" and "| 160 | streaming |" in table
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_kernel_reports_every_density_and_pattern(tmp_path, capsys):
+    out = tmp_path / "kernel.json"
+    args = [
+        "bench",
+        "kernel",
+        "--lengths",
+        "256",
+        "--densities",
+        "0.5,1",
+        "--heads",
+        "4,2",
+        "--head-dim",
+        "32",
+        "--block-size",
+        "32",
+        "--repeats",
+        "1",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    rows = json.loads(out.read_text())["results"]
+    cells = {(r["pattern"], r["impl"]) for r in rows}
+    assert cells == {("causal", "ours"), ("causal", "sdpa"), ("window", "ours"), ("random", "ours")}
+    sparse = [r for r in rows if r["pattern"] in ("window", "random")]
+    assert len(sparse) == 4 and all(0 < r["density"] <= 1 and r["median_ms"] > 0 for r in sparse)
+    assert {round(r["density"]) for r in sparse} == {0, 1}  # one near 0.5, one full
+    assert out.with_suffix(".png").exists() and "| 256 | random | ours |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("density", [0.1, 0.3, 0.6])
+def test_kernel_bench_masks_hit_the_requested_density(density):
+    from sparse_llm.bench.kernel import random_mask, window_mask
+
+    for make in (window_mask, random_mask):
+        mask = make(4096, 64, density, "cpu")
+        assert abs(mask.density() - density) < 0.03, (make.__name__, mask.density())
+        assert mask.to_dense()[0, 0].diagonal().all()  # every query block sees its own block
 
 
 def test_bench_config_rejects_unknown_methods_and_lengths():

@@ -18,6 +18,7 @@ import torch
 import sparse_llm
 from sparse_llm.bench.memory import measure_peak, synchronize
 from sparse_llm.patches.compat import register_backend, unregister_backend
+from sparse_llm.patches.hf import active_method
 
 HF_BASELINES = ("sdpa", "eager")
 FLOOR = "floor"
@@ -32,6 +33,8 @@ class PrefillResult:
     peak_mem_mb: float
     density: float | None
     device: str
+    selection_s: float | None = None  # one extra run: the method's block selection, summed over layers
+    sparse_attention_s: float | None = None  # ... and the rest of its attention calls (kernel, far field)
     median_s: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -62,8 +65,32 @@ def _attention(model, method: str, params: dict):
             if method == FLOOR:
                 unregister_backend(name)
     else:
-        with sparse_llm.sparse_attention(model, method, **params):
+        with sparse_llm.sparse_attention(model, sparse_llm.get_method(method, **params)):
             yield
+
+
+@contextlib.contextmanager
+def _timed_calls(method, device, totals: dict[str, float]):
+    """Time the method instance's ``block_mask`` and ``attend`` calls into ``totals`` (seconds, synced)."""
+
+    def timed(name: str):
+        inner = getattr(method, name)
+
+        def call(*args, **kwargs):
+            synchronize(device)
+            start = time.perf_counter()
+            result = inner(*args, **kwargs)
+            synchronize(device)
+            totals[name] += time.perf_counter() - start
+            return result
+
+        return call
+
+    method.block_mask, method.attend = timed("block_mask"), timed("attend")  # instance attributes shadow
+    try:
+        yield
+    finally:
+        del method.block_mask, method.attend
 
 
 def bench_prefill(
@@ -96,8 +123,14 @@ def bench_prefill(
                 model(input_ids, logits_to_keep=1)
             synchronize(device)
             times.append(time.perf_counter() - start)
+        selection = sparse_s = None
         if method not in HF_BASELINES and method != FLOOR:
             density = sparse_llm.attention_stats(model)["density"]
+            # An extra, separately synchronized run splits the sparse layers' time (not in the median).
+            totals = {"block_mask": 0.0, "attend": 0.0}
+            with _timed_calls(active_method(model), device, totals):
+                model(input_ids, logits_to_keep=1)
+            selection, sparse_s = totals["block_mask"], totals["attend"] - totals["block_mask"]
     return PrefillResult(
         method=method,
         params=params,
@@ -106,4 +139,6 @@ def bench_prefill(
         peak_mem_mb=peak / 2**20,
         density=density,
         device=str(device),
+        selection_s=selection,
+        sparse_attention_s=sparse_s,
     )

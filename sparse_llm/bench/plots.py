@@ -1,0 +1,80 @@
+"""Plots of benchmark reports: a separate step that reads only the JSON files (PNG next to the JSON)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _ideal_line(ax, densities) -> None:
+    lo = min([*densities, 0.05])
+    xs = [lo + (1 - lo) * i / 50 for i in range(51)]
+    ax.plot(xs, [1 / x for x in xs], "k--", lw=1, label="ideal 1/density")
+
+
+def plot_prefill(report_path: str | Path) -> Path:
+    """``<report>.png``: prefill latency vs length per method, and speedup over our ``dense`` vs density."""
+    path = Path(report_path)
+    report = json.loads(path.read_text())
+    rows = report["results"]
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["length"])
+        left.plot([r["length"] for r in mine], [r["median_s"] for r in mine], "o-", label=method)
+    left.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="prefill s (median)",
+             title="prefill latency")  # fmt: skip
+    left.legend(fontsize=8)
+    dense = {r["length"]: r["median_s"] for r in rows if r["method"] == "dense"}
+    sparse = [
+        r for r in rows if r.get("density") is not None and r["method"] != "dense" and r["length"] in dense
+    ]
+    for r in sparse:
+        speedup = dense[r["length"]] / r["median_s"]
+        right.scatter(r["density"], speedup, label=f"{r['method']} @ {r['length']}")
+    _ideal_line(right, [r["density"] for r in sparse] or [0.1])
+    right.set(xlabel="attention density (sparse layers)", ylabel="speedup over our dense",
+              title="end-to-end speedup vs density", ylim=(0, None))  # fmt: skip
+    right.legend(fontsize=7)
+    machine = report.get("machine", {}).get("device", "")
+    fig.suptitle(f"{report['config'].get('model', '')} on {machine}", fontsize=10)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_kernel(report_path: str | Path) -> Path:
+    """``<report>.png``: kernel speedup over our dense vs density, per pattern, against 1/density."""
+    path = Path(report_path)
+    report = json.loads(path.read_text())
+    rows = [r for r in report["results"] if r["pattern"] != "causal"]
+    lengths = sorted({r["length"] for r in report["results"]})
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.5), squeeze=False)
+    for ax, length in zip(axes[0], lengths, strict=True):
+        for key in dict.fromkeys((r["pattern"], r["impl"]) for r in rows if r["length"] == length):
+            mine = sorted((r for r in rows if (r["pattern"], r["impl"]) == key and r["length"] == length),
+                          key=lambda r: r["density"])  # fmt: skip
+            ax.plot([r["density"] for r in mine], [r["speedup_vs_dense"] for r in mine], "o-",
+                    label=f"{key[1]} ({key[0]})")  # fmt: skip
+        _ideal_line(ax, [r["density"] for r in rows] or [0.1])
+        ax.set(xlabel="density", ylabel="speedup over our dense kernel", title=f"{length} tokens",
+               ylim=(0, None))  # fmt: skip
+        ax.legend(fontsize=8)
+    fig.suptitle(f"block-sparse kernel on {report.get('machine', {}).get('device', '')}", fontsize=10)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
