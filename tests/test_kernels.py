@@ -74,7 +74,18 @@ def test_cpu_path_work_scales_with_selected_blocks(case, monkeypatch):
         seen.append(ks.shape[0] * ks.shape[2])  # (query blocks x batch) x keys
         return attend(qs, ks, vs, *args, **kw)
 
+    causal = cpu_kernel._causal_attention
+
+    def counting_causal(qs, ks, vs, *args):  # leading dense query blocks: the causal triangle's blocks
+        offset = ks.shape[2] - qs.shape[2]
+        blocks = [
+            -(-(offset + (n + 1) * case.block_q) // case.block_k) for n in range(qs.shape[2] // case.block_q)
+        ]
+        seen.append(qs.shape[0] * sum(blocks) * case.block_k)
+        return causal(qs, ks, vs, *args)
+
     monkeypatch.setattr(cpu_kernel, "_attend", counting)
+    monkeypatch.setattr(cpu_kernel, "_causal_attention", counting_causal)
     block_sparse_attention(q, k, v, mask, backend="cpu", **kwargs)
     assert sum(seen) == mask.num_selected_blocks * case.block_k
 

@@ -138,13 +138,15 @@ def _runs(keys: list, sizes: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _covers_causal(block_mask: BlockMask) -> bool:
-    """Every row selects every block the plain causal geometry reaches (``dense`` on a global layer)."""
+def _dense_prefix(block_mask: BlockMask) -> int:
+    """How many leading query blocks select every block the plain causal geometry reaches, in every
+    row: all of them for ``dense`` on a global layer; the first ``budget`` blocks of a top-k method."""
     reach = block_geometry(
         q_len=block_mask.q_len, kv_len=block_mask.kv_len, block_q=block_mask.block_q,
         block_k=block_mask.block_k, device=block_mask.device,
     )[0]  # fmt: skip
-    return bool((block_mask.to_dense() | ~reach).all())
+    dense_rows = (block_mask.to_dense() | ~reach).all(-1).flatten(0, 1).all(0)  # [nQ]
+    return int(dense_rows.int().cumprod(0).sum())
 
 
 def _causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, op) -> tuple[Tensor, Tensor]:
@@ -226,8 +228,11 @@ def gather_attention(
     kv_head = torch.arange(hr, device=dev) // (g if per_q_head else 1)
     op = _fused_op(dev, softcap)
     no_padding = key_padding_mask is None or bool(key_padding_mask.all())
-    if causal and sliding_window is None and no_padding and op is not None and _covers_causal(block_mask):
-        return _causal_attention(q, k, v, scale, op)
+    prefix = 0
+    if causal and sliding_window is None and no_padding and op is not None:
+        prefix = _dense_prefix(block_mask)
+        if prefix == n_q:
+            return _causal_attention(q, k, v, scale, op)
 
     # Queries fp32, padded to whole blocks, laid out [nQ, B, Hr, R, D] (R = G * bq: a group stacked).
     qb = _padded(q, q_len, n_q * bq).view(b, hkv, g, n_q, bq, d).permute(3, 0, 1, 2, 4, 5)
@@ -339,8 +344,17 @@ def gather_attention(
     main: list = []
     extra: list = []
     alone = [True] * n_q
+    if prefix > 1:  # leading dense rows: one causal call instead of one call per growing count
+        rows = prefix * bq
+        o, o_lse = _causal_attention(q[:, :, :rows], k[:, :, : kv_len - q_len + rows],
+                                     v[:, :, : kv_len - q_len + rows], scale, op)  # fmt: skip
+        tile_view = (b, hkv, g, prefix, bq)
+        main.append((0, prefix, o.float().view(*tile_view, d).permute(3, 0, 1, 2, 4, 5),
+                     o_lse.view(tile_view).permute(3, 0, 1, 2, 4)))  # fmt: skip
+        alone[:prefix] = [False] * prefix
     if causal and not per_q_head and bq % bk == 0:
         runs = _selected_runs(full, part, n_k)
+        runs[:prefix] = [None] * prefix
         for n0, n1, strides in _strided_segments(runs, bq // bk, _MAX_SCORE_ELEMENTS // (b * r * bk)):
             if n1 - n0 < 2:  # a lone block is left to the gathers, which batch equal counts
                 continue
