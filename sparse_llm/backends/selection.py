@@ -23,10 +23,14 @@ def block_means(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) 
     """
     b, h, t, d = x.shape
     n = -(-t // block)
-    weight = torch.ones(b, 1, t, 1, dtype=torch.float32, device=x.device)
-    if valid is not None:
-        weight = valid[:, None, :, None].to(torch.float32)
     pad = n * block - t
+    if valid is None:  # no weights: sum in fp32 straight from x (no fp32 copy of x, no product)
+        xs = x if pad == 0 else torch.nn.functional.pad(x, (0, 0, 0, pad))
+        sums = xs.view(b, h, n, block, d).sum(3, dtype=torch.float32)
+        counts = torch.full((n, 1), float(block), device=x.device)
+        counts[-1] = block - pad
+        return sums / counts
+    weight = valid[:, None, :, None].to(torch.float32)
     xs = torch.nn.functional.pad(x.float() * weight, (0, 0, 0, pad)).view(b, h, n, block, d).sum(3)
     counts = torch.nn.functional.pad(weight, (0, 0, 0, pad)).view(b, 1, n, block, 1).sum(3)
     return xs / counts.clamp_min(1.0)
