@@ -11,13 +11,16 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 import sparse_llm
+from sparse_llm.bench.memory import synchronize
 from sparse_llm.models import load_any
+from sparse_llm.patches.compat import cache_kwarg
 from sparse_llm.results import config_hash
 
 BASELINE = "sdpa"
@@ -112,3 +115,42 @@ def default_out(task: str, config: dict) -> str:
 
 def show_progress(args) -> bool:
     return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+@dataclass
+class Generation:
+    """One prompt's greedy answer: ``ids`` ``[1, <= max_new_tokens]`` int64, the seconds of the prefill
+    alone, and the density of that prefill (None when the model was not sparsified)."""
+
+    ids: torch.Tensor
+    prefill_s: float
+    density: float | None
+
+
+@torch.inference_mode()
+def prefill_and_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, sparse: bool) -> Generation:
+    """Timed prefill of ``input_ids`` ``[1, T]`` (KV cache, ``logits_to_keep=1``), then greedy decoding
+    from that cache, so the prompt is processed once (as in :mod:`sparse_llm.demo`).
+
+    ``sparse``: read :func:`sparse_llm.attention_stats` after the prefill (before decoding replaces
+    its masks). The prefill is timed once (warming up is the caller's job): a measurement beside a
+    score, not a benchmark (``sparse_llm.bench`` reports medians of repeated runs).
+    """
+    synchronize(input_ids.device)
+    start = time.perf_counter()
+    out = model(input_ids, use_cache=True, logits_to_keep=1)
+    synchronize(input_ids.device)
+    prefill_s = time.perf_counter() - start
+    density = sparse_llm.attention_stats(model)["density"] if sparse else None
+    first = out.logits[:, -1:].argmax(-1)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if max_new_tokens == 1 or first.item() in eos:
+        return Generation(first, prefill_s, density)
+    name = cache_kwarg(model)
+    prompt = torch.cat([input_ids, first], dim=1)
+    generated = model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens - 1,
+        do_sample=False, **{name: getattr(out, name)},
+    )  # fmt: skip
+    return Generation(generated[:, input_ids.shape[1] :], prefill_s, density)

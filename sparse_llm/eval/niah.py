@@ -1,0 +1,405 @@
+"""``sparse-llm eval niah``: needle-in-a-haystack retrieval over a context length x depth grid.
+
+The needle test of gkamradt/LLMTest_NeedleInAHaystack and RULER's single needle: a sentence holding
+a value is hidden at a depth of a long filler text, and the model is asked for it. Each grid cell
+(length, depth, method) is one sample: the prompt (exactly ``length`` tokens, see
+:func:`sparse_llm.eval.haystack.build_needle_prompt`) is built once per (length, depth) and every
+method answers it, with a timed prefill and greedy decoding from its KV cache.
+
+Scores per cell: exact match (:func:`~sparse_llm.eval.haystack.score_answer`: the answer occurs as
+a whole word) and :func:`rouge1_recall` of the answer in the reply. ``results.json`` holds accuracy
+per method, overall and per length, and the grid; ``niah.png`` the classic heatmap
+(:func:`sparse_llm.eval.plots.plot_niah`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sparse_llm.eval.common import (
+    BASELINE,
+    DTYPES,
+    add_common_arguments,
+    applied,
+    comma_list,
+    default_out,
+    method_specs,
+    prefill_and_generate,
+    show_progress,
+)
+from sparse_llm.eval.haystack import (
+    NEEDLES,
+    REPEAT_FILLER,
+    Needle,
+    build_needle_prompt,
+    load_haystack_text,
+    score_answer,
+)
+from sparse_llm.eval.plots import plot_niah
+from sparse_llm.models import load_any
+from sparse_llm.results import RESULTS_FILE, ResultsStore
+
+logger = logging.getLogger(__name__)
+
+HAYSTACKS = ("essays", "repeat")
+MIN_DEFAULT_LENGTH = 1024
+DEFAULT_DEPTHS = tuple(i / 10 for i in range(11))
+
+
+@dataclass
+class NiahConfig:
+    """A needle-in-a-haystack grid.
+
+    Args:
+        model: embedded model name (``sparse-llm models``) or Hugging Face path/name.
+        device, dtype: where and in which precision the model runs (dtype: a key of ``DTYPES``).
+        methods: registered methods to compare; ``"sdpa"`` is the unpatched model.
+        method_params: per-method parameters, e.g. ``{"dhsa": {"budget": 1024}}``.
+        lengths: prompt lengths in tokens. Default: powers of two from 1024 up to ``max_length``
+            capped by the model's context (``max_position_embeddings - max_new_tokens``), with that
+            cap added when it is not a power of two. Lengths above the context raise ``ValueError``.
+        max_length: upper end of the default lengths.
+        depths: needle depths, fractions of the haystack in [0, 1] (default 0, 0.1, ..., 1).
+        needle: a preset of :data:`~sparse_llm.eval.haystack.NEEDLES` (``passkey``, ``city``); set
+            ``needle_text``, ``question`` and ``answer`` (and optionally ``answer_prefix``, which
+            starts the reply) for a custom needle, which is then named ``custom``.
+        haystack: ``essays`` (Paul Graham essays), ``repeat`` (the passkey test's repeated filler)
+            or the path of a UTF-8 text file (repeated if too short).
+        max_new_tokens: greedy tokens generated per answer.
+        chat_template: wrap prompts in the tokenizer's chat template when it has one.
+    """
+
+    model: str = "gemma3-270m"
+    device: str = "cpu"
+    dtype: str = "float32"
+    methods: tuple[str, ...] = ("sdpa", "dense", "streaming", "block_topk")
+    method_params: dict[str, dict] = field(default_factory=dict)
+    lengths: tuple[int, ...] | None = None
+    max_length: int = 8192
+    depths: tuple[float, ...] = DEFAULT_DEPTHS
+    needle: str = "passkey"
+    needle_text: str | None = None
+    question: str | None = None
+    answer: str | None = None
+    answer_prefix: str = ""
+    haystack: str = "essays"
+    max_new_tokens: int = 16
+    chat_template: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        self.methods = tuple(self.methods)
+        method_specs(self.methods, self.method_params)  # unknown methods/parameters fail here
+        for name in ("max_length", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.lengths is not None:
+            bad = [n for n in self.lengths if isinstance(n, bool) or not isinstance(n, int) or n < 1]
+            if bad or not self.lengths:
+                raise ValueError(f"lengths must be positive ints (tokens), got {self.lengths!r}")
+            self.lengths = tuple(sorted(set(self.lengths)))
+        bad = [
+            d
+            for d in self.depths
+            if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1
+        ]
+        if bad or not self.depths:
+            raise ValueError(f"depths must be fractions in [0, 1] (e.g. 0.5 for 50%), got {self.depths!r}")
+        self.depths = tuple(sorted({float(d) for d in self.depths}))
+        if any(x is not None for x in (self.needle_text, self.question, self.answer)):
+            if None in (self.needle_text, self.question, self.answer):
+                raise ValueError("a custom needle needs all of needle_text, question and answer")
+            if self.needle not in ("passkey", "custom"):  # passkey: the default, not a choice
+                raise ValueError(
+                    f"give either the preset needle {self.needle!r} or a custom needle, not both"
+                )
+            self.needle = "custom"
+        elif self.needle not in NEEDLES:
+            raise ValueError(
+                f"unknown needle {self.needle!r}; presets: {', '.join(NEEDLES)}, "
+                "or a custom one with --needle-text/--question/--answer"
+            )
+        self.the_needle()  # a custom needle must contain its answer
+        if not isinstance(self.haystack, str) or not self.haystack.strip():
+            raise ValueError(
+                f"haystack must be one of {HAYSTACKS} or a text file path, got {self.haystack!r}"
+            )
+
+    def the_needle(self) -> Needle:
+        if self.needle != "custom":
+            return NEEDLES[self.needle]
+        return Needle(self.needle_text, self.question, self.answer, self.answer_prefix)
+
+    def haystack_text(self) -> str:
+        """The filler text; a missing file raises ``FileNotFoundError``, an empty one ``ValueError``."""
+        if self.haystack == "essays":
+            return load_haystack_text()
+        if self.haystack == "repeat":
+            return REPEAT_FILLER
+        if not Path(self.haystack).expanduser().is_file():
+            raise FileNotFoundError(
+                f"haystack file not found: {self.haystack} (use essays, repeat or a text file path)"
+            )
+        return load_haystack_text(self.haystack)
+
+    def grid_lengths(self, max_positions: int | None) -> tuple[int, ...]:
+        """The lengths to run on a model with ``max_positions`` positions (None: no known limit)."""
+        limit = None if max_positions is None else max_positions - self.max_new_tokens
+        if self.lengths is not None:
+            too_long = [n for n in self.lengths if limit is not None and n > limit]
+            if too_long:
+                raise ValueError(
+                    f"lengths {too_long} do not fit the model's context: {max_positions} positions "
+                    f"(max_position_embeddings) minus {self.max_new_tokens} answer tokens = {limit}"
+                )
+            return self.lengths
+        top = self.max_length if limit is None else min(self.max_length, limit)
+        if top < 1:
+            raise ValueError(f"the model's context ({max_positions}) leaves no room for a prompt")
+        out = []
+        n = MIN_DEFAULT_LENGTH
+        while n <= top:
+            out.append(n)
+            n *= 2
+        return tuple(out) if out and out[-1] == top else (*out, top)
+
+
+def depth_key(depth: float) -> str:
+    """``0.5`` -> ``"50"``, ``0.125`` -> ``"12.5"`` (the depth in percent, in sample ids and grids)."""
+    return f"{round(depth * 100, 4):g}"
+
+
+def sample_id(length: int, depth: float, method: str) -> str:
+    return f"L{length}-d{depth_key(depth)}-{method}"
+
+
+def rouge1_recall(reference: str, generated: str) -> float:
+    """ROUGE-1 recall: the fraction of the reference's unigrams that the generated text contains.
+
+    Both texts are lowercased and split into word tokens (``\\w+``: letters, digits, underscore);
+    each reference unigram counts at most as often as it occurs in the generated text (clipped
+    counts, as in Lin 2004 and ``rouge-score``, without stemming). For ``"71432"`` it is 1.0 when
+    the reply holds that number as a word and 0.0 otherwise; for multi-word answers it gives partial
+    credit. Raises ``ValueError`` if the reference has no word tokens.
+    """
+    ref = Counter(re.findall(r"\w+", reference.lower()))
+    if not ref:
+        raise ValueError(f"the reference {reference!r} has no word tokens")
+    gen = Counter(re.findall(r"\w+", generated.lower()))
+    return sum(min(count, gen[word]) for word, count in ref.items()) / sum(ref.values())
+
+
+def _mean(values) -> float | None:
+    values = [float(v) for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summarize(records: list[dict], lengths, depths, specs) -> dict:
+    """Scores of the grid's records: per method, accuracy (exact match) overall and per length, mean
+    ROUGE-1 recall, mean density, mean prefill seconds per length, and the exact-match grid
+    ``{length: {depth %: 0 or 1}}``. Cells not run yet are left out (``cells`` counts those done)."""
+    by_id = {r["id"]: r for r in records}
+    methods = {}
+    for spec in specs:
+        cells = {(n, d): by_id.get(sample_id(n, d, spec.name)) for n in lengths for d in depths}
+        done = [r for r in cells.values() if r is not None]
+        per_length = {n: [r for (m, _), r in cells.items() if m == n and r is not None] for n in lengths}
+        methods[spec.name] = {
+            "label": spec.label,
+            "params": spec.params,
+            "cells": len(done),
+            "accuracy": _mean(r["exact_match"] for r in done),
+            "accuracy_by_length": {
+                str(n): _mean(r["exact_match"] for r in rs) for n, rs in per_length.items()
+            },
+            "rouge1_recall": _mean(r["rouge1_recall"] for r in done),
+            "density": _mean(r["density"] for r in done),
+            "prefill_s_by_length": {
+                str(n): _mean(r["prefill_s"] for r in rs) for n, rs in per_length.items()
+            },
+            "grid": {
+                str(n): {depth_key(d): int(r["exact_match"]) for (m, d), r in cells.items() if m == n and r}
+                for n in lengths
+            },
+        }
+    total = len(lengths) * len(depths) * len(specs)
+    return {"cells": sum(m["cells"] for m in methods.values()), "cells_total": total, "methods": methods}
+
+
+def markdown_table(scores: dict) -> str:
+    """Accuracy per method (rows) and length (columns), with the mean density, as a markdown table."""
+    methods = scores["methods"]
+    lengths = list(next(iter(methods.values()))["accuracy_by_length"]) if methods else []
+
+    def fmt(x, digits=2):
+        return "-" if x is None else f"{x:.{digits}f}"
+
+    lines = [
+        "| method | density | " + " | ".join(f"{n} tok" for n in lengths) + " | all |",
+        "|---|---|" + "---|" * (len(lengths) + 1),
+    ]
+    for m in methods.values():
+        cells = [fmt(m["accuracy_by_length"][n]) for n in lengths]
+        lines.append(
+            f"| {m['label']} | {fmt(m['density'], 3)} | " + " | ".join(cells) + f" | {fmt(m['accuracy'])} |"
+        )
+    return "\n".join(lines)
+
+
+def run_niah(
+    config: NiahConfig, out: str | Path | None = None, resume: bool = False, progress: bool | None = None
+) -> dict:
+    """Run the grid of ``config``, writing a results folder and its heatmap.
+
+    Args:
+        config: the grid and model.
+        out: results folder (default ``results/niah-<config hash>``); an existing one needs ``resume``.
+        resume: continue an interrupted run in ``out``: cells already in its ``samples.jsonl`` are
+            not run again (the configuration must be the same).
+        progress: a progress bar over cells; default: when stderr is a terminal.
+
+    Returns ``{"folder", "config", "scores", "plot"}`` (``scores`` as in ``results.json``).
+
+    Every input is checked before the folder is created: unknown methods or parameters, a bad
+    haystack (``FileNotFoundError`` / ``ValueError``), lengths beyond the model's context or too short
+    for the needle and question (``ValueError``).
+    """
+    specs = method_specs(config.methods, config.method_params)
+    needle = config.the_needle()
+    text = config.haystack_text()
+    model, tokenizer = load_any(config.model, device=config.device, dtype=DTYPES[config.dtype])
+    if tokenizer is None:
+        raise ValueError(f"model {config.model!r} has no tokenizer; a needle test needs one")
+    lengths = config.grid_lengths(getattr(model.config, "max_position_embeddings", None))
+    depths = config.depths
+
+    @functools.lru_cache(maxsize=1)  # the check below builds the first cell's prompt
+    def prompt(length: int, depth: float):
+        return build_needle_prompt(
+            tokenizer, context_tokens=length, depth=depth, needle=needle, haystack=text,
+            chat_template=config.chat_template,
+        )  # fmt: skip
+
+    prompt(lengths[0], depths[0])  # the shortest length must hold intro, needle and question
+    run_config = {"task": "niah", **asdict(config), "lengths": list(lengths), "depths": list(depths)}
+    store = ResultsStore(out or default_out("niah", run_config), run_config, resume=resume)
+
+    total = len(lengths) * len(depths) * len(specs)
+    done = total - len(store.pending(sample_id(n, d, s.name) for n in lengths for d in depths for s in specs))
+    show = sys.stderr.isatty() if progress is None else progress
+    warmed = False
+    with tqdm(total=total, initial=done, desc="niah", unit="cell", disable=not show) as bar:
+        for length in lengths:
+            for depth in depths:
+                pending = [s for s in specs if not store.done(sample_id(length, depth, s.name))]
+                if not pending:
+                    continue
+                p = prompt(length, depth)
+                input_ids = p.input_ids.to(model.device)
+                if not warmed:  # untimed warm-up of threads and allocator
+                    with torch.inference_mode():
+                        model(input_ids[:, :32])
+                    warmed = True
+                for spec in pending:
+                    bar.set_postfix_str(f"L={length} d={depth_key(depth)}% {spec.name}")
+                    with applied(model, spec):
+                        gen = prefill_and_generate(
+                            model, input_ids, config.max_new_tokens, sparse=spec.name != BASELINE
+                        )
+                    reply = tokenizer.decode(gen.ids[0], skip_special_tokens=True)
+                    record = {
+                        "id": sample_id(length, depth, spec.name), "length": length, "depth": depth,
+                        "needle_depth": p.needle_depth, "needle_span": list(p.needle_span),
+                        "method": spec.name, "label": spec.label, "params": spec.params,
+                        "generated": reply, "answer": p.answer, "exact_match": score_answer(reply, p.answer),
+                        "rouge1_recall": rouge1_recall(p.answer, reply),
+                        "prefill_s": gen.prefill_s, "density": gen.density,
+                    }  # fmt: skip
+                    store.add(record)
+                    logger.debug("%s: %r (correct: %s)", record["id"], reply, record["exact_match"])
+                    bar.update()
+    scores = summarize(store.records(), lengths, depths, specs)
+    store.write_results(scores, device=config.device)
+    png = plot_niah(store.folder)
+    logger.info("niah: %d cells in %s, heatmap %s", total, store.folder, png)
+    return {"folder": str(store.folder), "config": run_config, "scores": scores, "plot": str(png)}
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    """``"1k,4096"`` -> ``(1024, 4096)``."""
+    out = []
+    for part in comma_list(text.lower()):
+        try:
+            out.append(int(part[:-1]) * 1024 if part.endswith("k") else int(part))
+        except ValueError:
+            raise ValueError(f"bad length {part!r}: use integers or 'Nk'") from None
+    return tuple(out)
+
+
+def _depths(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in comma_list(text))
+    except ValueError:
+        raise ValueError(f"bad depths {text!r}: use fractions in [0, 1], e.g. 0.1,0.5,0.9") from None
+
+
+def add_arguments(parser) -> None:
+    add_common_arguments(parser, default_methods="sdpa,dense,streaming,block_topk")
+    parser.add_argument(
+        "--lengths", type=str, default=None, help="e.g. 1k,4k (default: powers of two from 1K)"
+    )
+    parser.add_argument("--max-length", type=int, default=8192, help="largest default length (tokens)")
+    parser.add_argument(
+        "--depths",
+        type=str,
+        default=None,
+        help="needle depths as fractions, e.g. 0.1,0.5 (default 0..1 by 0.1)",
+    )
+    parser.add_argument("--needle", default="passkey", help=f"preset: {', '.join(NEEDLES)}")
+    parser.add_argument(
+        "--needle-text", default=None, help="custom needle sentence (with --question --answer)"
+    )
+    parser.add_argument("--question", default=None)
+    parser.add_argument("--answer", default=None, help="the value the needle text holds")
+    parser.add_argument("--answer-prefix", default="", help="text that starts the model's reply")
+    parser.add_argument("--haystack", default="essays", help="essays, repeat, or a text file path")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--no-chat-template", dest="chat_template", action="store_false")
+    parser.add_argument("--plot-only", action="store_true", help="redraw niah.png of the --out folder")
+
+
+def run_from_args(args) -> int:
+    if args.plot_only:
+        if not args.out:
+            raise ValueError("--plot-only needs --out <results folder>")
+        png = plot_niah(args.out)
+        results = Path(args.out) / RESULTS_FILE
+        if results.is_file():
+            print(markdown_table(json.loads(results.read_text())["scores"]))
+        print(f"heatmap: {png}")
+        return 0
+    config = NiahConfig(
+        model=args.model, device=args.device, dtype=args.dtype, methods=args.methods,
+        method_params=args.method_params,
+        lengths=_lengths(args.lengths) if args.lengths else None, max_length=args.max_length,
+        depths=_depths(args.depths) if args.depths else DEFAULT_DEPTHS, needle=args.needle,
+        needle_text=args.needle_text, question=args.question, answer=args.answer,
+        answer_prefix=args.answer_prefix, haystack=args.haystack, max_new_tokens=args.max_new_tokens,
+        chat_template=args.chat_template,
+    )  # fmt: skip
+    result = run_niah(config, out=args.out, resume=args.resume, progress=show_progress(args))
+    print(markdown_table(result["scores"]))
+    print(f"results: {result['folder']}  heatmap: {result['plot']}")
+    return 0

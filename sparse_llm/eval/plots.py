@@ -1,0 +1,115 @@
+"""Plots of finished (or interrupted) evaluation runs, drawn from their result files only.
+
+A separate step from the runs: each function reads a results folder (``config.json``,
+``samples.jsonl``) and writes a PNG beside them, so a figure can be redrawn at any time
+(``sparse-llm eval niah --plot-only --out FOLDER``). Figures use matplotlib's Agg canvas directly:
+no global backend is switched and no display is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from sparse_llm.results import CONFIG_FILE, SAMPLES_FILE
+
+NIAH_PNG = "niah.png"
+_RETRIEVED, _MISSED, _NOT_RUN = "#1a9850", "#d73027", "#d9d9d9"
+
+
+def read_samples(folder: str | os.PathLike) -> list[dict]:
+    """The records of ``folder``'s ``samples.jsonl`` (a torn last line of a killed run is skipped)."""
+    path = Path(folder) / SAMPLES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {SAMPLES_FILE} in {folder}: not a results folder, or nothing ran yet")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def niah_grid(folder: str | os.PathLike) -> dict:
+    """The needle grid of a ``niah`` results folder.
+
+    Returns ``{"config", "lengths", "depths", "methods"}`` where ``methods`` maps each method name (in
+    the run's order) to ``{"label", "exact", "rouge1"}``: float arrays ``[len(depths), len(lengths)]``
+    of exact match (1/0) and ROUGE-1 recall, NaN for cells not run.
+    """
+    config_path = Path(folder) / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {folder}: not a results folder")
+    config = json.loads(config_path.read_text())
+    if config.get("task") != "niah":
+        raise ValueError(f"{folder} holds a {config.get('task')!r} run, not a niah run")
+    lengths, depths = list(config["lengths"]), [float(d) for d in config["depths"]]
+    shape = (len(depths), len(lengths))
+    methods = {name: {"label": name, "exact": np.full(shape, np.nan), "rouge1": np.full(shape, np.nan)}
+               for name in config["methods"]}  # fmt: skip
+    for record in read_samples(folder):
+        method = methods.get(record["method"])
+        rows = [i for i, d in enumerate(depths) if math.isclose(d, record["depth"], abs_tol=1e-9)]
+        if method is None or not rows or record["length"] not in lengths:
+            continue  # a record from outside this grid
+        cell = rows[0], lengths.index(record["length"])
+        method["label"] = record.get("label", method["label"])
+        method["exact"][cell] = float(record["exact_match"])
+        method["rouge1"][cell] = float(record["rouge1_recall"])
+    return {"config": config, "lengths": lengths, "depths": depths, "methods": methods}
+
+
+def _length_label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def plot_niah(folder: str | os.PathLike) -> Path:
+    """Draw ``niah.png`` in ``folder``: the classic needle heatmap, one panel per method.
+
+    Needle depth (%) on the y axis, top = start of the haystack; context length on the x axis. A cell
+    is green when the answer was retrieved (exact match), red when missed, grey when not run yet, and
+    shows the ROUGE-1 recall of the answer. Each panel's title gives the method's accuracy.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    grid = niah_grid(folder)
+    lengths, depths, methods = grid["lengths"], grid["depths"], grid["methods"]
+    ncols = min(3, len(methods))
+    nrows = -(-len(methods) // ncols)
+    width, height = 1.0 + 0.9 * len(lengths), 1.2 + 0.38 * len(depths)
+    fig = Figure(figsize=(ncols * max(width, 3.0), nrows * max(height, 2.5) + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    cmap = ListedColormap([_MISSED, _RETRIEVED]).with_extremes(bad=_NOT_RUN)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for k, (ax, method) in enumerate(zip(axes.flat, methods.values(), strict=False)):
+        exact = np.ma.masked_invalid(method["exact"])
+        ax.imshow(exact, cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        for (i, j), value in np.ndenumerate(method["rouge1"]):
+            ax.text(j, i, "-" if math.isnan(value) else f"{value:.2g}", ha="center", va="center", fontsize=8)
+        done = method["exact"][~np.isnan(method["exact"])]
+        accuracy = f"{done.mean():.2f} ({int(done.sum())}/{done.size})" if done.size else "not run"
+        ax.set_title(f"{method['label']}\naccuracy {accuracy}", fontsize=9)
+        ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{100 * d:g}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        if k % ncols == 0:
+            ax.set_ylabel("needle depth (%)")
+    for ax in list(axes.flat)[len(methods) :]:
+        ax.set_visible(False)
+    config = grid["config"]
+    fig.suptitle(
+        f"needle in a haystack: {config.get('model')}, needle {config.get('needle')}, "
+        f"haystack {Path(str(config.get('haystack'))).name}  (green: retrieved, red: missed; "
+        "cell: ROUGE-1 recall)",
+        fontsize=10,
+    )
+    path = Path(folder) / NIAH_PNG
+    fig.savefig(path, dpi=110)
+    return path
