@@ -13,9 +13,9 @@ from types import ModuleType
 
 _TASKS = {
     "niah": ("sparse_llm.eval.niah", "needle-in-a-haystack grid (context length x depth), heatmap"),
-    "mqar": ("sparse_llm.eval.mqar", "multi-query associative recall: prompted LLM or a tiny trained model"),
-    "longbench": ("sparse_llm.eval.longbench", "LongBench / LongBench-E with the official prompts and metrics"),
-    "lm-eval": ("sparse_llm.eval.lm_eval_plugin", "any lm-evaluation-harness task through the sparse-llm model"),
+    "mqar": ("sparse_llm.eval.mqar", "multi-query associative recall: prompted LLM or tiny trained model"),
+    "longbench": ("sparse_llm.eval.longbench", "LongBench / LongBench-E, official prompts and metrics"),
+    "lm-eval": ("sparse_llm.eval.lm_eval_plugin", "lm-evaluation-harness tasks through the sparse-llm model"),
 }
 
 
