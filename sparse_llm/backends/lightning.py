@@ -1,0 +1,241 @@
+"""``lightning``: exact sink + local blocks, a Taylor linear-attention far field for every other key.
+
+A training-free hybrid in the spirit of Lightning Attention (Qin et al., arXiv 2401.04658: exact
+intra-block attention, linear attention carried across blocks in a running state) with the Taylor
+feature map of Based (Arora et al., arXiv 2402.18668), which approximates ``exp(s)`` by
+``1 + s + s^2/2``.
+
+Exact: each query block attends its sink and local blocks through the shared kernel (the same blocks
+as ``streaming`` with the same ``sink_tokens``/``local_tokens``/``block_size``), returning its LSE.
+
+Approximate (the far field): every other causal, real key ``j`` of query ``i`` gets the weight
+``exp(m) * taylor(t * (s_ij - m))`` instead of ``exp(s_ij)``, with ``s = scale * q.k``,
+``taylor(x) = 1 + x + x^2/2`` (order 2) or ``1 + x`` (order 1), and ``m`` the mean far score of that
+query. Expanding around the mean (not 0) is what makes the approximation usable on real scores: the
+error depends on the spread of the far scores, not on their size, and ``exp(m)`` keeps the far
+part on the same scale as the exact part. At order 2 every weight is positive (``1 + x + x^2/2 >= 1/2``)
+and the weights sum to ``n * (1 + t^2 var/2) * exp(m)``; at order 1 single weights can be negative
+but they sum to exactly ``n * exp(m)`` (the linear term vanishes at the mean). With a soft-cap ``c``
+the expansion point becomes ``c * tanh(m / c)`` and the slope ``t = 1 - tanh(m / c)^2`` (the cap
+linearized at ``m``); without one ``t = 1``. The far part is returned as ``(out, lse)`` in the
+kernel's convention and merged by log-sum-exp. Peaked far attention (a retrieval target outside the
+window) is not captured: the far field is a smooth, moment-matched summary of the distant keys.
+
+Cost: key blocks are folded, in order, into running sums of ``1``, ``k`` and ``k (x) k`` (each also
+times ``v``); each query block reads the state of the keys before its local window, which grows
+monotonically. That is linear in the length, with no ``Tq x Tk`` tensor, but the order-2 state has
+``D (D + 1) / 2 * D`` entries per KV head: per token ~``D^3`` multiply-adds, which exceeds exact
+attention's ``Tk * D`` below ``Tk ~ D^2`` tokens (4K for D = 64, 64K for D = 256). Order 1 costs
+``D^2`` per token. Layers with a sliding window (run dense by the patch anyway) are computed exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparse_llm.backends.base import (
+    LayerCall,
+    SparseMethod,
+    exact_attention,
+    register_method,
+    require_positive,
+)
+from sparse_llm.backends.selection import first_real_key
+from sparse_llm.kernels import BlockMask, merge_attention
+
+FAR_FIELDS = ("taylor", "none")
+
+
+@register_method
+@dataclass
+class Lightning(SparseMethod):
+    """Args: far_field (``"taylor"`` default, or ``"none"`` = exact sink + local only), taylor_order
+    (2 default, or 1), sink_tokens (64), local_tokens (1024; at least ``block_size``, so far keys
+    precede every query of a block)."""
+
+    name = "lightning"
+    description = "Hybrid (approximate): exact sink + local blocks, Taylor linear attention over other keys."
+
+    far_field: str = "taylor"
+    taylor_order: int = 2
+    sink_tokens: int = 64
+    local_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.far_field not in FAR_FIELDS:
+            raise ValueError(f"far_field must be one of {FAR_FIELDS}, got {self.far_field!r}")
+        if self.taylor_order not in (1, 2) or isinstance(self.taylor_order, bool):
+            raise ValueError(f"taylor_order must be 1 or 2, got {self.taylor_order!r}")
+        require_positive(sink_tokens=self.sink_tokens, local_tokens=self.local_tokens)
+        if self.local_tokens < self.block_size:
+            raise ValueError(
+                f"local_tokens ({self.local_tokens}) must be >= block_size ({self.block_size}) so that "
+                "every far key precedes the whole query block"
+            )
+
+    def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
+        """The exactly attended blocks: sinks plus the local window (as ``streaming``)."""
+        return BlockMask.sink_window(
+            q_len=q.shape[2], kv_len=k.shape[2], block_q=self.block_size, block_k=self.block_size,
+            sink_tokens=self.sink_tokens, local_tokens=self.local_tokens, device=q.device,
+            sliding_window=call.sliding_window, kv_start=first_real_key(call.key_padding_mask),
+        )  # fmt: skip
+
+    def attend(self, q, k, v, call: LayerCall) -> tuple[torch.Tensor, BlockMask]:
+        """Exact sink + local attention merged with the Taylor far field; returns the exact part's mask."""
+        if call.sliding_window is not None:  # a windowed layer: exact (the far field is not windowed)
+            mask = BlockMask.causal(
+                q_len=q.shape[2], kv_len=k.shape[2], block_q=self.block_size, block_k=self.block_size,
+                device=q.device, sliding_window=call.sliding_window,
+            )  # fmt: skip
+            return exact_attention(q, k, v, mask, call), mask
+        mask = self.block_mask(q, k, v, call)
+        if self.far_field == "none":
+            return exact_attention(q, k, v, mask, call), mask
+        out_near, lse_near = exact_attention(q, k, v, mask, call, return_lse=True)
+        out_far, lse_far = taylor_far_field(
+            q, k, v, scale=call.scale, softcap=call.softcap, key_padding_mask=call.key_padding_mask,
+            block_size=self.block_size, sink_tokens=self.sink_tokens, local_tokens=self.local_tokens,
+            order=self.taylor_order,
+        )  # fmt: skip
+        return merge_attention(out_near, lse_near, out_far, lse_far)[0], mask
+
+
+def _square_features(x: torch.Tensor) -> torch.Tensor:
+    """``phi(x)`` with ``phi(a) . phi(b) = (a . b)^2``: products ``x_i x_j`` for ``i <= j``, off-diagonal
+    ones times sqrt(2). ``[..., D] -> [..., D (D + 1) / 2]``."""
+    d = x.shape[-1]
+    i, j = torch.triu_indices(d, d, device=x.device)
+    weight = torch.where(i == j, 1.0, 2.0**0.5).to(x.dtype)
+    return x[..., i] * x[..., j] * weight
+
+
+def taylor_far_field(q, k, v, *, scale, block_size, sink_tokens, local_tokens, order=2, softcap=None,
+                     key_padding_mask=None):  # fmt: skip
+    """The far field of :class:`Lightning` as ``(out [B, Hq, Tq, D] fp32, lse [B, Hq, Tq] fp32)``.
+
+    q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]``; ``key_padding_mask`` ``[B, Tk]`` bool (True = real).
+    The far keys of query block ``n`` are the real keys in key blocks before its local window, minus
+    the sink blocks (exactly the causal keys ``BlockMask.sink_window`` leaves out when ``local_tokens
+    >= block_size``). Rows without far keys give out 0 and lse -inf.
+    """
+    (b, hq, q_len, d), (_, hkv, kv_len, dv) = q.shape, v.shape
+    g, bs, dev = hq // hkv, block_size, q.device
+    root = scale**0.5  # q~ . k~ = scale * q . k
+    qs = q.float().view(b, hkv, g, q_len, d) * root
+    ks = k.float() * root
+    real = torch.ones(b, kv_len, dtype=torch.bool, device=dev)
+    if key_padding_mask is not None:
+        real = key_padding_mask.to(dev)
+    start = first_real_key(key_padding_mask)
+    start = torch.zeros(b, dtype=torch.long, device=dev) if start is None else start.to(dev)
+    block = torch.arange(kv_len, device=dev) // bs
+    sink = (block * bs < start[:, None] + sink_tokens) & ((block + 1) * bs > start[:, None])
+    keep = (real & ~sink).float()[:, None, :, None]  # [B, 1, Tk, 1]
+    # Keys are centred on their mean (per row and head) so the moments stay small: the mean score is
+    # then q~ . center + a correction, with no cancellation between large terms.
+    center = (ks * real[:, None, :, None]).sum(2) / real.sum(1).clamp_min(1)[:, None, None]
+    kc = (ks - center[:, :, None]) * keep
+    vk = v.float() * keep
+    n_q = -(-q_len // bs)
+    q_end = torch.clamp(torch.arange(1, n_q + 1) * bs, max=q_len) - 1 + kv_len - q_len
+    first_local = torch.clamp(torch.div(q_end - local_tokens + 1, bs, rounding_mode="floor"), min=0)
+
+    z0 = torch.zeros(b, 1, device=dev)  # far key count (shared by heads)
+    s0 = torch.zeros(b, hkv, dv, device=dev)
+    z1 = torch.zeros(b, hkv, d, device=dev)
+    s1 = torch.zeros(b, hkv, d, dv, device=dev)
+    f2 = d * (d + 1) // 2 if order == 2 else 0
+    z2 = torch.zeros(b, hkv, f2, device=dev)
+    s2 = torch.zeros(b, hkv, f2, dv, device=dev)
+    out = torch.zeros(b, hkv, g, q_len, dv, device=dev)
+    lse = torch.full((b, hkv, g, q_len), float("-inf"), device=dev)
+    done = 0
+    for n in range(n_q):
+        upto = min(int(first_local[n]) * bs, kv_len)
+        for lo in range(done, upto, bs):  # fold the new far key blocks into the running state
+            hi = min(lo + bs, upto)
+            kb, vb = kc[:, :, lo:hi], vk[:, :, lo:hi]
+            z0 += keep[:, 0, lo:hi, 0].sum(-1, keepdim=True)
+            s0 += vb.sum(2)
+            z1 += kb.sum(2)
+            s1 += kb.transpose(-1, -2) @ vb
+            if order == 2:
+                fb = _square_features(kb)
+                z2 += fb.sum(2)
+                s2 += fb.transpose(-1, -2) @ v.float()[:, :, lo:hi]  # fb is 0 on non-far keys
+        done = max(done, upto)
+        if upto == 0:
+            continue
+        rows = slice(n * bs, min((n + 1) * bs, q_len))
+        qn = qs[:, :, :, rows]  # [B, Hkv, G, n, D]
+        count = z0[:, :, None, None]  # [B, 1, 1, 1]
+        has = count > 0
+        count = count.clamp_min(1.0)
+        u1 = qn @ z1[:, :, None, :, None]  # [B, Hkv, G, n, 1]: sum over far keys of q~ . (k~ - center)
+        mu = u1[..., 0] / count  # mean far score minus q~ . center
+        m = (qn @ center[:, :, None, :, None])[..., 0] + mu  # mean far score
+        slope = torch.ones_like(m)
+        if softcap is not None:
+            th = torch.tanh(m / softcap)
+            m, slope = softcap * th, 1 - th * th
+        # weight(u) = taylor(t (u - mu)) = a + coef * u (+ t^2/2 * u^2), with u = q~ . (k~ - center)
+        a, coef = 1 - slope * mu, slope
+        if order == 2:
+            a, coef = a + (slope * mu) ** 2 / 2, slope - slope * slope * mu
+        num = (qn @ s1[:, :, None]) * coef[..., None]  # [B, Hkv, G, n, Dv]
+        den = u1[..., 0] * coef
+        if order == 2:
+            fq = _square_features(qn)
+            half = slope * slope / 2
+            num += (fq @ s2[:, :, None]) * half[..., None]
+            den = den + (fq @ z2[:, :, None, :, None])[..., 0] * half
+        num += a[..., None] * s0[:, :, None, None, :]
+        den = den + a * count
+        # den >= count > 0 in exact arithmetic (mean weight 1 + t^2 var / 2); the clamp guards rounding.
+        den = den.clamp_min(torch.finfo(torch.float32).tiny)
+        out[:, :, :, rows] = torch.where(has[..., None], num / den[..., None], 0.0)
+        lse[:, :, :, rows] = torch.where(has, m + den.log(), float("-inf"))
+    return out.flatten(1, 2), lse.flatten(1, 2)
+
+
+def lightning_reference(q, k, v, *, scale, block_size, sink_tokens, local_tokens, order=2, far_field=True,
+                        softcap=None, key_padding_mask=None):  # fmt: skip
+    """Slow, obviously right :class:`Lightning` for tests: every far weight written out, ``Tq x Tk``.
+
+    q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]`` (fp64 for a ground truth); returns ``[B, Hq, Tq, D]``.
+    """
+    from sparse_llm.kernels.reference import element_mask
+
+    (_, hq, q_len, _), (_, hkv, kv_len, _) = q.shape, k.shape
+    geo = dict(q_len=q_len, kv_len=kv_len, block_q=block_size, block_k=block_size)
+    exact = BlockMask.sink_window(
+        **geo, sink_tokens=sink_tokens, local_tokens=local_tokens, kv_start=first_real_key(key_padding_mask)
+    )
+    heads = dict(num_q_heads=hq, num_kv_heads=hkv, key_padding_mask=key_padding_mask)
+    near = element_mask(exact, **heads)
+    far = element_mask(BlockMask.causal(**geo), **heads) & ~near
+    if not far_field:
+        far = torch.zeros_like(far)
+    s = torch.einsum("bhgqd,bhkd->bhgqk", q.unflatten(1, (hkv, hq // hkv)), k) * scale
+    capped = s if softcap is None else softcap * torch.tanh(s / softcap)
+    lse_near = capped.masked_fill(~near, float("-inf")).logsumexp(-1)
+    out_near = capped.masked_fill(~near, float("-inf")).softmax(-1).nan_to_num(0.0) @ v[:, :, None]
+    n_far = far.sum(-1)
+    m = (s * far).sum(-1) / n_far.clamp_min(1)
+    slope = torch.ones_like(m)
+    if softcap is not None:
+        slope = 1 - torch.tanh(m / softcap) ** 2
+    x = slope[..., None] * (s - m[..., None])
+    weight = (1 + x + x * x / 2 if order == 2 else 1 + x) * far
+    den = weight.sum(-1).clamp_min(torch.finfo(q.dtype).tiny)  # rows without far keys: 0 / tiny
+    shift = m if softcap is None else softcap * torch.tanh(m / softcap)
+    lse_far = torch.where(n_far > 0, shift + den.log(), float("-inf"))
+    out_far = (weight @ v[:, :, None]) / den[..., None]
+    lse = torch.logaddexp(lse_near, lse_far)
+    safe = torch.where(torch.isneginf(lse), 0.0, lse)
+    out = torch.exp(lse_near - safe)[..., None] * out_near + torch.exp(lse_far - safe)[..., None] * out_far
+    return out.flatten(1, 2)

@@ -1,0 +1,289 @@
+"""The approximate methods (deltallm, lightning, lla): each against its slow reference, their exact limits,
+and end to end on the tiny models.
+
+Comparisons use the tolerance rule of ``attention_cases.py``: the method in fp32 against its reference
+in fp64 (truth), bounded by twice the fp32 reference's own error plus the rounding floor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attention_cases import assert_within_rule
+from conftest import FAMILIES, random_ids, tiny_model
+
+import sparse_llm
+from sparse_llm.backends import LayerCall, get_method
+from sparse_llm.backends.deltallm import deltallm_reference, held_keys
+from sparse_llm.backends.lightning import lightning_reference
+from sparse_llm.backends.lla import lla_reference
+from sparse_llm.kernels import BlockMask, reference_attention
+
+BS = 16  # block size of every kernel-level case
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread. On a busy 2-core machine, OpenMP's spin-waiting made this
+    file ~10x slower with two threads (measured 4m49s vs 28s); the previous count is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def inputs(seed=0, b=2, hq=4, hkv=2, tq=113, tk=203, d=64, left_pad=(0, 29), q_gain=1.0, k_gain=1.0):
+    """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] fp32 and a LayerCall-ready padding mask (None if unpadded)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, tq, d, generator=gen) * q_gain
+    k = torch.randn(b, hkv, tk, d, generator=gen) * k_gain
+    v = torch.randn(b, hkv, tk, d, generator=gen)
+    padding = None
+    if any(left_pad):
+        padding = torch.ones(b, tk, dtype=torch.bool)
+        for row, pad in enumerate(left_pad):
+            padding[row, :pad] = False
+    return q, k, v, padding
+
+
+def check_rule(name, got, truth, pt, softcap=None):
+    assert torch.isfinite(got).all(), f"{name}: non-finite output"
+    assert_within_rule(name, got, truth, pt, 3.0 if softcap else 2.0)
+
+
+CASES = [
+    pytest.param(dict(), id="tq113-tk203-gqa4_2-b2-pad0_29"),
+    pytest.param(dict(softcap=5.0, q_gain=3.0), id="softcap5"),
+    pytest.param(dict(b=1, hq=2, hkv=1, tq=1, tk=150, left_pad=(0,)), id="decode-mqa"),
+    pytest.param(dict(tq=203, left_pad=(40, 0)), id="prefill-pad40"),
+]
+
+
+def split(case):
+    case = dict(case)
+    softcap = case.pop("softcap", None)
+    return inputs(**case), softcap
+
+
+# ----------------------------------------------------------------------------- deltallm
+def test_deltallm_theta_zero_holds_every_key_and_equals_dense():
+    q, k, v, padding = inputs()
+    held, changed = held_keys(k, 0.0, padding)
+    assert torch.equal(held, k)
+    method = get_method("deltallm", theta=0.0, sink_tokens=16, local_tokens=32, block_size=BS)
+    call = LayerCall(5, 64**-0.5, key_padding_mask=padding)
+    out, mask = method.attend(q, k, v, call)
+    assert mask.density() < 0.6  # the far part is really taken by the held-key path
+    assert method.last_delta_sparsity[5] == 0.0
+    causal = BlockMask.causal(q_len=113, kv_len=203, block_q=BS, block_k=BS)
+    kwargs = dict(scale=64**-0.5, key_padding_mask=padding)
+    truth = reference_attention(q.double(), k.double(), v.double(), causal, **kwargs)
+    pt = reference_attention(q, k, v, causal, **kwargs)
+    check_rule("deltallm theta=0", out, truth, pt)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("theta", [0.6, 2.0])
+def test_deltallm_matches_reference(case, theta):
+    (q, k, v, padding), softcap = split(case)
+    d = 32  # the reference's held keys are a pure-Python loop over every channel
+    q, k, v = q[..., :d], k[..., :d], v[..., :d]
+    params = dict(theta=theta, sink_tokens=16, local_tokens=48, block_size=BS)
+    method = get_method("deltallm", **params)
+    out, _ = method.attend(q, k, v, LayerCall(0, d**-0.5, softcap=softcap, key_padding_mask=padding))
+    kwargs = dict(scale=d**-0.5, softcap=softcap, key_padding_mask=padding)
+    truth = deltallm_reference(q.double(), k.double(), v.double(), **params, **kwargs)
+    pt = deltallm_reference(q, k, v, **params, **kwargs)
+    causal = BlockMask.causal(q_len=q.shape[2], kv_len=k.shape[2], block_q=BS, block_k=BS)
+    plain = reference_attention(q.double(), k.double(), v.double(), causal, **kwargs)
+    if q.shape[2] > 1:  # the held keys matter: the result is not plain attention
+        assert (truth - plain).abs().max() > 1e-3
+    check_rule("deltallm", out, truth, pt, softcap)
+
+
+def test_deltallm_held_keys_stay_within_threshold_and_sparsity_grows_with_theta():
+    _, k, _, padding = inputs(seed=1)
+    real = padding[:, None, :, None]
+    std = torch.stack([k[i, :, padding[i]].std(1, unbiased=False) for i in range(k.shape[0])])  # [B, Hkv, D]
+    sparsity = []
+    for theta in (0.0, 0.3, 0.6, 1.5):
+        held, changed = held_keys(k, theta, padding)
+        gap = ((held - k).abs() * real).amax(2)
+        assert (gap <= theta * std + 1e-6).all()
+        method = get_method("deltallm", theta=theta, sink_tokens=16, local_tokens=32, block_size=BS)
+        q = torch.randn(2, 4, 20, 64)
+        method.attend(q, k, k, LayerCall(2, 0.125, key_padding_mask=padding))
+        sparsity.append(method.last_delta_sparsity[2])
+    assert sparsity[0] == 0.0 and all(a < b for a, b in zip(sparsity, sparsity[1:], strict=False)), sparsity
+    assert sparsity[-1] > 0.5
+
+
+# ----------------------------------------------------------------------------- lightning
+@pytest.mark.parametrize("case", CASES)
+def test_lightning_without_far_field_equals_streaming(case):
+    (q, k, v, padding), softcap = split(case)
+    call = LayerCall(0, 64**-0.5, softcap=softcap, key_padding_mask=padding)
+    window = dict(sink_tokens=16, local_tokens=32, block_size=BS)
+    out, mask = get_method("lightning", far_field="none", **window).attend(q, k, v, call)
+    expected, expected_mask = get_method("streaming", **window).attend(q, k, v, call)
+    assert torch.equal(mask.to_dense(), expected_mask.to_dense())
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("order", [1, 2])
+def test_lightning_matches_reference(case, order):
+    (q, k, v, padding), softcap = split(case)
+    window = dict(sink_tokens=16, local_tokens=32, block_size=BS)
+    method = get_method("lightning", taylor_order=order, **window)
+    out, _ = method.attend(q, k, v, LayerCall(0, 64**-0.5, softcap=softcap, key_padding_mask=padding))
+    kwargs = dict(scale=64**-0.5, order=order, softcap=softcap, key_padding_mask=padding, **window)
+    truth = lightning_reference(q.double(), k.double(), v.double(), **kwargs)
+    pt = lightning_reference(q, k, v, **kwargs)
+    check_rule(f"lightning order {order}", out, truth, pt, softcap)
+
+
+def test_lightning_taylor_approaches_softmax_as_order_grows():
+    # small scores (std ~0.2): exp is close to its Taylor polynomials around the mean score
+    q, k, v, padding = inputs(seed=3, q_gain=0.5, k_gain=0.5)
+    call = LayerCall(0, 64**-0.5, key_padding_mask=padding)
+    causal = BlockMask.causal(q_len=113, kv_len=203, block_q=BS, block_k=BS)
+    exact = reference_attention(
+        q.double(), k.double(), v.double(), causal, scale=64**-0.5, key_padding_mask=padding
+    )
+    window = dict(sink_tokens=16, local_tokens=32, block_size=BS)
+    err = {}
+    for label, params in (("none", dict(far_field="none")), ("1", dict(taylor_order=1)), ("2", {})):
+        out, _ = get_method("lightning", **window, **params).attend(q, k, v, call)
+        err[label] = (out.double() - exact).abs().max().item()
+    assert err["2"] < 0.5 * err["1"] and err["1"] < 0.2 * err["none"], err
+
+
+# ----------------------------------------------------------------------------- lla
+@pytest.mark.parametrize(
+    "base, base_params", [("dense", {}), ("streaming", dict(sink_tokens=16, local_tokens=32))]
+)
+def test_lla_with_huge_ridge_equals_softmax_over_the_base_blocks(base, base_params):
+    q, k, v, padding = inputs(seed=4)
+    method = get_method("lla", ridge=1e8, base=base, base_params=base_params, block_size=BS)
+    out, mask = method.attend(q, k, v, LayerCall(0, 64**-0.5, key_padding_mask=padding))
+    kwargs = dict(scale=64**-0.5, key_padding_mask=padding)
+    truth = reference_attention(q.double(), k.double(), v.double(), mask, **kwargs)
+    pt = reference_attention(q, k, v, mask, **kwargs)
+    check_rule(f"lla ridge=1e8 base={base}", out, truth, pt)
+    # ... and a moderate ridge really changes the output
+    moderate, _ = get_method("lla", ridge=1.0, base=base, base_params=base_params, block_size=BS).attend(
+        q, k, v, LayerCall(0, 64**-0.5, key_padding_mask=padding)
+    )
+    assert (moderate.double() - truth).abs().max() > 0.1
+
+
+LLA_BASES = [
+    pytest.param("streaming", dict(sink_tokens=16, local_tokens=32), id="streaming"),
+    pytest.param("dense", {}, id="dense"),
+    pytest.param("block_topk", dict(budget=64, sink_tokens=16, local_tokens=16), id="block_topk"),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("base, base_params", LLA_BASES)
+def test_lla_matches_reference(case, base, base_params):
+    (q, k, v, padding), softcap = split(case)
+    d = 32  # the reference holds Tq x Tk x D tensors
+    q, k, v = q[..., :d], k[..., :d], v[..., :d]
+    method = get_method("lla", ridge=0.5, base=base, base_params=base_params, block_size=BS)
+    out, mask = method.attend(q, k, v, LayerCall(0, d**-0.5, softcap=softcap, key_padding_mask=padding))
+    kwargs = dict(scale=d**-0.5, ridge=0.5, softcap=softcap, key_padding_mask=padding)
+    truth = lla_reference(q.double(), k.double(), v.double(), mask, **kwargs)
+    pt = lla_reference(q, k, v, mask, **kwargs)
+    check_rule(f"lla base={base}", out, truth, pt, softcap)
+
+
+# ----------------------------------------------------------------------------- all three
+APPROX = {
+    "deltallm": dict(theta=0.6, sink_tokens=16, local_tokens=32),
+    "lightning": dict(sink_tokens=16, local_tokens=32),
+    "lla": dict(base_params=dict(sink_tokens=16, local_tokens=32)),
+}
+
+
+@pytest.mark.parametrize("method", list(APPROX))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_methods_generate_on_padded_batches_of_tiny_models(family, method):
+    model = tiny_model(family)
+    ids = random_ids(2, 200, seed=11)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :37] = 0
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=attention_mask).logits
+        with sparse_llm.sparse_attention(model, method, block_size=16, **APPROX[method]):
+            out = model.generate(
+                ids, attention_mask=attention_mask, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                output_logits=True, return_dict_in_generate=True,
+            )  # fmt: skip
+            logits = model(input_ids=ids, attention_mask=attention_mask).logits
+            stats = sparse_llm.attention_stats(model)
+    assert out.sequences.shape == (2, 203)
+    assert all(torch.isfinite(step).all() for step in out.logits)
+    assert torch.isfinite(logits).all()
+    assert any(info["sparse"] for info in stats["layers"].values())
+    assert stats["density"] < 0.75
+    assert (logits - dense).abs().max() > 1e-4  # the method really ran on the global layers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("method", list(APPROX))
+def test_long_inputs_stay_finite(method, dtype):
+    q, k, v, _ = inputs(seed=5, b=1, hq=2, hkv=1, tq=2048, tk=2048, left_pad=(0,), q_gain=2.0)
+    params = {
+        "deltallm": dict(),  # local_tokens default: max(256, 5% of Tk)
+        "lightning": dict(local_tokens=256),
+        "lla": dict(base_params=dict(sink_tokens=64, local_tokens=256)),
+    }[method]
+    out, _ = get_method(method, **params).attend(
+        q.to(dtype), k.to(dtype), v.to(dtype), LayerCall(0, 64**-0.5, softcap=None)
+    )
+    assert out.dtype == dtype and out.shape == q.shape
+    assert torch.isfinite(out).all()
+    assert out.float().abs().max() < 10  # a convex-ish mix of unit-scale values, not a blow-up
+
+
+@pytest.mark.parametrize(
+    "method, params, match",
+    [
+        pytest.param("deltallm", dict(theta=-0.1), "theta must be a finite number >= 0", id="neg-theta"),
+        pytest.param("deltallm", dict(theta=float("nan")), "theta must be", id="nan-theta"),
+        pytest.param(
+            "deltallm", dict(local_tokens=0), "local_tokens must be a positive int", id="zero-local"
+        ),
+        pytest.param("deltallm", dict(sink_tokens=-1), "sink_tokens must be a positive int", id="neg-sink"),
+        pytest.param("lightning", dict(far_field="rff"), "far_field must be one of", id="bad-far-field"),
+        pytest.param("lightning", dict(taylor_order=3), "taylor_order must be 1 or 2", id="order-3"),
+        pytest.param(
+            "lightning", dict(local_tokens=0), "local_tokens must be a positive int", id="zero-local"
+        ),
+        pytest.param(
+            "lightning", dict(local_tokens=32, block_size=64), "must be >= block_size", id="local-lt-block"
+        ),
+        pytest.param("lla", dict(ridge=0.0), "ridge must be a finite number > 0", id="zero-ridge"),
+        pytest.param("lla", dict(ridge="big"), "ridge must be", id="str-ridge"),
+        pytest.param("lla", dict(base="streamin"), "unknown method 'streamin'", id="unknown-base"),
+        pytest.param(
+            "lla", dict(base_params=[("sink_tokens", 4)]), "base_params must be a dict", id="list-params"
+        ),
+        pytest.param("lla", dict(base_params=dict(window=3)), "unknown parameters", id="bad-base-param"),
+        pytest.param("lla", dict(base="lla"), "not 'lla' itself", id="self-base"),
+    ],
+)
+def test_bad_parameters_raise(method, params, match):
+    with pytest.raises(ValueError, match=match):
+        get_method(method, **params)
+
+
+def test_approximate_methods_are_registered_with_descriptions():
+    methods = sparse_llm.list_methods()
+    for name in APPROX:
+        assert name in methods and methods[name]
+    assert "approximate" in methods["deltallm"] and "approximate" in methods["lightning"]
+    assert get_method("deltallm").params()["theta"] == 0.6  # the report attribute is not a parameter
+    assert "last_delta_sparsity" not in get_method("deltallm").params()
