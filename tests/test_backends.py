@@ -247,3 +247,21 @@ def test_achieved_budget_is_within_ten_percent(name):
     tokens = dense[..., -2, :].sum(-1).float() * bs  # [B, H]; -2: dhsa keeps the last block dense
     assert (tokens <= budget).all()
     assert (tokens >= 0.9 * budget).all(), tokens
+
+
+@pytest.mark.parametrize("name", SELECTION)
+def test_budget_above_the_context_is_clamped_with_one_warning(name, caplog):
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 128, 16), torch.randn(1, 1, 128, 16)
+    method = get_method(name, budget=256, sink_tokens=16, local_tokens=16, block_size=16)
+    with caplog.at_level("WARNING", logger="sparse_llm.backends.base"):
+        for _ in range(3):  # one warning per method object, not one per layer call
+            mask = method.block_mask(q, k, k, LayerCall(0, 0.25))
+    assert mask.density() == 1.0
+    warnings = [r for r in caplog.records if "budget 256 >= context length 128" in r.getMessage()]
+    assert len(warnings) == 1
+    caplog.clear()
+    get_method(name, budget=64, sink_tokens=16, local_tokens=16, block_size=16).block_mask(
+        q, k, k, LayerCall(0, 0.25)
+    )
+    assert not caplog.records

@@ -13,6 +13,7 @@ applied once, by the Hugging Face patch, for every method (kvpress's ``BasePress
 from __future__ import annotations
 
 import difflib
+import logging
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
@@ -20,6 +21,8 @@ import torch
 
 from sparse_llm.backends.selection import first_real_key
 from sparse_llm.kernels import BlockMask, block_sparse_attention
+
+logger = logging.getLogger(__name__)
 
 DECODE_MODES = ("dense", "sparse")
 
@@ -123,7 +126,16 @@ class BudgetedMethod(SparseMethod):
         return -(-self.budget // self.block_size)
 
     def forced_blocks(self, q: torch.Tensor, k: torch.Tensor, call: LayerCall) -> torch.Tensor:
-        """Sink and local blocks of every query block, bool ``[B or 1, 1, nQ, nK]`` (left padding aware)."""
+        """Sink and local blocks of every query block, bool ``[B or 1, 1, nQ, nK]`` (left padding aware).
+
+        A budget at or above the context is clamped to it (every block is kept: exact attention), with
+        one logged warning per method object, since the user probably meant a sparser setting."""
+        if self.budget >= k.shape[2] and q.shape[2] > 1 and not self.__dict__.get("_warned_budget"):
+            self.__dict__["_warned_budget"] = True
+            logger.warning(
+                "%s: budget %d >= context length %d, so every key is kept (exact attention); "
+                "lower the budget to sparsify", self.name, self.budget, k.shape[2],
+            )  # fmt: skip
         return BlockMask.sink_window(
             q_len=q.shape[2], kv_len=k.shape[2], block_q=self.block_size, block_k=self.block_size,
             sink_tokens=self.sink_tokens, local_tokens=self.local_tokens, device=q.device,
