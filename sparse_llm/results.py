@@ -89,6 +89,7 @@ class ResultsStore:
     def __init__(self, folder: str | os.PathLike, config: dict, resume: bool = False):
         self.folder = Path(folder)
         self.config = json.loads(json.dumps(config, default=str))
+        self._git_at_start = _git_hash()  # the code that ran, not the HEAD when the run ended
         self._records: dict[str, dict] = {}
         existing = [self.folder / n for n in (SAMPLES_FILE, RESULTS_FILE) if (self.folder / n).exists()]
         if existing and not resume:
@@ -143,5 +144,8 @@ class ResultsStore:
     def write_results(self, scores: dict, device: str | torch.device = "cpu") -> Path:
         """Write ``results.json``: the config, the scores and the run's metadata (atomically)."""
         path = self.folder / RESULTS_FILE
-        atomic_write_json(path, {"config": self.config, "scores": scores, **run_metadata(device)})
+        meta = run_metadata(device)
+        if meta["git"] != self._git_at_start:
+            meta["git_at_end"], meta["git"] = meta["git"], self._git_at_start
+        atomic_write_json(path, {"config": self.config, "scores": scores, **meta})
         return path
