@@ -87,7 +87,11 @@ def test_cpu_path_work_scales_with_selected_blocks(case, monkeypatch):
     monkeypatch.setattr(cpu_kernel, "_attend", counting)
     monkeypatch.setattr(cpu_kernel, "_causal_attention", counting_causal)
     block_sparse_attention(q, k, v, mask, backend="cpu", **kwargs)
-    assert sum(seen) == mask.num_selected_blocks * case.block_k
+    selected = mask.num_selected_blocks * case.block_k
+    # Rows with unequal counts may share a call padded with masked slots, down to _PAD_RATIO.
+    assert selected <= sum(seen) <= selected / cpu_kernel._PAD_RATIO
+    if case.mask != "causal" or case.left_pad is None:
+        assert sum(seen) == selected  # views: exactly the selected keys
 
 
 @pytest.mark.parametrize("tq", [1, 300, 1024])

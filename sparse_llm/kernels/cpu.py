@@ -42,6 +42,9 @@ from sparse_llm.kernels.merge import merge_attention
 _MAX_SCORE_ELEMENTS = 1 << 25
 # Full and partial blocks share one call (one mask over all keys) up to this many keys per head dim.
 _SHARED_CALL_KEYS_PER_DIM = 4
+# Gathers of query blocks with unequal block counts share a call down to this ratio of counts (the
+# padded slots are masked: at most 1/0.75 - 1 = 33 % extra keys in that call, usually far less).
+_PAD_RATIO = 0.75
 
 
 def _fused_op(device: torch.device, softcap: float | None):
@@ -121,20 +124,31 @@ def _block_list(
     return _Blocks(idx, slot_ok, count.tolist(), needs, starts, elementwise)
 
 
-def _runs(keys: list, sizes: list[int]) -> list[tuple[int, int]]:
+def _runs(keys: list, sizes: list[int], pad_ratio: float | None = None) -> list[tuple[int, int]]:
     """Runs [n0, n1) of consecutive query blocks with equal, non-None keys whose summed ``sizes``
-    (fp32 elements of gathered K/V and masks) stay within _MAX_SCORE_ELEMENTS: one call each."""
+    (fp32 elements of gathered K/V and masks) stay within _MAX_SCORE_ELEMENTS: one call each.
+
+    With ``pad_ratio``, keys are block counts and a run may mix counts down to ``pad_ratio`` times
+    its largest: shorter rows are padded with masked slots, so a mask whose counts grow row by row
+    (a fraction of each causal row) takes a few calls instead of one per query block."""
     out: list[tuple[int, int]] = []
-    total = 0
+    total = lo = hi = 0
     for n, key in enumerate(keys):
         if key is None:
             continue
-        if out and out[-1][1] == n and keys[out[-1][0]] == key and total + sizes[n] <= _MAX_SCORE_ELEMENTS:
+        if pad_ratio is None:
+            fits = out and keys[out[-1][0]] == key
+        else:
+            fits = out and min(lo, key) >= pad_ratio * max(hi, key)
+        if out and out[-1][1] == n and fits and total + sizes[n] <= _MAX_SCORE_ELEMENTS:
             out[-1] = (out[-1][0], n + 1)
             total += sizes[n]
+            if pad_ratio is not None:
+                lo, hi = min(lo, key), max(hi, key)
         else:
             out.append((n, n + 1))
             total = sizes[n]
+            lo = hi = key if pad_ratio is not None else 0
     return out
 
 
@@ -262,11 +276,16 @@ def gather_attention(
     full = block_list(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, False)
     part = block_list(block_mask.kv_num_blocks, block_mask.kv_indices, causal)
 
+    def needs(blocks: _Blocks, n0: int, n1: int) -> bool:
+        """A key mask is needed for the segment: some row needs one, or rows are padded to the max."""
+        counts = blocks.counts[n0:n1]
+        return any(blocks.needs[n0:n1]) or min(counts) != max(counts)
+
     def allowed_keys(blocks: _Blocks, n0: int, n1: int) -> Tensor:
         """bool [ng, B', Hr, R or 1, L] for the segment's keys from ``blocks``."""
-        c = blocks.counts[n0]
+        c = max(blocks.counts[n0:n1])
         ids = blocks.idx[:, :, n0:n1, :c].permute(2, 0, 1, 3)  # [ng, Bm, Hr, c]
-        if not blocks.needs[n0]:
+        if not needs(blocks, n0, n1):
             return torch.ones(*ids.shape[:3], 1, c * bk, dtype=torch.bool, device=dev)
         pos = (ids[..., None] * bk + torch.arange(bk, device=dev)).flatten(-2)  # [ng, Bm, Hr, L]
         allowed = blocks.slot_ok[:, :, n0:n1, :c].permute(2, 0, 1, 3).repeat_interleave(bk, -1)
@@ -312,7 +331,7 @@ def gather_attention(
 
     def attend(lists: list[_Blocks], n0: int, n1: int) -> tuple[Tensor, Tensor]:
         """One call over the keys of ``lists`` for query blocks [n0, n1): out [ng, B, Hr, R, D], lse."""
-        ng, counts = n1 - n0, [blocks.counts[n0] for blocks in lists]
+        ng, counts = n1 - n0, [max(blocks.counts[n0:n1]) for blocks in lists]
         starts = [blocks.starts[n0] for blocks in lists]
         contiguous = all(s >= 0 for s in starts) and all(
             a + c == s for a, c, s in zip(starts, counts, starts[1:], strict=False)
@@ -321,13 +340,14 @@ def gather_attention(
             ks, vs = (t[:, :, starts[0] * bk : (starts[0] + sum(counts)) * bk] for t in (k4, v4))
         else:  # [ng, B, Hr, c] block ids -> one index_select for the whole segment
             ids = torch.cat([bl.idx[:, :, n0:n1, :c] for bl, c in zip(lists, counts, strict=True)], -1)
-            flat = (base + ids.permute(2, 0, 1, 3)).flatten()
+            # slots past a row's count are masked below; clamp them to a valid block for the gather
+            flat = (base + ids.permute(2, 0, 1, 3).clamp(0, n_k - 1)).flatten()
             ks, vs = (
                 torch.index_select(src, 0, flat, out=workspace(name, flat.numel())).view(ng * b, hr, -1, d)
                 for name, src in (("k", kflat), ("v", vflat))
             )
         bias = empty = None
-        if any(blocks.needs[n0] for blocks in lists):  # one additive mask: [ng * B, Hr, R or 1, L]
+        if any(needs(blocks, n0, n1) for blocks in lists):  # one additive mask: [ng * B, Hr, R or 1, L]
             parts = [allowed_keys(blocks, n0, n1) for blocks in lists]
             rows = max(p.shape[3] for p in parts)
             allowed = torch.cat([p.expand(ng, b, hr, rows, p.shape[4]) for p in parts], -1)
@@ -376,13 +396,9 @@ def gather_attention(
         alone[n0:n1] = [False] * (n1 - n0)
     main += [(n0, n1, *attend([full, part], n0, n1)) for n0, n1 in shared]
     for blocks, pieces in ((full, main), (part, extra)):
-        keys = [
-            (c, need) if c and alone[n] else None
-            for n, (c, need) in enumerate(zip(blocks.counts, blocks.needs, strict=True))
-        ]
-        pieces += [
-            (n0, n1, *attend([blocks], n0, n1)) for n0, n1 in _runs(keys, [c * cost for c in blocks.counts])
-        ]
+        keys = [c if c and alone[n] else None for n, c in enumerate(blocks.counts)]
+        sizes = [c * cost for c in blocks.counts]
+        pieces += [(n0, n1, *attend([blocks], n0, n1)) for n0, n1 in _runs(keys, sizes, _PAD_RATIO)]
     # Pieces land straight in the output's memory: [B, Hq, nQ * bq, D] seen as [nQ, B, Hkv, G, bq, D]
     # (the tile's rows are a group stacked, or one query head); the extra pieces merge in by LSE.
     out = torch.empty(b, hq, n_q * bq, d, device=dev)
