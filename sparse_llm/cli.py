@@ -121,7 +121,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "--methods",
         type=_methods,
         default=("sdpa", "floor", "dense", "streaming", "block_topk"),
-        help="comma-separated; baselines: sdpa, eager, floor (attention replaced by nothing)",
+        help="comma-separated; baselines: sdpa, eager, flex_attention, flash_attention_2, floor (no attn)",
     )
     bench.add_argument(
         "--lengths", type=_lengths, default=None, help="e.g. 1k,4k,8k (default 1k,4k,8k; kernel: 8k)"

@@ -20,7 +20,9 @@ from sparse_llm.bench.memory import measure_peak, synchronize
 from sparse_llm.patches.compat import register_backend, unregister_backend
 from sparse_llm.patches.hf import active_method
 
-HF_BASELINES = ("sdpa", "eager")
+# Hugging Face's own attention implementations; flex_attention compiles on first use, and
+# flash_attention_2 needs the flash-attn package (the `flash` extra) and a CUDA device.
+HF_BASELINES = ("sdpa", "eager", "flex_attention", "flash_attention_2")
 FLOOR = "floor"
 
 
