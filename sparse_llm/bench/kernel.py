@@ -23,12 +23,12 @@ import torch.nn.functional as F
 
 from sparse_llm.bench.memory import synchronize
 from sparse_llm.kernels import BlockMask, block_sparse_attention
+from sparse_llm.models import DTYPES
 from sparse_llm.results import atomic_write_json, run_metadata
 
 logger = logging.getLogger(__name__)
 
 PATTERNS = ("window", "random")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

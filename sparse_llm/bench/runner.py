@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sparse_llm.bench.prefill import FLOOR, HF_BASELINES, bench_prefill
-from sparse_llm.models import load_any
+from sparse_llm.models import DTYPES, load_any
 from sparse_llm.results import atomic_write_json, run_metadata
 
 # Parameters of the comparisons; anything else can be passed as method_params.
@@ -29,7 +29,6 @@ DEFAULT_PARAMS: dict[str, dict] = {
     "routing": {"budget": 2048},
     "dhsa": {"budget": 2048},
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

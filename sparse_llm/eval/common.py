@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 import torch
 
 import sparse_llm
-from sparse_llm.bench.memory import synchronize
-from sparse_llm.models import load_any
+from sparse_llm.bench.memory import measure_peak, synchronize
+from sparse_llm.models import DTYPES, load_any
 from sparse_llm.patches.compat import cache_kwarg
 from sparse_llm.results import config_hash
 
 BASELINE = "sdpa"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def comma_list(text: str) -> tuple[str, ...]:
@@ -125,20 +124,28 @@ class Generation:
     ids: torch.Tensor
     prefill_s: float
     density: float | None
+    peak_mem_bytes: int | None = None  # with measure_memory: peak memory of the prefill above its start
 
 
 @torch.inference_mode()
-def prefill_and_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, sparse: bool) -> Generation:
+def prefill_and_generate(
+    model, input_ids: torch.Tensor, max_new_tokens: int, *, sparse: bool, measure_memory: bool = False
+) -> Generation:
     """Timed prefill of ``input_ids`` ``[1, T]`` (KV cache, ``logits_to_keep=1``), then greedy decoding
     from that cache, so the prompt is processed once (as in :mod:`sparse_llm.demo`).
 
     ``sparse``: read :func:`sparse_llm.attention_stats` after the prefill (before decoding replaces
     its masks). The prefill is timed once (warming up is the caller's job): a measurement beside a
     score, not a benchmark (``sparse_llm.bench`` reports medians of repeated runs).
+    ``measure_memory``: also sample the prefill's peak memory (:func:`sparse_llm.bench.memory.measure_peak`).
     """
     synchronize(input_ids.device)
     start = time.perf_counter()
-    out = model(input_ids, use_cache=True, logits_to_keep=1)
+    peak = None
+    if measure_memory:
+        out, peak = measure_peak(lambda: model(input_ids, use_cache=True, logits_to_keep=1), input_ids.device)
+    else:
+        out = model(input_ids, use_cache=True, logits_to_keep=1)
     synchronize(input_ids.device)
     prefill_s = time.perf_counter() - start
     density = sparse_llm.attention_stats(model)["density"] if sparse else None
@@ -146,11 +153,11 @@ def prefill_and_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     if max_new_tokens == 1 or first.item() in eos:
-        return Generation(first, prefill_s, density)
+        return Generation(first, prefill_s, density, peak)
     name = cache_kwarg(model)
     prompt = torch.cat([input_ids, first], dim=1)
     generated = model.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens - 1,
         do_sample=False, **{name: getattr(out, name)},
     )  # fmt: skip
-    return Generation(generated[:, input_ids.shape[1] :], prefill_s, density)
+    return Generation(generated[:, input_ids.shape[1] :], prefill_s, density, peak)
