@@ -86,6 +86,18 @@ def _attend(qs, k, v, bias: Tensor | None, scale: float, softcap: float | None):
     return out, (row_max + denom.log()).squeeze(-1)
 
 
+def _padded_rows(x: Tensor, length: int) -> Tensor:
+    """fp32 x [B, H, T, D] padded with zeros to ``length`` along T, returned as a [B, H, length, D] view
+    of [B, length, H, D] memory: HF's query layout, so its queries usually need no copy at all."""
+    b, h, t, d = x.shape
+    if t == length and x.dtype == torch.float32 and x.transpose(1, 2).is_contiguous():
+        return x
+    out = torch.empty(b, length, h, d, device=x.device).transpose(1, 2)
+    out[:, :, :t].copy_(x)
+    out[:, :, t:].zero_()
+    return out
+
+
 def _padded(x: Tensor, dim_len: int, length: int) -> Tensor:
     """fp32 copy of x [B, H, T, D] padded with zeros to ``length`` along T (no copy if nothing to do)."""
     if length == dim_len:
@@ -248,10 +260,18 @@ def gather_attention(
         if prefix == n_q:
             return _causal_attention(q, k, v, scale, op)
 
-    # Queries fp32, padded to whole blocks, laid out [nQ, B, Hr, R, D] (R = G * bq: a group stacked).
-    qb = _padded(q, q_len, n_q * bq).view(b, hkv, g, n_q, bq, d).permute(3, 0, 1, 2, 4, 5)
-    qb = qb.reshape(n_q, b, hr, r, d)
-    pos_q = torch.arange(r, device=dev) % bq + torch.arange(n_q, device=dev)[:, None] * bq + kv_len - q_len
+    # Query tiles [nQ, B, Hr, R, D], fp32, padded to whole blocks. A group's tile stacks its rows as
+    # (position, head) pairs, the order of HF's [B, T, Hq, D] layout: a view of the queries when
+    # Hkv = 1 and, below, the output is written in that layout too (no transposing copies).
+    qr = _padded_rows(q, n_q * bq)  # [B, Hq, nQ * bq, D] over [B, nQ * bq, Hq, D] memory
+    if per_q_head:
+        qb = qr.unflatten(2, (n_q, bq)).permute(2, 0, 1, 3, 4)
+        row_pos = torch.arange(r, device=dev)
+    else:
+        qb = qr.unflatten(1, (hkv, g)).unflatten(3, (n_q, bq)).permute(3, 0, 1, 4, 2, 5)
+        qb = qb.reshape(n_q, b, hr, r, d)
+        row_pos = torch.arange(r, device=dev) // g
+    pos_q = row_pos + torch.arange(n_q, device=dev)[:, None] * bq + kv_len - q_len  # [nQ, R]
     # K/V fp32, padded to whole blocks: [B, Hkv, nK * bk, D] for run views, flat blocks for gathers.
     pad = n_k * bk - kv_len
     k4, v4 = _padded(k, kv_len, n_k * bk), _padded(v, kv_len, n_k * bk)
@@ -323,7 +343,7 @@ def gather_attention(
             bias = torch.zeros(allowed.shape, device=dev).masked_fill_(~allowed, float("-inf"))
             bias = bias.expand(-1, -1, hr, -1, -1).flatten(1, 2) if bias.shape[1] > 1 else bias[:, 0]
             empty = ~allowed.any(-1)  # [ng', B', 1, R]
-        o, lse = _attend(qb[n0:n1].view(ng, b * hr, r, d), ks, vs, bias, scale, softcap)
+        o, lse = _attend(qb[n0:n1].reshape(ng, b * hr, r, d), ks, vs, bias, scale, softcap)
         o, lse = o.reshape(ng, b, hr, r, d), lse.reshape(ng, b, hr, r)
         if empty is not None and bool(empty.any()):  # the fused op leaves lse = 0 there
             o, lse = o.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("-inf"))
@@ -368,9 +388,9 @@ def gather_attention(
         rows = prefix * bq
         o, o_lse = _causal_attention(q[:, :, :rows], k[:, :, : kv_len - q_len + rows],
                                      v[:, :, : kv_len - q_len + rows], scale, op)  # fmt: skip
-        tile_view = (b, hkv, g, prefix, bq)
-        main.append((0, prefix, o.float().view(*tile_view, d).permute(3, 0, 1, 2, 4, 5),
-                     o_lse.view(tile_view).permute(3, 0, 1, 2, 4)))  # fmt: skip
+        o = o.float().unflatten(1, (hkv, g)).unflatten(3, (prefix, bq)).permute(3, 0, 1, 4, 2, 5)
+        o_lse = o_lse.unflatten(1, (hkv, g)).unflatten(3, (prefix, bq)).permute(3, 0, 1, 4, 2)
+        main.append((0, prefix, o, o_lse))  # already tiles [prefix, B, Hkv, bq, G(, D)]
         alone[:prefix] = [False] * prefix
     if causal and not per_q_head and bq % bk == 0:
         runs = _selected_runs(full, part, n_k)
@@ -399,25 +419,34 @@ def gather_attention(
         keys = [c if c and alone[n] else None for n, c in enumerate(blocks.counts)]
         sizes = [c * cost for c in blocks.counts]
         pieces += [(n0, n1, *attend([blocks], n0, n1)) for n0, n1 in _runs(keys, sizes, _PAD_RATIO)]
-    # Pieces land straight in the output's memory: [B, Hq, nQ * bq, D] seen as [nQ, B, Hkv, G, bq, D]
-    # (the tile's rows are a group stacked, or one query head); the extra pieces merge in by LSE.
-    out = torch.empty(b, hq, n_q * bq, d, device=dev)
-    lse = torch.empty(b, hq, n_q * bq, device=dev)
-    acc = out.view(b, hkv, g, n_q, bq, d).permute(3, 0, 1, 2, 4, 5)
-    acc_lse = lse.view(b, hkv, g, n_q, bq).permute(3, 0, 1, 2, 4)
-    tile = (b, hkv, g, bq)
+    # Pieces land straight in the output's memory, HF's layout [B, nQ * bq, Hq, D] seen as tiles
+    # [nQ, B, Hkv, bq, G, D]; the extra pieces merge in by LSE.
+    out = torch.empty(b, n_q * bq, hq, d, device=dev)
+    lse = torch.empty(b, n_q * bq, hq, device=dev)
+    acc = out.view(b, n_q, bq, hkv, g, d).permute(1, 0, 3, 2, 4, 5)
+    acc_lse = lse.view(b, n_q, bq, hkv, g).permute(1, 0, 3, 2, 4)
+
+    def tiles(o: Tensor, o_lse: Tensor) -> tuple[Tensor, Tensor]:
+        """A call's (out [ng, B, Hr, R, D], lse) as tiles [ng, B, Hkv, bq, G(, D)] (views)."""
+        if o.dim() == 6:  # the prefix piece is tiled already
+            return o, o_lse
+        if per_q_head:  # rows are one query head's positions
+            return (o.unflatten(2, (hkv, g)).transpose(3, 4), o_lse.unflatten(2, (hkv, g)).transpose(3, 4))
+        return o.unflatten(3, (bq, g)), o_lse.unflatten(3, (bq, g))
+
     done = [False] * n_q
     for n0, n1, o, o_lse in main:
-        acc[n0:n1].copy_(o.reshape(-1, *tile, d))
-        acc_lse[n0:n1].copy_(o_lse.reshape(-1, *tile))
+        o, o_lse = tiles(o, o_lse)
+        acc[n0:n1].copy_(o)
+        acc_lse[n0:n1].copy_(o_lse)
         done[n0:n1] = [True] * (n1 - n0)
     for n in (n for n, ok in enumerate(done) if not ok):  # no key at all
         acc[n].zero_()
         acc_lse[n].fill_(float("-inf"))
     for n0, n1, o, o_lse in extra:
-        o, o_lse = merge_attention(
-            acc[n0:n1], acc_lse[n0:n1], o.reshape(-1, *tile, d), o_lse.reshape(-1, *tile)
-        )
+        o, o_lse = merge_attention(acc[n0:n1], acc_lse[n0:n1], *tiles(o, o_lse))
         acc[n0:n1].copy_(o)
         acc_lse[n0:n1].copy_(o_lse)
-    return out[:, :, :q_len].to(q.dtype).contiguous(), lse[:, :, :q_len].contiguous()
+    # [B, Hq, Tq, D] views of [B, T, Hq, D] memory: HF's attention functions return that layout
+    out = out.transpose(1, 2)[:, :, :q_len].to(q.dtype)
+    return out, lse.transpose(1, 2)[:, :, :q_len].contiguous()
