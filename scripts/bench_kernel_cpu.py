@@ -15,42 +15,15 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
 from torch.nn.attention.flex_attention import flex_attention
 
+from sparse_llm.bench.kernel import to_flex_block_mask, window_mask
 from sparse_llm.kernels import BlockMask, block_sparse_attention
-
-
-def to_flex(mask: BlockMask) -> FlexBlockMask:
-    """Our BlockMask -> flex's (same layout; flex wants index rows padded to nK, bottom-right mask_mod)."""
-    offset, n_k = mask.kv_len - mask.q_len, mask.num_kv_blocks
-
-    def causal(b, h, q_idx, kv_idx):
-        return kv_idx <= q_idx + offset
-
-    def pad(idx: torch.Tensor) -> torch.Tensor:
-        return F.pad(idx, (0, n_k - idx.shape[-1]))
-
-    return FlexBlockMask.from_kv_blocks(
-        mask.kv_num_blocks, pad(mask.kv_indices), mask.full_kv_num_blocks, pad(mask.full_kv_indices),
-        BLOCK_SIZE=(mask.block_q, mask.block_k), mask_mod=causal, seq_lengths=(mask.q_len, mask.kv_len),
-    )  # fmt: skip
-
-
-def sink_window_near(t: int, block: int, density: float) -> BlockMask:
-    """Sink (one block) + local window whose density is closest to ``density``."""
-    masks = [
-        BlockMask.sink_window(
-            q_len=t, kv_len=t, block_q=block, block_k=block, sink_tokens=block, local_tokens=w
-        )
-        for w in range(block, t + 1, block)
-    ]
-    return min(masks, key=lambda m: abs(m.density() - density))
 
 
 def bench(q, k, v, mask: BlockMask, flex, runs: int) -> None:
     """Time the three methods interleaved; print median/min, speedup vs SDPA and max|diff|."""
-    fmask = to_flex(mask)
+    fmask = to_flex_block_mask(mask)
     fns = {
         "gather": lambda: block_sparse_attention(q, k, v, mask, backend="cpu"),
         "flex": lambda: flex(q, k, v, block_mask=fmask, enable_gqa=True),
@@ -91,7 +64,7 @@ def main() -> None:
         q, k, v = torch.randn(1, 4, t, 256), torch.randn(1, 1, t, 256), torch.randn(1, 1, t, 256)
         start = time.perf_counter()
         masks = [BlockMask.causal(q_len=t, kv_len=t, block_q=args.block, block_k=args.block)]
-        masks.append(sink_window_near(t, args.block, 0.25))
+        masks.append(window_mask(t, args.block, 0.25, device="cpu"))  # sink block + local window
         print(f"T={t}: mask building {(time.perf_counter() - start) * 1e3:.1f} ms (both masks)", flush=True)
         for threads in args.threads:
             torch.set_num_threads(threads)

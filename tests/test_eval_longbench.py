@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 import sparse_llm.eval  # noqa: E402
 from sparse_llm import cli  # noqa: E402
 from sparse_llm.eval import longbench as lb  # noqa: E402
+from sparse_llm.eval import longbench_data as lbd  # noqa: E402
 
 WORDS = "river stone lamp garden silver paper window orange quiet forest bridge candle".split()
 CLASSES = ["Location", "Human", "Number", "Entity"]
@@ -79,7 +80,11 @@ FIXTURE_TASKS = ("narrativeqa", "gov_report", "trec", "passage_retrieval_en", "l
 
 @pytest.fixture(scope="module")
 def tiny():
-    corpus = [" ".join(WORDS), *(lb.task_spec(t).prompt for t in FIXTURE_TASKS), "def return x + 1 Paragraph"]
+    corpus = [
+        " ".join(WORDS),
+        *(lbd.task_spec(t).prompt for t in FIXTURE_TASKS),
+        "def return x + 1 Paragraph",
+    ]
     tokenizer = train_tokenizer(corpus, vocab_size=400)
     config = CONFIGS["llama"]()
     config.vocab_size = len(tokenizer)
@@ -101,20 +106,20 @@ def tiny():
     ],
 )
 def test_middle_truncate_keeps_first_and_last_halves(length, max_length, expected):
-    assert lb.middle_truncate(list(range(length)), max_length) == expected
+    assert lbd.middle_truncate(list(range(length)), max_length) == expected
 
 
 def test_prompt_of_long_example_keeps_instruction_and_question(tiny):
     _, tokenizer = tiny
-    spec = lb.task_spec("narrativeqa")
+    spec = lbd.task_spec("narrativeqa")
     example = {"context": _text(random.Random(0), 400), "input": "What does the fox carry?"}
-    prompt = lb.render_prompt(spec, example)
+    prompt = lbd.render_prompt(spec, example)
     assert prompt.startswith("You are given a story") and prompt.endswith(
         "Question: What does the fox carry?\n\nAnswer:"
     )
-    full = lb.build_prompt_ids(tokenizer, "narrativeqa", prompt, 10_000)
+    full = lbd.build_prompt_ids(tokenizer, "narrativeqa", prompt, 10_000)
     assert full[1] is False
-    ids, truncated = lb.build_prompt_ids(tokenizer, "narrativeqa", prompt, 64)
+    ids, truncated = lbd.build_prompt_ids(tokenizer, "narrativeqa", prompt, 64)
     assert truncated and len(ids) <= 64 + 4 < len(full[0])  # + BOS and re-tokenization at the seam
     text = tokenizer.decode(ids, skip_special_tokens=True)
     assert text.startswith("You are given a story") and text.endswith("What does the fox carry?\n\nAnswer:")
@@ -128,23 +133,23 @@ def test_chat_template_is_applied_except_for_fewshot_and_code_tasks():
     )
     user = tok.convert_tokens_to_ids("<|user|>")
     for task in ("narrativeqa", "gov_report", "passage_retrieval_en"):
-        ids, _ = lb.build_prompt_ids(tok, task, "some prompt", 100)
+        ids, _ = lbd.build_prompt_ids(tok, task, "some prompt", 100)
         assert ids[0] == user and ids[-1] == tok.convert_tokens_to_ids("<|assistant|>"), task
-    for task in sorted(lb.NO_CHAT):
-        ids, _ = lb.build_prompt_ids(tok, task, "some prompt", 100)
+    for task in sorted(lbd.NO_CHAT):
+        ids, _ = lbd.build_prompt_ids(tok, task, "some prompt", 100)
         assert user not in ids and ids[0] == tok.bos_token_id and ids[-1] != tok.eos_token_id, task
 
 
 def test_prompts_and_lengths_come_from_lm_eval_yamls():
-    assert len(lb.TASKS) == 21 and len(lb.E_TASKS) == 13 and set(lb.METRICS) == set(lb.TASKS)
+    assert len(lbd.TASKS) == 21 and len(lbd.E_TASKS) == 13 and set(lbd.METRICS) == set(lbd.TASKS)
     expected = {"narrativeqa": 128, "hotpotqa": 32, "gov_report": 512, "trec": 64, "lcc": 64}
-    assert {t: lb.task_spec(t).max_gen for t in expected} == expected
-    for task in lb.TASKS:
-        spec = lb.task_spec(task)
+    assert {t: lbd.task_spec(t).max_gen for t in expected} == expected
+    for task in lbd.TASKS:
+        spec = lbd.task_spec(task)
         assert "{{context}}" in spec.prompt, task
-    for task in lb.E_TASKS:
-        assert lb.task_spec(task, longbench_e=True) == lb.TaskSpec(
-            f"{task}_e", lb.task_spec(task).prompt, lb.task_spec(task).max_gen
+    for task in lbd.E_TASKS:
+        assert lbd.task_spec(task, longbench_e=True) == lbd.TaskSpec(
+            f"{task}_e", lbd.task_spec(task).prompt, lbd.task_spec(task).max_gen
         )
 
 
@@ -155,10 +160,10 @@ def test_metric_table_matches_lm_eval_process_results():
         pass
 
     Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
-    for task in lb.TASKS:
-        path = lb._lm_eval_dir() / "tasks" / "longbench" / f"{task}.yaml"
+    for task in lbd.TASKS:
+        path = lbd._lm_eval_dir() / "tasks" / "longbench" / f"{task}.yaml"
         hook = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)["process_results"]
-        assert hook == f"metrics.get_{lb.METRICS[task].removesuffix('_score')}_with_score", task
+        assert hook == f"metrics.get_{lbd.METRICS[task].removesuffix('_score')}_with_score", task
 
 
 @pytest.mark.parametrize(
@@ -194,7 +199,7 @@ def test_metric_table_matches_lm_eval_process_results():
     ],
 )
 def test_score_dispatches_the_official_metric(task, pred, answers, classes, expected):
-    assert lb.score_prediction(task, pred, answers, classes) == pytest.approx(expected, abs=1e-6)
+    assert lbd.score_prediction(task, pred, answers, classes) == pytest.approx(expected, abs=1e-6)
 
 
 def test_score_table_averages_x100_and_splits_longbench_e_by_length():
@@ -232,7 +237,9 @@ def test_config_rejects_bad_values(kwargs, match):
 
 
 def test_config_defaults_to_all_tasks():
-    assert lb.LongBenchConfig().tasks == lb.TASKS and lb.LongBenchConfig(longbench_e=True).tasks == lb.E_TASKS
+    assert (
+        lb.LongBenchConfig().tasks == lbd.TASKS and lb.LongBenchConfig(longbench_e=True).tasks == lbd.E_TASKS
+    )
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -259,26 +266,26 @@ def test_hub_download_unpacks_once_and_offline_failure_says_how(tmp_path, monkey
         zf.write(data / "trec.jsonl", "data/trec.jsonl")
     calls = []
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: calls.append(a) or str(archive))
-    folder = lb.download_data(tmp_path / "cache")
-    assert lb.load_examples("trec", folder) == lb.load_examples("trec", data)
-    assert lb.download_data(tmp_path / "cache") == folder and len(calls) == 1
+    folder = lbd.download_data(tmp_path / "cache")
+    assert lbd.load_examples("trec", folder) == lbd.load_examples("trec", data)
+    assert lbd.download_data(tmp_path / "cache") == folder and len(calls) == 1
 
     def offline(*args, **kwargs):
         raise LocalEntryNotFoundError("no network")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(FileNotFoundError, match="data.zip"):
-        lb.download_data(tmp_path / "other")
+        lbd.download_data(tmp_path / "other")
 
 
 def test_load_examples_limit_and_field_check(tmp_path):
     data = write_fixture(tmp_path, ["lcc"], n=3)
-    assert [e["_id"] for e in lb.load_examples("lcc", data, limit=2)] == [
-        e["_id"] for e in lb.load_examples("lcc", data)[:2]
+    assert [e["_id"] for e in lbd.load_examples("lcc", data, limit=2)] == [
+        e["_id"] for e in lbd.load_examples("lcc", data)[:2]
     ]
     (tmp_path / "trec.jsonl").write_text(json.dumps({"input": "q", "context": "c"}) + "\n")
     with pytest.raises(ValueError, match=r"trec.jsonl:1: missing LongBench fields \['answers', 'length'\]"):
-        lb.load_examples("trec", tmp_path)
+        lbd.load_examples("trec", tmp_path)
 
 
 # -- end to end ---------------------------------------------------------------------------------------
@@ -315,7 +322,7 @@ def test_run_writes_pred_layout_scores_and_resumes(tiny, tmp_path, monkeypatch):
         folder = out / "pred" / lb._folder_name("tiny-llama", label)
         for task in FIXTURE_TASKS:
             lines = [json.loads(x) for x in (folder / f"{task}.jsonl").read_text().splitlines()]
-            expected = lb.load_examples(task, data)
+            expected = lbd.load_examples(task, data)
             assert [sorted(x) for x in lines] == [["all_classes", "answers", "length", "pred"]] * 2
             assert [x["answers"] for x in lines] == [e["answers"] for e in expected]
             assert [x["all_classes"] for x in lines] == [e["all_classes"] for e in expected]
@@ -332,7 +339,7 @@ def test_run_writes_pred_layout_scores_and_resumes(tiny, tmp_path, monkeypatch):
     assert all(r["prompt_tokens"] <= 164 for r in records)
     # Each stored score is the official metric of the stored prediction; the table is their mean x100.
     for r in records:
-        assert r["score"] == lb.score_prediction(r["task"], r["pred"], r["answers"], r["all_classes"])
+        assert r["score"] == lbd.score_prediction(r["task"], r["pred"], r["answers"], r["all_classes"])
     for label in labels:
         for task in FIXTURE_TASKS:
             mine = [r["score"] for r in records if r["method"] == label and r["task"] == task]
@@ -383,7 +390,7 @@ def test_longbench_e_writes_pred_e_and_length_buckets(tiny, tmp_path):
     scores = lb.run_longbench(config, tmp_path / "run", model=model, tokenizer=tokenizer)
     row = scores["longbench_e"]["dense"]
     assert set(row) == {"trec", "passage_retrieval_en", "avg"}
-    assert all(set(v) == set(lb.BUCKETS) and None not in v.values() for v in row.values())
+    assert all(set(v) == set(lbd.BUCKETS) and None not in v.values() for v in row.values())
     records = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     for task in ("trec", "passage_retrieval_en"):
         by_length = {r["length"]: r["score"] for r in records if r["task"] == task}

@@ -13,16 +13,8 @@ from transformers import AutoModelForCausalLM
 import sparse_llm.models
 from sparse_llm import cli
 from sparse_llm.eval import mqar
-from sparse_llm.eval.mqar import (
-    FILLER,
-    INTRO,
-    MQARConfig,
-    build_llm_prompts,
-    gap_probabilities,
-    make_mqar,
-    method_cells,
-    run_mqar,
-)
+from sparse_llm.eval.mqar import MQARConfig, method_cells, run_mqar
+from sparse_llm.eval.mqar_data import FILLER, INTRO, build_llm_prompts, gap_probabilities, make_mqar
 from sparse_llm.eval.mqar_train import TinyTrainConfig, train_tiny
 
 SETTINGS = [

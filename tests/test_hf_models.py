@@ -171,18 +171,31 @@ def test_context_manager_restores_on_error_and_nesting():
     assert model.config._attn_implementation == previous
 
 
-def test_model_loaded_with_device_map(tmp_path):
-    tiny_model("llama").save_pretrained(tmp_path)
+# "auto" puts everything on the CPU here; the explicit map offloads layer 1 to disk, so accelerate's
+# hooks load its weights during the forward (the sharded setting, without a second device).
+OFFLOAD_MAP = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+               "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}  # fmt: skip
+
+
+@pytest.mark.parametrize("device_map", ["auto", OFFLOAD_MAP], ids=["auto", "disk-offload"])
+def test_model_loaded_with_device_map(tmp_path, device_map):
+    original = tiny_model("llama")
+    original.save_pretrained(tmp_path / "model")
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        tmp_path, device_map="auto", attn_implementation="sdpa"
+        tmp_path / "model",
+        device_map=device_map,
+        offload_folder=tmp_path / "offload",
+        attn_implementation="sdpa",
     ).eval()
+    if isinstance(device_map, dict):
+        assert model.hf_device_map["model.layers.1"] == "disk"
     ids = random_ids(1, 100, seed=8)
     expected = logits(model, ids)
     with sparse_llm.sparse_attention(model, "dense", block_size=32):
         got = logits(model, ids)
-    ref64 = logits(float64_reference(model), ids)
+    ref64 = logits(float64_reference(original), ids)  # an offloaded model cannot be copied and cast
     assert (got.double() - ref64).abs().max().item() <= rule_bound(ref64, expected)
 
 

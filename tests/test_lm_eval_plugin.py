@@ -7,6 +7,7 @@ so ``_model_generate``) are evaluated with the ``sdpa`` baseline, ``dense`` and 
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -217,3 +218,57 @@ def test_config_checks():
 def test_importing_sparse_llm_does_not_import_lm_eval():
     code = "import sys, sparse_llm, sparse_llm.eval.longbench; sys.exit('lm_eval' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+_RANK_SCRIPT = """
+import json, os, sys
+import torch
+torch.set_num_threads(1)
+from sparse_llm.eval import lm_eval_plugin as plugin
+
+tiny, tasks, task, out, folder = sys.argv[1:6]
+calls = []
+model_call = plugin.SparseLLM._model_call
+plugin.SparseLLM._model_call = lambda self, *a, **k: calls.append(1) or model_call(self, *a, **k)
+config = plugin.LmEvalConfig(
+    tasks=(task,), model_args=f"pretrained={tiny},{sys.argv[6]}", include_path=tasks,
+    include_defaults=False, device="cpu", log_samples=True,
+)
+record = plugin.run_lm_eval(config, out)
+rank = int(os.environ["RANK"])
+with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
+    json.dump({"calls": len(calls), "returned": record is not None}, f)
+"""
+
+
+def test_data_parallel_on_cpu_with_two_processes(tiny_dir, task_dir, tmp_path):
+    """`torchrun` with 2 CPU processes (as `accelerate launch --cpu --num_processes 2`): each process
+    evaluates half of the requests, rank 0 gathers and writes, and the scores equal a single process's."""
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT)
+    out = tmp_path / "dp.json"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = [*launcher, str(script), str(tiny_dir), str(task_dir), MC, str(out), str(tmp_path), STREAMING]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}  # what `accelerate launch --cpu` sets
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["returned"] for r in ranks] == [True, False]  # only rank 0 returns and writes
+
+    lm = get_model("sparse-llm").create_from_arg_string(
+        f"pretrained={tiny_dir},{STREAMING}", {"batch_size": 1, "device": "cpu"}
+    )
+    tasks = TaskManager(include_path=str(task_dir), include_defaults=False)
+    single = lm_eval.simple_evaluate(model=lm, tasks=[MC], task_manager=tasks, log_samples=True)
+    single_calls = len(lm.densities)  # one density per _model_call
+    # split, not repeated (lm-eval may pad the shorter rank with one dummy request)
+    assert all(0 < r["calls"] < single_calls for r in ranks), (ranks, single_calls)
+    assert single_calls <= sum(r["calls"] for r in ranks) <= single_calls + 1
+
+    record = json.loads(out.read_text())
+    assert record["lm_eval"]["n-samples"][MC]["effective"] == 4
+    assert record["lm_eval"]["results"][MC]["acc,none"] == single["results"][MC]["acc,none"]
+    by_doc = {d["doc_id"]: d["resps"] for d in record["lm_eval"]["samples"][MC]}
+    for doc in single["samples"][MC]:
+        got = [resp[0][0] for resp in by_doc[doc["doc_id"]]]
+        assert got == pytest.approx([resp[0][0] for resp in doc["resps"]], abs=1e-4)

@@ -17,6 +17,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ from sparse_llm.bench.memory import synchronize
 from sparse_llm.kernels import BlockMask, block_sparse_attention
 from sparse_llm.models import DTYPES
 from sparse_llm.results import atomic_write_json, run_metadata
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
 
 logger = logging.getLogger(__name__)
 
@@ -121,22 +125,35 @@ def _sdpa(q, k, v):
     return run
 
 
-def _flex(q, k, v, mask: BlockMask):
+def to_flex_block_mask(mask: BlockMask) -> FlexBlockMask:
+    """Our ``BlockMask`` as PyTorch FlexAttention's, for timing ``flex_attention`` on the same blocks.
+
+    The layout is the same (per query-block row a count ``kv_num_blocks [B, H, nQ]`` and indices
+    ``kv_indices [B, H, nQ, maxK]``, plus the optional full-block pair); flex wants the index rows
+    padded to ``nK`` entries, which is done here (entries past the count are ignored). Partial blocks
+    get a bottom-right causal ``mask_mod`` (queries are the last ``q_len`` of ``kv_len`` positions),
+    so the result matches :func:`sparse_llm.kernels.block_sparse_attention` with ``causal=True``.
+    """
     from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
-    from torch.nn.attention.flex_attention import flex_attention
 
     n_k, offset = mask.num_kv_blocks, mask.kv_len - mask.q_len
 
     def causal(b, h, q_idx, kv_idx):
         return kv_idx <= q_idx + offset
 
-    def pad(idx):  # flex wants index rows padded to nK
+    def pad(idx):
         return F.pad(idx, (0, n_k - idx.shape[-1]))
 
-    flex_mask = FlexBlockMask.from_kv_blocks(
+    return FlexBlockMask.from_kv_blocks(
         mask.kv_num_blocks, pad(mask.kv_indices), mask.full_kv_num_blocks, pad(mask.full_kv_indices),
         BLOCK_SIZE=(mask.block_q, mask.block_k), mask_mod=causal, seq_lengths=(mask.q_len, mask.kv_len),
     )  # fmt: skip
+
+
+def _flex(q, k, v, mask: BlockMask):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex_mask = to_flex_block_mask(mask)
     compiled = torch.compile(flex_attention, dynamic=False)
     return lambda: compiled(q, k, v, block_mask=flex_mask, enable_gqa=True)
 

@@ -21,6 +21,15 @@ def _ideal_line(ax, densities) -> None:
     ax.plot(xs, [1 / x for x in xs], "k--", lw=1, label="ideal 1/density")
 
 
+def _save(plt, fig, report_path: Path) -> Path:
+    """Write ``fig`` next to its report as ``<report>.png`` and close it (pyplot keeps figures alive)."""
+    fig.tight_layout()
+    out = report_path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_prefill(report_path: str | Path) -> Path:
     """``<report>.png``: prefill latency vs length per method, and speedup over our ``dense`` vs density."""
     path = Path(report_path)
@@ -50,11 +59,7 @@ def plot_prefill(report_path: str | Path) -> Path:
     right.legend(fontsize=7)
     machine = report.get("machine", {}).get("device", "")
     fig.suptitle(f"{report['config'].get('model', '')} on {machine}", fontsize=10)
-    fig.tight_layout()
-    out = path.with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
 
 
 def plot_kernel(report_path: str | Path) -> Path:
@@ -76,8 +81,4 @@ def plot_kernel(report_path: str | Path) -> Path:
                ylim=(0, None))  # fmt: skip
         ax.legend(fontsize=8)
     fig.suptitle(f"block-sparse kernel on {report.get('machine', {}).get('device', '')}", fontsize=10)
-    fig.tight_layout()
-    out = path.with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)

@@ -50,7 +50,8 @@ except ImportError as err:  # a ModuleNotFoundError, so that `sparse-llm eval` l
 
 import sparse_llm
 from sparse_llm.eval import common
-from sparse_llm.eval.longbench import E_TASKS, HOW_TO_GET, TASKS, PrefillDensity
+from sparse_llm.eval.longbench import PrefillDensity
+from sparse_llm.eval.longbench_data import E_TASKS, HOW_TO_GET, TASKS
 from sparse_llm.results import atomic_write_json, atomic_write_text, run_metadata
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,12 @@ class SparseLLM(HFLM):
             pretrained = resolve_pretrained(pretrained)
         super().__init__(pretrained=pretrained, **kwargs)
         self.densities: list[float] = []
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and self._world_size == 1 and accelerator.num_processes > 1:
+            # HFLM shares the work out between the processes of `accelerate launch` only when it
+            # counts several GPUs; on CPU (gloo) every process would run the whole task: split it too.
+            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+            logger.info("data parallel on %s: process %d of %d", self.device, self._rank, self._world_size)
 
     def _sparse(self):
         if self.method is None:

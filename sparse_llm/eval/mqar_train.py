@@ -1,7 +1,7 @@
 """MQAR mode (b): train a tiny Llama-style model on MQAR with dense attention, then score methods on it.
 
 The model is the setup of Zoology's attention baseline at CPU scale: a 2-layer Llama (RoPE, SwiGLU,
-RMSNorm) trained from scratch on freshly drawn MQAR batches (:func:`sparse_llm.eval.mqar.make_mqar`)
+RMSNorm) trained from scratch on freshly drawn MQAR batches (:func:`sparse_llm.eval.mqar_data.make_mqar`)
 that cycle through a mix of ``(T, N)`` settings, with AdamW, linear warm-up then cosine decay, and the
 cross-entropy taken at the query positions only (the LM head runs on those rows alone, which is also
 what makes a step cheap). Sparse methods are then plugged in at inference, training-free.
@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sparse_llm.eval.mqar_data import EVAL_SEED, make_mqar
+
 logger = logging.getLogger(__name__)
 
-_SEED_STRIDE = 1 << 32  # training batch seeds: seed * 2**32 + step, below mqar.EVAL_SEED
+_SEED_STRIDE = 1 << 32  # training batch seeds: seed * 2**32 + step, below mqar_data.EVAL_SEED
 
 
 Stages = tuple[tuple[int, tuple[tuple[int, int], ...]], ...]
@@ -75,8 +77,6 @@ class TinyTrainConfig:
     stop_accuracy: float | None = None
 
     def __post_init__(self) -> None:
-        from sparse_llm.eval.mqar import make_mqar  # (mqar imports this module)
-
         try:
             self.stages = tuple((int(k), tuple((int(t), int(n)) for t, n in st)) for k, st in self.stages)
             self.eval_setting = (int(self.eval_setting[0]), int(self.eval_setting[1]))
@@ -186,8 +186,6 @@ def _train(config: TinyTrainConfig, progress: bool) -> tuple[torch.nn.Module, di
     ``eval_every`` steps and at the end), ``first_loss``/``last_loss`` (means over the first and last
     ``log_every`` steps) and the ``config``.
     """
-    from sparse_llm.eval.mqar import EVAL_SEED, make_mqar  # (mqar imports this module)
-
     model = build_model(config).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
