@@ -60,7 +60,7 @@ def _cmd_bench(args) -> int:
 
     config = BenchConfig(
         model=args.model, methods=args.methods, lengths=args.lengths or (1024, 4096, 8192),
-        repeats=args.repeats, device=args.device, dtype=args.dtype,
+        repeats=args.repeats, rounds=args.rounds, device=args.device, dtype=args.dtype,
         method_params=json.loads(args.method_params),
     )  # fmt: skip
     report = run_bench(config, out=args.out, progress=not args.quiet)
@@ -127,6 +127,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "--lengths", type=_lengths, default=None, help="e.g. 1k,4k,8k (default 1k,4k,8k; kernel: 8k)"
     )
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median)")
+    bench.add_argument(
+        "--rounds", type=int, default=1,
+        help="prefill: run all configurations this many times in turn, pooling each one's times "
+        "(evens out a machine whose speed drifts during the run)",
+    )  # fmt: skip
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     bench.add_argument(

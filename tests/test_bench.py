@@ -24,6 +24,8 @@ def test_bench_cli_writes_a_report_for_every_configuration(tmp_path, capsys):
             "--lengths",
             "96,160",
             "--repeats",
+            "1",
+            "--rounds",
             "2",
             "--quiet",
             "--out",
@@ -38,6 +40,7 @@ def test_bench_cli_writes_a_report_for_every_configuration(tmp_path, capsys):
     assert cells == {(n, m) for n in (96, 160) for m in ("sdpa", "floor", "dense", "streaming")}
     streaming = next(r for r in report["results"] if r["method"] == "streaming" and r["length"] == 160)
     assert streaming["params"]["local_tokens"] == 32 and 0 < streaming["density"] < 1
+    # one timed run per round, pooled over the 2 rounds (the configurations ran in turn)
     assert all(len(r["times_s"]) == 2 and r["median_s"] > 0 for r in report["results"])
     assert report["versions"]["torch"] and report["machine"]["cpus"] >= 1
     # the sparse layers' time is split into selection and the rest; baselines have no split

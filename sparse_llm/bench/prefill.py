@@ -103,11 +103,13 @@ def bench_prefill(
     *,
     repeats: int = 3,
     warmup_tokens: int = 256,
+    split: bool = True,
 ) -> PrefillResult:
     """Median prefill time over ``repeats`` runs and the peak memory of the first timed run.
 
     A warm-up forward on the first ``warmup_tokens`` tokens runs first and is not timed. The device
-    is synchronized before and after each timed call.
+    is synchronized before and after each timed call. ``split``: for a sparse method, one more
+    (untimed) prefill splits its attention time into selection and the rest.
     """
     params = dict(params or {})
     device = input_ids.device
@@ -128,6 +130,7 @@ def bench_prefill(
         selection = sparse_s = None
         if method not in HF_BASELINES and method != FLOOR:
             density = sparse_llm.attention_stats(model)["density"]
+        if split and method not in HF_BASELINES and method != FLOOR:
             # An extra, separately synchronized run splits the sparse layers' time (not in the median).
             totals = {"block_mask": 0.0, "attend": 0.0}
             with _timed_calls(active_method(model), device, totals):

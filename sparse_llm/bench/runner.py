@@ -1,15 +1,19 @@
 """``sparse-llm bench``: prefill latency and peak memory per (method, length), each in a fresh process.
 
 A fresh subprocess per configuration keeps one run's allocations out of the next one's memory peak
-(CPU peaks are resident-set sizes, which only a new process resets). Results are one JSON report
-with the machine and versions, and a markdown table with speedups over ``sdpa`` and the Amdahl
-bound ``sdpa / floor``.
+(CPU peaks are resident-set sizes, which only a new process resets). With ``rounds`` > 1 the whole
+list of configurations runs that many times in turn and each configuration's times are pooled, so
+a machine whose speed drifts over the minutes of a run (measured here: the same configuration 15 %
+apart half an hour later) shifts every method alike instead of whichever ran during the slow spell.
+Results are one JSON report with the machine and versions, and a markdown table with speedups over
+``sdpa`` and the Amdahl bound ``sdpa / floor``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -37,6 +41,7 @@ class BenchConfig:
     methods: tuple[str, ...] = ("sdpa", "floor", "dense", "streaming", "block_topk")
     lengths: tuple[int, ...] = (1024, 4096, 8192)
     repeats: int = 3
+    rounds: int = 1
     device: str = "cpu"
     dtype: str = "float32"
     method_params: dict[str, dict] = field(default_factory=dict)
@@ -46,8 +51,8 @@ class BenchConfig:
 
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.repeats < 1 or any(n < 1 for n in self.lengths):
-            raise ValueError("repeats and lengths must be positive")
+        if self.repeats < 1 or self.rounds < 1 or any(n < 1 for n in self.lengths):
+            raise ValueError("repeats, rounds and lengths must be positive")
         for method in self.methods:
             if method not in (*HF_BASELINES, FLOOR):
                 sparse_llm.get_method(method, **self.params(method))  # unknown names fail here
@@ -66,34 +71,42 @@ def prompt_ids(tokenizer, vocab_size: int, length: int) -> torch.Tensor:
     return ids.repeat(1, -(-length // ids.shape[1]))[:, :length]
 
 
-def _child(config: BenchConfig, method: str, length: int) -> dict:
+def _child(config: BenchConfig, method: str, length: int, split: bool) -> dict:
     model, tokenizer = load_any(config.model, config.device, DTYPES[config.dtype])
     ids = prompt_ids(tokenizer, model.config.vocab_size, length).to(config.device)
     params = {} if method in (*HF_BASELINES, FLOOR) else config.params(method)
-    return bench_prefill(model, ids, method, params, repeats=config.repeats).to_dict()
+    return bench_prefill(model, ids, method, params, repeats=config.repeats, split=split).to_dict()
+
+
+def _pool(first: dict, later: dict) -> None:
+    """Add a later round's times to the first round's record (whose split is kept); peak = the max."""
+    first["times_s"] += later["times_s"]
+    first["median_s"] = statistics.median(first["times_s"])
+    first["peak_mem_mb"] = max(first["peak_mem_mb"], later["peak_mem_mb"])
 
 
 def run_bench(
     config: BenchConfig, out: str | os.PathLike | None = None, progress: bool | None = None
 ) -> dict:
-    """Run every (length, method) in a fresh subprocess; write the report to ``out`` (JSON) if given."""
+    """Run every (length, method) in a fresh subprocess, ``rounds`` times in turn (see the module
+    docstring); write the report to ``out`` (JSON) if given."""
     cells = [(length, method) for length in config.lengths for method in config.methods]
+    runs = [(r, length, method) for r in range(config.rounds) for length, method in cells]
     show = sys.stderr.isatty() if progress is None else progress
-    results = []
-    for length, method in tqdm(cells, desc="bench", unit="config", disable=not show):
-        cmd = [
-            sys.executable,
-            "-m",
-            "sparse_llm.bench.runner",
-            json.dumps(asdict(config)),
-            method,
-            str(length),
-        ]
+    results: dict[tuple[int, str], dict] = {}
+    for r, length, method in tqdm(runs, desc="bench", unit="config", disable=not show):
+        cmd = [sys.executable, "-m", "sparse_llm.bench.runner", json.dumps(asdict(config)), method,
+               str(length), str(int(r == 0))]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:
             raise RuntimeError(f"bench of {method} at {length} tokens failed:\n{proc.stderr[-3000:]}")
-        results.append(json.loads(line[len("RESULT ") :]))
+        record = json.loads(line[len("RESULT ") :])
+        if r == 0:
+            results[length, method] = record
+        else:
+            _pool(results[length, method], record)
+    results = list(results.values())
     report = {"config": asdict(config), **run_metadata(config.device), "results": results}
     if out is not None:
         atomic_write_json(out, report)  # an interrupted run never leaves half a report
@@ -122,4 +135,5 @@ if __name__ == "__main__":  # the per-configuration subprocess of run_bench
     _config = BenchConfig(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(sys.argv[1]).items()}
     )
-    print("RESULT " + json.dumps(_child(_config, sys.argv[2], int(sys.argv[3]))), flush=True)
+    _result = _child(_config, sys.argv[2], int(sys.argv[3]), split=sys.argv[4] == "1")
+    print("RESULT " + json.dumps(_result), flush=True)
