@@ -16,7 +16,7 @@ Methods with a ``budget`` parameter are swept over ``budgets`` (methods with onl
 get ``local_tokens = budget - sink_tokens``, so they attend the same number of tokens); the shared
 ``block_size``/``sink_tokens``/``local_tokens`` go to every method that takes them, unless
 ``method_params`` says otherwise. ``results.json`` holds one row per (method, budget, T, N) and
-``mqar.png`` plots them (:func:`plot_mqar`).
+``mqar.png`` plots them (:func:`sparse_llm.eval.plots.plot_mqar`).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from sparse_llm.eval.common import (
 )
 from sparse_llm.eval.mqar_data import EVAL_SEED, _check_int, build_llm_prompts, first_number, make_mqar
 from sparse_llm.eval.mqar_train import TinyTrainConfig
+from sparse_llm.eval.plots import plot_mqar
 from sparse_llm.results import RESULTS_FILE, ResultsStore, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,6 @@ MODES = ("llm", "tiny")
 LLM_SETTINGS = ((64, 4), (128, 8), (256, 16))
 TINY_SETTINGS = ((256, 16), (512, 32))
 SHARED_PARAMS = ("block_size", "sink_tokens", "local_tokens")
-PLOT_FILE = "mqar.png"
 MODEL_DIR = "model"
 TRAIN_FILE = "train.json"
 
@@ -351,48 +351,7 @@ def run_mqar(
     return json.loads((out / RESULTS_FILE).read_text()) | {"out": str(out)}
 
 
-# ---------------------------------------------------------------------------------- plot, table
-
-
-def plot_mqar(folder: str | Path) -> Path:
-    """Draw ``mqar.png`` beside ``folder``'s ``results.json``: accuracy vs budget, one panel per (T, N).
-
-    Methods without a budget (sdpa, dense) are horizontal dashed lines. Uses matplotlib's Agg canvas.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    folder = Path(folder)
-    results = json.loads((folder / RESULTS_FILE).read_text())
-    rows = results["scores"]["rows"]
-    settings = list(dict.fromkeys((r["T"], r["N"]) for r in rows))
-    fig = Figure(figsize=(4.2 * len(settings) + 1.4, 3.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(settings), squeeze=False)[0]
-    budgets = sorted({r["budget"] for r in rows if r["budget"] is not None})
-    styles = {}  # one color per method across panels
-    for ax, (t, n) in zip(axes, settings, strict=True):
-        here = [r for r in rows if (r["T"], r["N"]) == (t, n) and r["accuracy"] is not None]
-        for method in dict.fromkeys(r["method"] for r in here):
-            mine = [r for r in here if r["method"] == method]
-            color = styles.setdefault(method, "k" if method == BASELINE else f"C{len(styles)}")
-            if mine[0]["budget"] is None:  # sdpa, dense: one accuracy, drawn across the panel
-                ls = ":" if method == BASELINE else "--"
-                ax.axhline(mine[0]["accuracy"], ls=ls, color=color, label=method)
-            else:
-                budgets_, accs = [r["budget"] for r in mine], [r["accuracy"] for r in mine]
-                ax.plot(budgets_, accs, "o-", color=color, label=method)
-        ax.set(title=f"T={t}, N={n}", xlabel="budget (tokens)", ylabel="accuracy", ylim=(-0.02, 1.02))
-        if budgets:
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(budgets, [str(b) for b in budgets])
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize="small")
-    model = results["config"].get("model") or "tiny MQAR model"
-    fig.suptitle(f"MQAR: {model}")
-    path = folder / PLOT_FILE
-    fig.savefig(path, dpi=110)
-    return path
+# ---------------------------------------------------------------------------------- table
 
 
 def markdown(rows: list[dict]) -> str:

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sparse_llm.results import CONFIG_FILE, SAMPLES_FILE
+from sparse_llm.results import CONFIG_FILE, RESULTS_FILE, SAMPLES_FILE
 
 NIAH_PNG = "niah.png"
+MQAR_PNG = "mqar.png"
+_BASELINE = "sdpa"  # the unpatched model (eval.common.BASELINE), drawn in black
 _RETRIEVED, _MISSED, _NOT_RUN = "#1a9850", "#d73027", "#d9d9d9"
 
 
@@ -111,5 +113,46 @@ def plot_niah(folder: str | os.PathLike) -> Path:
         fontsize=10,
     )
     path = Path(folder) / NIAH_PNG
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_mqar(folder: str | Path) -> Path:
+    """Draw ``mqar.png`` beside ``folder``'s ``results.json``: accuracy vs budget, one panel per (T, N).
+
+    Methods without a budget (sdpa, dense) are horizontal dashed lines. Uses matplotlib's Agg canvas.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    folder = Path(folder)
+    results = json.loads((folder / RESULTS_FILE).read_text())
+    rows = results["scores"]["rows"]
+    settings = list(dict.fromkeys((r["T"], r["N"]) for r in rows))
+    fig = Figure(figsize=(4.2 * len(settings) + 1.4, 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(settings), squeeze=False)[0]
+    budgets = sorted({r["budget"] for r in rows if r["budget"] is not None})
+    styles = {}  # one color per method across panels
+    for ax, (t, n) in zip(axes, settings, strict=True):
+        here = [r for r in rows if (r["T"], r["N"]) == (t, n) and r["accuracy"] is not None]
+        for method in dict.fromkeys(r["method"] for r in here):
+            mine = [r for r in here if r["method"] == method]
+            color = styles.setdefault(method, "k" if method == _BASELINE else f"C{len(styles)}")
+            if mine[0]["budget"] is None:  # sdpa, dense: one accuracy, drawn across the panel
+                ls = ":" if method == _BASELINE else "--"
+                ax.axhline(mine[0]["accuracy"], ls=ls, color=color, label=method)
+            else:
+                budgets_, accs = [r["budget"] for r in mine], [r["accuracy"] for r in mine]
+                ax.plot(budgets_, accs, "o-", color=color, label=method)
+        ax.set(title=f"T={t}, N={n}", xlabel="budget (tokens)", ylabel="accuracy", ylim=(-0.02, 1.02))
+        if budgets:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(budgets, [str(b) for b in budgets])
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize="small")
+    model = results["config"].get("model") or "tiny MQAR model"
+    fig.suptitle(f"MQAR: {model}")
+    path = folder / MQAR_PNG
     fig.savefig(path, dpi=110)
     return path
