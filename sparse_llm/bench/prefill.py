@@ -128,9 +128,10 @@ def bench_prefill(
             synchronize(device)
             times.append(time.perf_counter() - start)
         selection = sparse_s = None
-        if method not in HF_BASELINES and method != FLOOR:
+        sparse = method not in HF_BASELINES and method != FLOOR
+        if sparse:
             density = sparse_llm.attention_stats(model)["density"]
-        if split and method not in HF_BASELINES and method != FLOOR:
+        if sparse and split:
             # An extra, separately synchronized run splits the sparse layers' time (not in the median).
             totals = {"block_mask": 0.0, "attend": 0.0}
             with _timed_calls(active_method(model), device, totals):

@@ -320,6 +320,16 @@ def gather_attention(
                 allowed = allowed & (dist < sliding_window)
         return allowed
 
+    def as_tiles(o: Tensor, lse: Tensor, empty: Tensor | None, ng: int) -> tuple[Tensor, Tensor]:
+        """A call's (out [ng * B, Hr, R, D], lse) as output tiles [ng, B, Hkv, bq, G(, D)] (views), rows
+        without an allowed key set to out = 0, lse = -inf (the fused op leaves lse = 0 there)."""
+        o, lse = o.reshape(ng, b, hr, r, d), lse.reshape(ng, b, hr, r)
+        if empty is not None and bool(empty.any()):
+            o, lse = o.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("-inf"))
+        if per_q_head:  # rows are one query head's positions
+            return o.unflatten(2, (hkv, g)).transpose(3, 4), lse.unflatten(2, (hkv, g)).transpose(3, 4)
+        return o.unflatten(3, (bq, g)), lse.unflatten(3, (bq, g))  # rows are (position, head) pairs
+
     def view_attend(start: int, count: int, stride: int, n0: int, n1: int) -> tuple[Tensor, Tensor]:
         """One call for query blocks [n0, n1) over key blocks [start + i * stride, + count) (i = n - n0):
         K/V are a strided view, no copy. The mask is the causal/window rule on positions (a no-op on
@@ -344,13 +354,10 @@ def gather_attention(
             bias = bias.expand(-1, -1, hr, -1, -1).flatten(1, 2) if bias.shape[1] > 1 else bias[:, 0]
             empty = ~allowed.any(-1)  # [ng', B', 1, R]
         o, lse = _attend(qb[n0:n1].reshape(ng, b * hr, r, d), ks, vs, bias, scale, softcap)
-        o, lse = o.reshape(ng, b, hr, r, d), lse.reshape(ng, b, hr, r)
-        if empty is not None and bool(empty.any()):  # the fused op leaves lse = 0 there
-            o, lse = o.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("-inf"))
-        return o, lse
+        return as_tiles(o, lse, empty, ng)
 
     def attend(lists: list[_Blocks], n0: int, n1: int) -> tuple[Tensor, Tensor]:
-        """One call over the keys of ``lists`` for query blocks [n0, n1): out [ng, B, Hr, R, D], lse."""
+        """One call over the keys of ``lists`` for query blocks [n0, n1): (out, lse) as tiles."""
         ng, counts = n1 - n0, [max(blocks.counts[n0:n1]) for blocks in lists]
         starts = [blocks.starts[n0] for blocks in lists]
         contiguous = all(s >= 0 for s in starts) and all(
@@ -374,10 +381,7 @@ def gather_attention(
             bias = torch.where(allowed, 0.0, float("-inf")).flatten(0, 1)
             empty = ~allowed.any(-1)  # [ng, B, Hr, R or 1]
         o, lse = _attend(qb[n0:n1].flatten(0, 1), ks, vs, bias, scale, softcap)
-        o, lse = o.reshape(ng, b, hr, r, d), lse.reshape(ng, b, hr, r)
-        if empty is not None and bool(empty.any()):  # the fused op leaves lse = 0 there
-            o, lse = o.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("-inf"))
-        return o, lse
+        return as_tiles(o, lse, empty, ng)
 
     # Query blocks whose selected blocks are one or two contiguous runs moving by a fixed stride
     # (windows, sink + local) take K/V as views: one call per run, the second merged by LSE at the end.
@@ -390,7 +394,7 @@ def gather_attention(
                                      v[:, :, : kv_len - q_len + rows], scale, op)  # fmt: skip
         o = o.float().unflatten(1, (hkv, g)).unflatten(3, (prefix, bq)).permute(3, 0, 1, 4, 2, 5)
         o_lse = o_lse.unflatten(1, (hkv, g)).unflatten(3, (prefix, bq)).permute(3, 0, 1, 4, 2)
-        main.append((0, prefix, o, o_lse))  # already tiles [prefix, B, Hkv, bq, G(, D)]
+        main.append((0, prefix, o, o_lse))  # tiles [prefix, B, Hkv, bq, G(, D)] like every piece
         alone[:prefix] = [False] * prefix
     if causal and not per_q_head and bq % bk == 0:
         runs = _selected_runs(full, part, n_k)
@@ -419,24 +423,14 @@ def gather_attention(
         keys = [c if c and alone[n] else None for n, c in enumerate(blocks.counts)]
         sizes = [c * cost for c in blocks.counts]
         pieces += [(n0, n1, *attend([blocks], n0, n1)) for n0, n1 in _runs(keys, sizes, _PAD_RATIO)]
-    # Pieces land straight in the output's memory, HF's layout [B, nQ * bq, Hq, D] seen as tiles
-    # [nQ, B, Hkv, bq, G, D]; the extra pieces merge in by LSE.
+    # Pieces (tiles [ng, B, Hkv, bq, G, D]) land straight in the output's memory, HF's layout
+    # [B, nQ * bq, Hq, D] seen as tiles; the extra pieces merge in by LSE.
     out = torch.empty(b, n_q * bq, hq, d, device=dev)
     lse = torch.empty(b, n_q * bq, hq, device=dev)
     acc = out.view(b, n_q, bq, hkv, g, d).permute(1, 0, 3, 2, 4, 5)
     acc_lse = lse.view(b, n_q, bq, hkv, g).permute(1, 0, 3, 2, 4)
-
-    def tiles(o: Tensor, o_lse: Tensor) -> tuple[Tensor, Tensor]:
-        """A call's (out [ng, B, Hr, R, D], lse) as tiles [ng, B, Hkv, bq, G(, D)] (views)."""
-        if o.dim() == 6:  # the prefix piece is tiled already
-            return o, o_lse
-        if per_q_head:  # rows are one query head's positions
-            return (o.unflatten(2, (hkv, g)).transpose(3, 4), o_lse.unflatten(2, (hkv, g)).transpose(3, 4))
-        return o.unflatten(3, (bq, g)), o_lse.unflatten(3, (bq, g))
-
     done = [False] * n_q
     for n0, n1, o, o_lse in main:
-        o, o_lse = tiles(o, o_lse)
         acc[n0:n1].copy_(o)
         acc_lse[n0:n1].copy_(o_lse)
         done[n0:n1] = [True] * (n1 - n0)
@@ -444,7 +438,7 @@ def gather_attention(
         acc[n].zero_()
         acc_lse[n].fill_(float("-inf"))
     for n0, n1, o, o_lse in extra:
-        o, o_lse = merge_attention(acc[n0:n1], acc_lse[n0:n1], *tiles(o, o_lse))
+        o, o_lse = merge_attention(acc[n0:n1], acc_lse[n0:n1], o, o_lse)
         acc[n0:n1].copy_(o)
         acc_lse[n0:n1].copy_(o_lse)
     # [B, Hq, Tq, D] views of [B, T, Hq, D] memory: HF's attention functions return that layout
