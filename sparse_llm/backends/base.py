@@ -105,12 +105,15 @@ class BudgetedMethod(SparseMethod):
 
     The common knob of the selection methods, so that they compare at equal cost. The first
     ``sink_tokens`` real tokens and the ``local_tokens`` most recent ones are always kept
-    (:meth:`forced_blocks`) and count towards the budget.
+    (:meth:`forced_blocks`) and count towards the budget. The last ``dense_tail_blocks`` query
+    blocks (the question at the end of a prompt) attend every causal key; those rows are part of the
+    mask, so the density that :func:`sparse_llm.attention_stats` reports counts them.
     """
 
     budget: int = 2048
     sink_tokens: int = 64
     local_tokens: int = 512
+    dense_tail_blocks: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,6 +123,12 @@ class BudgetedMethod(SparseMethod):
                 f"budget ({self.budget}) must cover sink_tokens + local_tokens "
                 f"({self.sink_tokens} + {self.local_tokens}); raise the budget or shrink the window"
             )
+        if (
+            not isinstance(self.dense_tail_blocks, int)
+            or isinstance(self.dense_tail_blocks, bool)
+            or self.dense_tail_blocks < 0
+        ):
+            raise ValueError(f"dense_tail_blocks must be an int >= 0, got {self.dense_tail_blocks!r}")
 
     @property
     def budget_blocks(self) -> int:
@@ -141,6 +150,29 @@ class BudgetedMethod(SparseMethod):
             sink_tokens=self.sink_tokens, local_tokens=self.local_tokens, device=q.device,
             kv_start=first_real_key(call.key_padding_mask),
         ).to_dense()  # fmt: skip
+
+    def mask_from_blocks(self, selected: torch.Tensor, q: torch.Tensor, k: torch.Tensor, call: LayerCall) -> BlockMask:
+        """The BlockMask of a bool ``[B, H, nQ, nK]`` selection (H = 1, Hkv or Hq) with the dense tail
+        rows added; blocks the causal geometry masks are dropped."""
+        if self.dense_tail_blocks:
+            selected = selected.clone()
+            selected[:, :, -self.dense_tail_blocks :] = True
+        return BlockMask.from_dense(
+            selected, block_q=self.block_size, block_k=self.block_size, q_len=q.shape[2],
+            kv_len=k.shape[2], sliding_window=call.sliding_window,
+        )  # fmt: skip
+
+    def mask_from_scores(self, scores: torch.Tensor, q: torch.Tensor, k: torch.Tensor, call: LayerCall) -> BlockMask:
+        """Per row of float ``[B, H, nQ, nK]`` block scores, the forced (sink + local) blocks and then the
+        highest-scoring reachable blocks, ``budget_blocks`` in all (ties to the lower block index), plus
+        the dense tail. Non-finite (-inf) scores are never picked to fill the budget."""
+        forced = self.forced_blocks(q, k, call)
+        scores = scores.float().masked_fill(forced, float("inf"))
+        ranked = BlockMask.from_topk(
+            scores, self.budget_blocks, block_q=self.block_size, block_k=self.block_size,
+            q_len=q.shape[2], kv_len=k.shape[2], sliding_window=call.sliding_window,
+        ).to_dense()  # fmt: skip
+        return self.mask_from_blocks(ranked & (scores > float("-inf")), q, k, call)
 
 
 def exact_attention(q, k, v, mask: BlockMask, call: LayerCall, return_lse: bool = False):

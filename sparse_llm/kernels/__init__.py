@@ -18,7 +18,7 @@ from sparse_llm.kernels.block_mask import BlockMask
 from sparse_llm.kernels.merge import merge_attention
 from sparse_llm.kernels.reference import reference_attention
 
-__all__ = ["BlockMask", "block_sparse_attention", "merge_attention", "reference_attention"]
+__all__ = ["BlockMask", "block_sparse_attention", "forward_only", "merge_attention", "reference_attention"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,30 @@ def _validate(q, k, v, block_mask, scale, causal, softcap, sliding_window, key_p
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+class _ForwardOnly(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, *tensors):
+        with torch.no_grad():
+            return fn(*tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            "sparse-llm attention has no backward pass (it is inference-only); run the model under "
+            "torch.no_grad() or torch.inference_mode(), or use block_sparse_attention(..., "
+            "backend='reference') where gradients are needed"
+        )
+
+
+def forward_only(fn, *tensors: Tensor):
+    """``fn(*tensors)`` computed as under ``torch.no_grad()``, even for inputs that require grad
+    (model parameters do in a plain script): the same outputs, and NotImplementedError if a backward
+    pass reaches them."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _ForwardOnly.apply(fn, *tensors)
+    return fn(*tensors)
+
+
 def block_sparse_attention(
     q: Tensor,
     k: Tensor,
@@ -131,6 +155,8 @@ def block_sparse_attention(
         sliding_window: w; query at position p sees keys in [p - w + 1, p] (HF semantics; needs causal).
         key_padding_mask: bool [B, Tk], True = real token; False keys are never attended (left padding).
         return_lse: also return the log-sum-exp.
+            Inputs may require grad (the forward runs as under ``torch.no_grad()``); calling backward
+            through the "triton" or "cpu" kernel raises NotImplementedError.
         backend: "auto" (Triton on CUDA when triton imports, else the gather path), "triton", "cpu"
             (the gather path, any device), "reference" (dense; tests only).
 
@@ -170,12 +196,12 @@ def block_sparse_attention(
                 "head_dim", "head dim %d > %d: using the gather path", q.shape[-1], _TRITON_MAX_HEAD_DIM
             )
             backend = "cpu"
-    if backend == "triton":
-        out, lse = _triton_kernel()(q, k, v, block_mask, **kwargs)
-    elif backend == "cpu":
-        from sparse_llm.kernels.cpu import gather_attention
-
-        out, lse = gather_attention(q, k, v, block_mask, **kwargs)
+    if backend in ("triton", "cpu"):
+        if backend == "triton":
+            kernel = _triton_kernel()
+        else:
+            from sparse_llm.kernels.cpu import gather_attention as kernel
+        out, lse = forward_only(lambda q, k, v: kernel(q, k, v, block_mask, **kwargs), q, k, v)
     else:
         out, lse = reference_attention(q, k, v, block_mask, return_lse=True, upcast=True, **kwargs)
         out = out.to(q.dtype)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sparse_llm.backends.base import LayerCall, SparseMethod, get_method
-from sparse_llm.kernels import BlockMask
+from sparse_llm.kernels import BlockMask, forward_only
 from sparse_llm.patches import compat
 from sparse_llm.patches.families import family_of
 
@@ -63,7 +63,15 @@ def _make_attention_function(patch: _Patch):
             or (q_len == 1 and method.decode == "dense")
             or (q_len > 1 and q_len < method.min_seq_len)
         )
-        out, mask = (dense if stay_dense else method).attend(query, key, value, call)
+        masks = []
+
+        def attend(q, k, v):
+            out, mask = (dense if stay_dense else method).attend(q, k, v, call)
+            masks.append(mask)
+            return out
+
+        out = forward_only(attend, query, key, value)
+        mask = masks[0]
         patch.last_masks[layer_idx] = (mask, not stay_dense)
         return out.transpose(1, 2).contiguous(), None
 
