@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import time
 
 import torch
 
 import sparse_llm
 from sparse_llm.eval.haystack import REPEAT_FILLER, build_needle_prompt, load_haystack_text, score_answer
+from sparse_llm.eval.perplexity import perplexity
 from sparse_llm.models import load
 from sparse_llm.patches.compat import cache_kwarg
 from sparse_llm.results import atomic_write_json, run_metadata
@@ -36,27 +36,6 @@ METHODS = {
     # ridge 1 (the default) ruins a pretrained model (see lla.py); 1e4 is the best of a small sweep
     "lla": dict(ridge=1e4, base="streaming", base_params=WINDOW),
 }
-
-
-@torch.inference_mode()
-def perplexity(model, ids: torch.Tensor, chunk: int = 512) -> tuple[float, float]:
-    """(perplexity over every predicted token, over the second half) of ``ids`` ``[1, T]``.
-
-    The LM head runs on ``chunk`` positions at a time: full logits of a 262K vocabulary would need GBs.
-    """
-    hidden = model.model(input_ids=ids).last_hidden_state[0, :-1]
-    targets = ids[0, 1:]
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    nll = torch.empty(targets.shape[0])
-    for lo in range(0, targets.shape[0], chunk):
-        logits = model.lm_head(hidden[lo : lo + chunk]).float()
-        if cap:
-            logits = cap * torch.tanh(logits / cap)
-        nll[lo : lo + chunk] = torch.nn.functional.cross_entropy(
-            logits, targets[lo : lo + chunk], reduction="none"
-        )
-    half = nll.shape[0] // 2
-    return math.exp(nll.mean().item()), math.exp(nll[half:].mean().item())
 
 
 @torch.inference_mode()

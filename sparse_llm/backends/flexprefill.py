@@ -1,0 +1,186 @@
+"""``flexprefill``: per-head, per-input adaptive blocks (FlexPrefill, Lai et al., arXiv 2502.20766).
+
+Training-free; exact inside the kept blocks. The last ``window`` queries of each query head attend
+every key exactly (fp32, causal, bottom-right aligned, padding excluded), giving two distributions:
+vertical ``v_j`` (mean attention to key ``j`` over the window rows) and slash ``s_o`` (mean mass at
+offset ``o = query position - key position``). If the pooled estimate ``softmax(mean(window q) .
+blockmean(K)^T * scale)`` lies within ``D = sqrt(JSD) < tau`` (nats, so ``D <= 0.83``) of the
+block-pooled ``v``, the head is **query-aware**: each query block keeps the fewest key blocks holding
+``gamma`` of ``softmax_row(blockmean(Q) . blockmean(K)^T * scale)`` (block-causal). Otherwise it is
+**vertical-slash**: the fewest key blocks holding ``gamma`` of ``v``, for every query block that sees
+them, and the fewest offset bins (``block_size`` offsets each) holding ``gamma`` of ``s``, plus bin 0,
+on every block pair holding a token pair at one of their offsets (the token band is covered: up to 3
+key blocks per query block and bin). The sink and local blocks are always added; past ``budget``
+tokens per query block they stay and the highest scores fill the rest (query-aware: the pooled
+probability; vertical-slash: the key block's ``v`` mass + the ``s`` mass of the bins touching the pair).
+
+Args (besides ``budget``, ``sink_tokens``, ``local_tokens``, ``dense_tail_blocks``, ``block_size``):
+    gamma: attention mass to cover, in (0, 1] (default 0.9); 1 keeps every block.
+    tau: distance below which a head is query-aware, >= 0 (default 0.1; 0 = all vertical-slash).
+    window: observation queries, tokens (default None = ``block_size``; at most Tq).
+
+Differs from the paper's code: ``gamma`` applies to block-pooled masses (it counts tokens, then
+blocks of a hard-coded 128); query-aware heads cover ``gamma`` per query block (it keeps ``gamma *
+nQ`` of the whole pooled map); a slash bin covers every key block its offsets touch (it: one);
+``min_budget`` becomes the forced sink + local blocks, ``max_budget`` the per-row ``budget``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sparse_llm.backends.base import BudgetedMethod, LayerCall, register_method
+from sparse_llm.backends.selection import block_means
+from sparse_llm.kernels import BlockMask
+from sparse_llm.kernels.block_mask import block_geometry
+
+NEG_INF = float("-inf")
+
+
+@register_method
+@dataclass
+class FlexPrefill(BudgetedMethod):
+    """Args: gamma (0.9), tau (0.1), window (None = block_size), budget (tokens per query block incl.
+    sinks and window, 2048), sink_tokens (64), local_tokens (512); see the module docstring."""
+
+    name = "flexprefill"
+    description = "FlexPrefill: per-head query-aware or vertical-slash blocks up to attention mass gamma."
+
+    gamma: float = 0.9
+    tau: float = 0.1
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not _is_number(self.gamma) or not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma must be a number in (0, 1], got {self.gamma!r}")
+        if not _is_number(self.tau) or not 0 <= self.tau < math.inf:
+            raise ValueError(f"tau must be a finite number >= 0, got {self.tau!r}")
+        if self.window is not None and (
+            not isinstance(self.window, int) or isinstance(self.window, bool) or self.window <= 0
+        ):
+            raise ValueError(f"window must be None (= block_size) or a positive int, got {self.window!r}")
+
+    def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
+        (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
+        bs, window, pad = self.block_size, self.window or self.block_size, call.key_padding_mask
+        n_q, n_k = -(-q_len // bs), -(-kv_len // bs)
+        ones = torch.ones(1, n_k, dtype=torch.bool, device=q.device)
+        real = ones if pad is None else _block_sums(pad, bs) > 0  # [B or 1, nK]: blocks with a real key
+        k_means = block_means(k, bs, pad)  # [B, Hkv, nK, D]
+        vertical, slash = window_profiles(q, k, call, window)
+        v_blocks, s_bins = _block_sums(vertical, bs), _block_sums(slash, bs)  # [B, Hq, nK] each
+        query_aware = pattern_distance(q, k_means, call, window, v_blocks, real) < self.tau  # [B, Hq]
+
+        # Vertical-slash: mass up to gamma, the diagonal bin always (the sink block is forced below).
+        v_keep = _cover(v_blocks, self.gamma)
+        s_keep = _cover(s_bins, self.gamma)
+        s_keep[..., 0] = True
+        # Token offsets over block pair (n, m) span [d_min, d_max]: the bins [lo, hi) touch the pair.
+        q_lo = torch.arange(n_q, device=q.device) * bs + kv_len - q_len
+        k_lo = torch.arange(n_k, device=q.device) * bs
+        d_max = (q_lo + bs - 1).clamp(max=kv_len - 1)[:, None] - k_lo
+        d_min = q_lo[:, None] - (k_lo + bs - 1).clamp(max=kv_len - 1)
+        hi = (d_max.div(bs, rounding_mode="floor") + 1).clamp_min(0)
+        lo = torch.minimum(d_min.clamp_min(0) // bs, hi)
+        vs_selected = v_keep[:, :, None, :] | (_bin_range_sums(s_keep.float(), lo, hi) > 0.5)
+        vs_score = v_blocks[:, :, None, :] + _bin_range_sums(s_bins, lo, hi)
+
+        # Query-aware: block-mean queries vs block-mean keys, one softmax per query block.
+        q_valid = None if pad is None else pad[:, -q_len:]
+        q_means = block_means(q, bs, q_valid).view(b, hkv, hq // hkv, n_q, d)
+        pooled = _softcap_((q_means @ k_means[:, :, None].transpose(-1, -2)).mul_(call.scale), call.softcap)
+        visible = block_geometry(
+            q_len=q_len, kv_len=kv_len, block_q=bs, block_k=bs, sliding_window=call.sliding_window,
+            device=q.device,
+        )[0] & real[:, None, None, :]  # fmt: skip
+        pooled = pooled.view(b, hq, n_q, n_k).masked_fill(~visible, NEG_INF).softmax(-1).nan_to_num_(0.0)
+
+        aware = query_aware[:, :, None, None]
+        selected = torch.where(aware, _cover(pooled, self.gamma), vs_selected) & real[:, None, None, :]
+        forced = self.forced_blocks(q, k, call) & real[:, None, None, :]
+        scores = torch.where(aware, pooled, vs_score).masked_fill(~selected, NEG_INF)
+        scores = scores.masked_fill(forced, math.inf)
+        kept = BlockMask.from_topk(
+            scores, self.budget_blocks, block_q=bs, block_k=bs, q_len=q_len, kv_len=kv_len,
+            sliding_window=call.sliding_window,
+        ).to_dense()  # fmt: skip
+        return self.mask_from_blocks(kept & (scores > NEG_INF), q, k, call)
+
+
+def window_profiles(q: Tensor, k: Tensor, call: LayerCall, window: int) -> tuple[Tensor, Tensor]:
+    """Vertical and slash profiles of the last ``min(window, Tq)`` queries, each ``[B, Hq, Tk]`` fp32.
+
+    q ``[B, Hq, Tq, D]``, k ``[B, Hkv, Tk, D]`` (the group's query heads share their KV head, K is not
+    repeated). ``vertical[..., j]``: mean attention to key ``j``; ``slash[..., o]``: mean attention to
+    the key ``o`` positions before its query. Each window row is a softmax over its real, causally
+    visible keys, so both profiles sum to 1 (0 for a row without real keys).
+    """
+    (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
+    w = min(window, q_len)
+    obs = q[:, :, -w:].float().reshape(b, hkv, (hq // hkv) * w, d)
+    logits = _softcap_((obs @ k.float().transpose(-1, -2)).mul_(call.scale), call.softcap)  # [B, Hkv, Gw, Tk]
+    # rel[i, j] = (position of window query i) - j: key j's offset from query i, or the key at offset j.
+    rel = kv_len - w + torch.arange(w, device=q.device)[:, None] - torch.arange(kv_len, device=q.device)
+    hidden = (rel < 0).repeat(hq // hkv, 1)
+    if call.key_padding_mask is not None:
+        hidden = hidden | ~call.key_padding_mask[:, None, None, :]
+    attn = logits.masked_fill_(hidden, NEG_INF).softmax(-1).nan_to_num_(0.0).view(b, hq, w, kv_len)
+    del logits  # in-place steps and this keep the peak at two [B, Hq, w, Tk] fp32 tensors
+    slash = attn.gather(-1, rel.clamp_min(0).expand(b, hq, w, kv_len)).mul_(rel >= 0)
+    return attn.mean(2), slash.mean(2)
+
+
+def pattern_distance(
+    q: Tensor, k_means: Tensor, call: LayerCall, window: int, v_blocks: Tensor, real: Tensor
+) -> Tensor:
+    """sqrt(JSD) in nats between the pooled estimate and the true block-pooled vertical profile, ``[B, Hq]``.
+
+    q ``[B, Hq, Tq, D]``; k_means ``[B, Hkv, nK, D]`` block means of the keys (padding excluded);
+    v_blocks ``[B, Hq, nK]`` the block sums of the vertical profile; real ``[B or 1, nK]`` bool, blocks
+    holding a real key. The estimate is ``softmax(mean(window q) . k_means^T * scale)`` over real blocks.
+    """
+    (b, hq, q_len, d), hkv = q.shape, k_means.shape[1]
+    q_mean = q[:, :, -min(window, q_len) :].float().mean(2).view(b, hkv, hq // hkv, 1, d)
+    logits = _softcap_((q_mean @ k_means[:, :, None].transpose(-1, -2)).mul_(call.scale), call.softcap)
+    est = logits.view(b, hq, -1).masked_fill(~real[:, None, :], NEG_INF).softmax(-1)
+    mid = (est + v_blocks) / 2
+    jsd = sum(torch.xlogy(p, p) - torch.xlogy(p, mid) for p in (est, v_blocks)).sum(-1) / 2
+    return jsd.clamp_min(0.0).sqrt()
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _softcap_(x: Tensor, cap: float | None) -> Tensor:
+    """``cap * tanh(x / cap)`` in place (``x`` unchanged without a cap)."""
+    return x if cap is None else x.div_(cap).tanh_().mul_(cap)
+
+
+def _block_sums(x: Tensor, block: int) -> Tensor:
+    """Sums of ``x`` ``[..., T]`` over runs of ``block`` entries, ``[..., ceil(T / block)]``."""
+    x = x.float() if x.dtype == torch.bool else x
+    return torch.nn.functional.pad(x, (0, -x.shape[-1] % block)).unflatten(-1, (-1, block)).sum(-1)
+
+
+def _cover(mass: Tensor, gamma: float) -> Tensor:
+    """bool mask of the fewest entries of ``mass`` ``[..., N]`` (largest first, ties to the lower
+    index) whose sum reaches ``gamma`` of the row total; ``gamma >= 1`` keeps every entry."""
+    if gamma >= 1:
+        return torch.ones_like(mass, dtype=torch.bool)
+    ranked, order = torch.sort(mass, dim=-1, descending=True, stable=True)
+    keep = ranked.cumsum(-1) - ranked < gamma * mass.sum(-1, keepdim=True)
+    return torch.zeros_like(keep).scatter_(-1, order, keep)
+
+
+def _bin_range_sums(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """``x[..., lo:hi].sum(-1)`` per block pair: x ``[B, H, nO]``, lo/hi ``[nQ, nK]`` -> ``[B, H, nQ, nK]``"""
+    b, h, _ = x.shape
+    prefix = torch.nn.functional.pad(x.cumsum(-1), (1, 0))
+    ends = prefix.gather(-1, torch.cat([hi.flatten(), lo.flatten()]).expand(b, h, -1))
+    return (ends[..., : hi.numel()] - ends[..., hi.numel() :]).view(b, h, *lo.shape)
