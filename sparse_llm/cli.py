@@ -148,7 +148,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     kernel.add_argument("--flex", action="store_true", help="also time compiled flex_attention")
     bench.set_defaults(func=_cmd_bench)
 
-    evaluate = sub.add_parser("eval", help="run an evaluation (niah, mqar, longbench, lm-eval)")
+    evaluate = sub.add_parser("eval", help="run an evaluation (niah, sweep, mqar, longbench, lm-eval)")
     tasks = evaluate.add_subparsers(dest="task", required=True)
     from sparse_llm.eval import list_tasks, task_module
 

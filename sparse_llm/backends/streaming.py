@@ -29,6 +29,11 @@ class Streaming(SparseMethod):
         super().__post_init__()
         require_positive(sink_tokens=self.sink_tokens, local_tokens=self.local_tokens)
 
+    @classmethod
+    def params_for_budget(cls, budget: int, params: dict) -> dict:
+        """The window that spends ``budget`` tokens per query block with the sinks (for budget sweeps)."""
+        return {**params, "local_tokens": budget - params.get("sink_tokens", cls.sink_tokens)}
+
     def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
         return BlockMask.sink_window(
             q_len=q.shape[2],

@@ -13,6 +13,7 @@ from types import ModuleType
 
 _TASKS = {
     "niah": ("sparse_llm.eval.niah", "needle-in-a-haystack grid (context length x depth), heatmap"),
+    "sweep": ("sparse_llm.eval.sweep", "methods x budgets x lengths on the needle grid, Pareto plots"),
     "mqar": ("sparse_llm.eval.mqar", "multi-query associative recall: prompted LLM or tiny trained model"),
     "longbench": ("sparse_llm.eval.longbench", "LongBench / LongBench-E, official prompts and metrics"),
     "lm-eval": ("sparse_llm.eval.lm_eval_plugin", "lm-evaluation-harness tasks through the sparse-llm model"),

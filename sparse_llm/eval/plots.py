@@ -19,6 +19,7 @@ from sparse_llm.results import CONFIG_FILE, RESULTS_FILE, SAMPLES_FILE
 
 NIAH_PNG = "niah.png"
 MQAR_PNG = "mqar.png"
+SWEEP_PNG = "sweep-L{length}.png"
 _BASELINE = "sdpa"  # the unpatched model (eval.common.BASELINE), drawn in black
 _RETRIEVED, _MISSED, _NOT_RUN = "#1a9850", "#d73027", "#d9d9d9"
 
@@ -156,3 +157,75 @@ def plot_mqar(folder: str | Path) -> Path:
     path = folder / MQAR_PNG
     fig.savefig(path, dpi=110)
     return path
+
+
+def plot_sweep(folder: str | os.PathLike) -> list[Path]:
+    """Draw ``sweep-L<length>.png`` beside ``folder``'s ``results.json``, one figure per length.
+
+    Left: accuracy vs measured density; right: accuracy vs prefill speedup over sdpa (1 = sdpa).
+    Each method is a line over its settings; sdpa is a dotted black line (left) and point (right);
+    grey steps join the Pareto frontier; a star marks, per method, the smallest density at which it
+    matches the reference accuracy (sdpa, else a full-density point). Uses matplotlib's Agg canvas.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    folder = Path(folder)
+    path = folder / RESULTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {RESULTS_FILE} in {folder}: not a results folder, or its run did not finish (--resume)"
+        )
+    results = json.loads(path.read_text())
+    if results["config"].get("task") != "sweep":
+        raise ValueError(f"{folder} holds a {results['config'].get('task')!r} run, not a sweep")
+    scores, config = results["scores"], results["config"]
+    colors = {m: "k" if m == _BASELINE else f"C{i}" for i, m in enumerate(config["methods"])}
+    paths = []
+    for length, info in scores["by_length"].items():
+        rows = [r for r in scores["rows"] if str(r["length"]) == length]
+        by_id = {r["id"]: r for r in rows}
+        fig = Figure(figsize=(11.5, 4.2), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax_d, ax_s = fig.subplots(1, 2)
+        for key, ax, frontier in (("density", ax_d, "pareto_density"), ("speedup", ax_s, "pareto_speedup")):
+            for method in dict.fromkeys(r["method"] for r in rows):
+                mine = sorted((r for r in rows if r["method"] == method and r.get(key) is not None),
+                              key=lambda r: r[key])  # fmt: skip
+                if method == _BASELINE and key == "density":  # unpatched: no mask, no density
+                    sdpa = next(r for r in rows if r["method"] == method)
+                    ax.axhline(sdpa["accuracy"], ls=":", color="k", label="sdpa")
+                elif mine:
+                    ax.plot([r[key] for r in mine], [r["accuracy"] for r in mine], "o-",
+                            color=colors.get(method), label=method)  # fmt: skip
+            front = [by_id[i] for i in info[frontier] if i in by_id]
+            if front:
+                ax.step([r[key] for r in front], [r["accuracy"] for r in front], where="post",
+                        color="0.6", lw=4, alpha=0.4, zorder=0, label="Pareto frontier")  # fmt: skip
+        for method, m in info["matches_reference"].items():
+            if m is not None:
+                ax_d.plot(m["density"], m["accuracy"], "*", ms=15, mec="k", color=colors.get(method),
+                          label=f"{method}: matches {info['reference']['method']}")  # fmt: skip
+        ax_d.set(xlabel="measured density", ylabel="accuracy (exact match)", xlim=(0, 1.02),
+                 ylim=(-0.03, 1.03), title="accuracy vs density")  # fmt: skip
+        ax_s.set(xlabel="prefill speedup over sdpa", ylabel="accuracy (exact match)",
+                 ylim=(-0.03, 1.03), title="accuracy vs speedup")  # fmt: skip
+        if info["sdpa_prefill_s"] is None:
+            ax_s.text(0.5, 0.5, "sdpa not run at this length:\nno speedup", ha="center", va="center",
+                      transform=ax_s.transAxes)  # fmt: skip
+        else:
+            ax_s.axvline(1.0, ls=":", color="k", lw=0.8)
+        handles = {}
+        for ax in (ax_d, ax_s):
+            for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                handles.setdefault(label, h)
+        fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize="small")
+        fig.suptitle(
+            f"sweep: {config.get('model')}, {_length_label(int(length))} tokens, needle "
+            f"{config.get('needle')}, haystack {Path(str(config.get('haystack'))).name}, "
+            f"{len(config.get('depths', []))} depths"
+        )
+        out = folder / SWEEP_PNG.format(length=length)
+        fig.savefig(out, dpi=110)
+        paths.append(out)
+    return paths
