@@ -142,7 +142,7 @@ def ids(points):
 
 def test_points_sweep_budgets_of_methods_with_a_budget_field():
     config = sweep.SweepConfig(
-        niah=task(lengths=(1024, 4096)), methods=("sdpa", "dense", "block_topk", "streaming", "dhsa"),
+        niah=task(lengths=(1024, 4096)), methods=("sdpa", "dense", "block_topk", "dhsa"),
         budgets=("1/8", 1024), method_params={"dhsa": {"dense_tail_blocks": 1}},
         grid={"dhsa": {"chunk_size": [32, 64]}},
     )  # fmt: skip
@@ -150,7 +150,7 @@ def test_points_sweep_budgets_of_methods_with_a_budget_field():
     dhsa = "L{}-dhsa[budget={},chunk_size={},dense_tail_blocks=1]"
     expected = []
     for n, eighth in ((1024, 128), (4096, 512)):
-        expected += [f"L{n}-sdpa", f"L{n}-dense", f"L{n}-block_topk[budget=1024]", f"L{n}-streaming"]
+        expected += [f"L{n}-sdpa", f"L{n}-dense", f"L{n}-block_topk[budget=1024]"]
         expected += [dhsa.format(n, b, c) for c in (32, 64) for b in (eighth, 1024) if b >= 256]
     assert ids(points) == expected
     # Budgets below a method's sink + local window (block_topk: 64 + 512, dhsa: 128 + 128): skipped.
@@ -162,6 +162,12 @@ def test_points_sweep_budgets_of_methods_with_a_budget_field():
     point = points[-1]
     assert (point.budget, point.budget_spec, point.length) == (1024, "1024", 4096)
     assert points[-2].budget_spec == "1/8" and points[0].budget is None
+
+
+def test_streaming_spends_the_budget_on_its_window():
+    config = sweep.SweepConfig(niah=task(lengths=(4096,)), methods=("streaming",), budgets=("1/8", 1024))
+    points, _ = config.points((4096,))
+    assert ids(points) == ["L4096-streaming[local_tokens=384]", "L4096-streaming[local_tokens=896]"]
 
 
 def test_points_budget_in_params_is_not_swept_and_duplicates_run_once():

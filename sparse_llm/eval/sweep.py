@@ -141,7 +141,7 @@ class SweepConfig:
             chat_template (its own ``methods`` and ``method_params`` are not used).
         methods: registered methods; ``"sdpa"`` is the unpatched model (speedups are relative to it).
         method_params: fixed parameters per method, e.g. ``{"dhsa": {"dense_tail_blocks": 0}}``; a
-            ``budget`` given here is not swept.
+            ``budget`` given here (or a parameter ``params_for_budget`` sets) is not swept.
         budgets: tokens (int) or fractions of the length (``Fraction``, ``"1/8"``, ``0.125``) for the
             methods with a ``budget`` field or a ``params_for_budget`` classmethod; empty: none swept.
         grid: value lists per method and parameter, run as their cartesian product (times the
@@ -201,7 +201,9 @@ class SweepConfig:
         out = []
         for combo in itertools.product(*grid.values()):
             params = {**self.method_params.get(name, {}), **dict(zip(grid, combo, strict=True))}
-            if "budget" in params or not self.budgets or not (has_budget or to_params):
+            # A budget, or a parameter the budget would set (a window), fixed by the user: not swept.
+            fixed = "budget" in params or (to_params is not None and set(to_params(1, {})) & set(params))
+            if fixed or not self.budgets or not (has_budget or to_params):
                 out.append((params, params.get("budget"), None))
                 continue
             block_size = params.get("block_size", default.block_size)
