@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 
+import sparse_llm
+
 
 def _methods(text: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in text.split(",") if m.strip())
@@ -93,6 +95,7 @@ def _cmd_models(args) -> int:
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-llm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {sparse_llm.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="needle-in-a-haystack prefill demo on an embedded model")

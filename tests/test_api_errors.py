@@ -70,3 +70,13 @@ def test_four_dimensional_mask_is_refused(model):
         pytest.raises(NotImplementedError, match="2D padding mask"),
     ):
         model(input_ids=ids, attention_mask=mask4d)
+
+
+def test_cli_version_names_the_package_version(capsys):
+    import sparse_llm
+    from sparse_llm.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"sparse-llm {sparse_llm.__version__}"
