@@ -46,10 +46,10 @@ def test_block_topk_finds_the_planted_block_and_respects_the_budget():
     k[:, 0, 5 * bs : 6 * bs] += direction  # ... key block 5 of KV head 0 only
     method = get_method("block_topk", budget=5 * bs, sink_tokens=bs, local_tokens=2 * bs, block_size=bs)
     mask = method.block_mask(q, k, k, LayerCall(0, d**-0.5))
-    last = mask.to_dense()[0, :, -1]  # [Hkv, nK]
+    last = mask.to_dense()[0, :, -1]  # [Hq, nK]: one row per query head
     n_k = t // bs
-    assert last[0, 5] and last[0, 0] and last[0, n_k - 2 :].all()
-    assert last.sum(-1).tolist() == [5, 5]  # budget / block_size blocks per query block
+    assert last[:g, 5].all() and last[:g, 0].all() and last[:g, n_k - 2 :].all()  # the heads of KV head 0
+    assert last.sum(-1).tolist() == [5] * (hkv * g)  # budget / block_size blocks per query block
     # query block n reaches n + 1 blocks and keeps min(n + 1, 5) of them
     assert mask.density() == pytest.approx(sum(min(n + 1, 5) for n in range(n_k)) / sum(range(1, n_k + 1)))
 
@@ -74,10 +74,13 @@ def test_dma_value_norm_picks_the_planted_high_norm_values_for_every_query_block
     method = get_method("dma", budget=4 * bs, sink_tokens=bs, local_tokens=bs, block_size=bs)
     dense = method.block_mask(q, k, v, LayerCall(0, 0.125)).to_dense()[0]  # [Hkv, nQ, nK]
     assert dense[0, 7:, 7].all()  # every query block that can see block 7 attends it
-    # one key set per head: away from the sink and local blocks, all late rows pick the same blocks
-    rows = dense[:, 12:, 1:10]
-    assert (rows == rows[:, :1]).all()
-    assert dense.sum(-1).max() <= 4  # budget / block_size blocks per query block
+    # one score vector per head: each row keeps its sink, local and the best blocks it can see
+    blocks = v.norm(dim=-1).view(2, 16, bs).amax(-1)  # [Hkv, nK]
+    for n in range(3, 16):
+        best = blocks[:, 1:n].topk(2, dim=-1).indices + 1
+        expected = torch.zeros(2, 16, dtype=torch.bool).scatter_(1, best, True)
+        expected[:, [0, n]] = True
+        assert dense[:, n].equal(expected), n
 
 
 def test_dma_observation_picks_the_keys_the_last_queries_attend():
@@ -265,3 +268,307 @@ def test_budget_above_the_context_is_clamped_with_one_warning(name, caplog):
         q, k, k, LayerCall(0, 0.25)
     )
     assert not caplog.records
+
+
+# --------------------------------------------------------------- per-head peaks: a needle one head seeks
+def _one_head_needle(seed: int, t: int = 1024, d: int = 64, bs: int = 32):
+    """MQA (4 query heads, 1 KV head) over alike filler keys. In the last query block, head 1 looks
+    for ONE needle key (position 20 * bs + 7) while heads 0, 2 and 3 look for a distractor block
+    (block 10, every key). Returns q, k, the needle's block and the distractor's block."""
+    gen = torch.Generator().manual_seed(seed)
+    unit = torch.nn.functional.normalize(torch.randn(3, d, generator=gen), dim=-1)
+    common, needle, distractor = unit[0], unit[1] * 8, unit[2] * 8
+    k = common + 0.1 * torch.randn(1, 1, t, d, generator=gen)
+    q = common + 0.3 * torch.randn(1, 4, t, d, generator=gen)
+    k[0, 0, 20 * bs + 7] += needle
+    k[0, 0, 10 * bs : 11 * bs] += distractor
+    q[0, 1, -bs:] += needle
+    q[0, [0, 2, 3], -bs:] += distractor
+    return q, k, 20, 10
+
+
+@pytest.mark.parametrize("seed", [pytest.param(s, id=f"seed{s}") for s in range(3)])
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in ("block_topk", "routing")])
+def test_the_head_that_seeks_a_needle_gets_its_block(name, seed):
+    bs = 32
+    q, k, needle, distractor = _one_head_needle(seed, bs=bs)
+    # one free block per query block beyond the sink block and the two local blocks
+    method = get_method(name, budget=4 * bs, sink_tokens=bs, local_tokens=2 * bs, block_size=bs)
+    dense = method.block_mask(q, k, k, LayerCall(0, 64**-0.5)).to_dense()[0, :, -1]  # [H, nK]
+    last = dense[torch.arange(4) * dense.shape[0] // 4]  # the row each query head uses
+    assert last.sum(-1).tolist() == [4] * 4
+    assert last[1, needle] and not last[1, distractor]
+    assert last[[0, 2, 3], distractor].all() and not last[[0, 2, 3], needle].any()
+
+
+def test_dma_rows_rank_the_blocks_they_can_see():
+    """The last queries of ONE head (of two) attend a needle key in block 3, and both heads attend
+    two keys in blocks 9 and 11 harder. Query block 6 cannot see blocks 9 and 11: it must still
+    spend its two free blocks, the needle's first (one global set of two would leave it none)."""
+    gen = torch.Generator().manual_seed(0)
+    t, d, bs = 512, 64, 32
+    unit = torch.nn.functional.normalize(torch.randn(3, d, generator=gen), dim=-1) * 6
+    k = unit[0] + 0.1 * torch.randn(1, 1, t, d, generator=gen)
+    q = 0.3 * torch.randn(1, 2, t, d, generator=gen)
+    k[0, 0, 3 * bs + 5] += unit[1]
+    k[0, 0, [9 * bs + 1, 11 * bs + 1]] += unit[2]
+    q[0, 1, -16:] += unit[1] + unit[2]
+    q[0, 0, -16:] += unit[2] * 2
+    method = get_method(
+        "dma", score="observation", window=16, budget=4 * bs, sink_tokens=bs, local_tokens=bs, block_size=bs
+    )
+    dense = method.block_mask(q, k, k, LayerCall(0, d**-0.5)).to_dense()[0, 0]  # [nQ, nK]
+    assert dense[-1, [9, 11]].all()
+    assert dense[6, 3] and dense[6].sum() == 4
+
+
+@pytest.mark.parametrize(
+    "score, t",
+    [pytest.param(s, t, id=f"{s}-t{t}") for s in ("value_norm", "observation") for t in (512, 500)],
+)
+def test_dma_every_row_spends_its_budget(score, t):
+    torch.manual_seed(3)
+    bs, budget = 32, 5 * 32
+    q, k, v = torch.randn(2, 4, t, 32), torch.randn(2, 2, t, 32), torch.randn(2, 2, t, 32)
+    method = get_method("dma", score=score, budget=budget, sink_tokens=bs, local_tokens=2 * bs, block_size=bs)
+    mask = method.block_mask(q, k, v, LayerCall(0, 32**-0.5))
+    counts = mask.to_dense().sum(-1)  # [B, Hkv, nQ]
+    reach = mask.reachable().sum(-1)  # [nQ] blocks each row can see
+    assert (counts == torch.clamp(reach, max=budget // bs)).all()
+
+
+# -------------------------------------------------------------------- slow references (materialized)
+def _peak_scores_reference(q, k, call, block, probes):
+    """block_topk's scores with the whole [Tq, Tk] logit matrix, one representative at a time."""
+    (b, hq, tq, d), (_, hkv, tk, _) = q.shape, k.shape
+    n_q, n_k, offset = -(-tq // block), -(-tk // block), tk - tq
+    real = torch.ones(b, tk, dtype=torch.bool) if call.key_padding_mask is None else call.key_padding_mask
+    out = torch.full((b, hq, n_q, n_k), float("-inf"), dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hq):
+            kk = k[bi, h // (hq // hkv)].double()
+            for n in range(n_q):
+                rows = list(range(n * block, min((n + 1) * block, tq)))
+                live = [i for i in rows if real[bi, offset + i]]
+                singles = [min(n * block + (r + 1) * block // probes - 1, rows[-1]) for r in range(probes)]
+                reps = [q[bi, h, live].double().mean(0) if live else torch.zeros(d, dtype=torch.float64)]
+                reps += [q[bi, h, i].double() for i in singles]
+                positions = [offset + i for i in [rows[-1], *singles]]  # the mean sits at the last query
+                for rep, pos in zip(reps, positions, strict=True):
+                    s = (kk @ rep) * call.scale
+                    if call.softcap is not None:
+                        s = torch.tanh(s / call.softcap) * call.softcap
+                    j = torch.arange(tk)
+                    seen = (j <= pos) & real[bi]
+                    if call.sliding_window is not None:
+                        seen &= j > pos - call.sliding_window
+                    if not seen.any():
+                        continue
+                    s = s.masked_fill(~seen, float("-inf"))
+                    s = s - s.logsumexp(0)
+                    for m in range(n_k):
+                        out[bi, h, n, m] = max(out[bi, h, n, m], s[m * block : (m + 1) * block].max())
+    return out
+
+
+@pytest.mark.parametrize(
+    "tq, tk, softcap, window, padded",
+    [
+        pytest.param(75, 100, None, None, False, id="ragged"),
+        pytest.param(64, 64, 5.0, None, False, id="softcap"),
+        pytest.param(49, 97, None, 40, False, id="window"),
+        pytest.param(80, 80, None, None, True, id="left-padding"),
+    ],
+)
+def test_block_topk_scores_match_the_materialized_reference(tq, tk, softcap, window, padded, monkeypatch):
+    from sparse_llm.backends import block_topk
+
+    monkeypatch.setattr(block_topk, "MAX_SCORES", 512)  # several chunks of query blocks
+    torch.manual_seed(5)
+    q, k = torch.randn(2, 4, tq, 16) * 2, torch.randn(2, 2, tk, 16)
+    padding = None
+    if padded:
+        padding = torch.ones(2, tk, dtype=torch.bool)
+        padding[1, :37] = False
+    call = LayerCall(0, 0.25, softcap=softcap, sliding_window=window, key_padding_mask=padding)
+    got = block_topk.peak_block_scores(q, k, call, 16, 3)
+    want = _peak_scores_reference(q, k, call, 16, 3)
+    if padded:  # rows of padding queries are not scored meaningfully: compare the real ones
+        got, want = got[:, :, 3:], want[:, :, 3:]
+    assert got.isneginf().equal(want.isneginf())
+    # fp32 scores against an fp64 reference: agreement to fp32 rounding of a log-sum-exp
+    torch.testing.assert_close(
+        got.double().nan_to_num(neginf=0), want.nan_to_num(neginf=0), rtol=0, atol=1e-4
+    )
+
+
+def _kmeans_reference(x, n_clusters, iterations, seed, valid):
+    """spherical_kmeans written plainly: loops for the farthest-point start, one-hot [N, T, C] sums."""
+    n, t, _ = x.shape
+    c = min(n_clusters, t)
+    xn = torch.nn.functional.normalize(x.double(), dim=-1)
+    priority = torch.rand(t, generator=torch.Generator().manual_seed(seed))
+    centroids = []
+    for i in range(n):
+        order = [j for j in priority.argsort(descending=True).tolist() if valid[i, j]]
+        chosen = [order[0]]
+        while len(chosen) < c:
+            closest = (xn[i] @ xn[i, chosen].T).max(-1).values.masked_fill(~valid[i], 3.0)
+            chosen.append(int(closest.argmin()))
+        centroids.append(xn[i, chosen])
+    centroids = torch.stack(centroids)
+    for _ in range(iterations):
+        members = torch.nn.functional.one_hot((xn @ centroids.transpose(1, 2)).argmax(-1), c).double()
+        members = members * valid[..., None]
+        sums = members.transpose(1, 2) @ xn
+        empty = members.sum(1)[..., None] == 0
+        centroids = torch.where(empty, centroids, torch.nn.functional.normalize(sums, dim=-1))
+    return centroids, (xn @ centroids.transpose(1, 2)).argmax(-1)
+
+
+def _routing_reference(q, k, call, block, n_clusters, top_clusters, probes, iterations, seed):
+    """routed_block_scores with one-hot membership tensors and a loop over representatives."""
+    (b, hq, tq, d), (_, hkv, tk, _) = q.shape, k.shape
+    real = torch.ones(b, tk, dtype=torch.bool) if call.key_padding_mask is None else call.key_padding_mask
+    valid = real.repeat_interleave(hkv, 0)
+    keys = k.flatten(0, 1).double()
+    centroids, assign = _kmeans_reference(keys, n_clusters, iterations, seed, valid)
+    c, n_q, n_k, offset = centroids.shape[1], -(-tq // block), -(-tk // block), tk - tq
+    onehot = torch.nn.functional.one_hot(assign, c).double() * valid[..., None]  # [N, T, C]
+    unit = torch.nn.functional.normalize(keys, dim=-1)
+    cos = (unit[:, :, None, :] * centroids[:, None]).sum(-1)  # [N, T, C]
+    size = onehot.sum(1)  # [N, C]
+    typical = centroids * ((onehot * keys.norm(dim=-1)[..., None]).sum(1) / size.clamp_min(1))[..., None]
+    blocks = torch.nn.functional.one_hot(torch.arange(tk) // block, n_k).double()  # [T, nK]
+    mass = torch.einsum("ntc,tm->nmc", onehot * cos.clamp_min(0), blocks)  # [N, nK, C]
+    out = torch.full((b, hq, n_q, n_k), float("-inf"), dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hq):
+            i = bi * hkv + h // (hq // hkv)
+            for n in range(n_q):
+                rows = list(range(n * block, min((n + 1) * block, tq)))
+                live = [r for r in rows if real[bi, offset + r]]
+                singles = [min(n * block + (r + 1) * block // probes - 1, rows[-1]) for r in range(probes)]
+                reps = [q[bi, h, live].double().mean(0) if live else torch.zeros(d, dtype=torch.float64)]
+                reps += [q[bi, h, r].double() for r in singles]
+                last = offset + rows[-1]
+                seen = [m for m in range(n_k) if m * block <= last]  # reachable from some query of the block
+                if call.sliding_window is not None:
+                    first = offset + rows[0]
+                    seen = [m for m in seen if (m + 1) * block - 1 > first - call.sliding_window]
+                best = torch.zeros(n_k, dtype=torch.float64)
+                for rep in reps:
+                    logit = (typical[i] @ rep) * call.scale
+                    logit = logit.masked_fill(size[i] == 0, float("-inf"))
+                    if top_clusters is not None and top_clusters < c:
+                        keep = logit.topk(top_clusters).indices
+                        logit = torch.full_like(logit, float("-inf")).index_copy(0, keep, logit[keep])
+                    weight = (logit - logit.max()).clamp_min(-80).exp().nan_to_num(0.0)
+                    routed = mass[i] @ weight  # [nK]
+                    total = routed[seen].sum()
+                    if total > 0:
+                        best = torch.maximum(best, routed / total)
+                out[bi, h, n, seen] = best[seen]
+    if top_clusters is not None:
+        return out.masked_fill(out == 0, float("-inf"))
+    padding_only = ~torch.nn.functional.pad(real, (0, n_k * block - tk)).view(b, 1, 1, n_k, block).any(-1)
+    return out.masked_fill(padding_only, float("-inf"))
+
+
+@pytest.mark.parametrize(
+    "tq, tk, top, window, padded",
+    [
+        pytest.param(96, 96, None, None, False, id="soft"),
+        pytest.param(50, 90, 2, None, False, id="top2-ragged"),
+        pytest.param(64, 64, None, 24, False, id="window"),
+        pytest.param(80, 80, None, None, True, id="left-padding"),
+    ],
+)
+def test_routing_matches_the_one_hot_reference(tq, tk, top, window, padded, monkeypatch):
+    from sparse_llm.backends import routing
+
+    monkeypatch.setattr(routing, "MAX_SIMILARITIES", 100)  # several chunks of keys
+    torch.manual_seed(6)
+    centers = torch.randn(5, 16) * 3
+    k = centers[torch.randint(0, 5, (2, 2, tk))] + torch.randn(2, 2, tk, 16)
+    q = centers[torch.randint(0, 5, (2, 4, tq))] + torch.randn(2, 4, tq, 16)
+    padding = None
+    if padded:
+        padding = torch.ones(2, tk, dtype=torch.bool)
+        padding[1, :37] = False
+    call = LayerCall(0, 0.25, sliding_window=window, key_padding_mask=padding)
+    kw = dict(n_clusters=7, top_clusters=top, probes=2, iterations=3, seed=1)
+    valid = (torch.ones(2, tk, dtype=torch.bool) if padding is None else padding).repeat_interleave(2, 0)
+    cent, assign = routing.spherical_kmeans(k.flatten(0, 1), 7, 3, 1, valid)
+    cent_ref, assign_ref = _kmeans_reference(k.flatten(0, 1), 7, 3, 1, valid)
+    assert assign[valid].equal(assign_ref[valid])
+    torch.testing.assert_close(cent.double(), cent_ref, rtol=1e-5, atol=1e-5)
+    got = routing.routed_block_scores(q, k, call, block=16, **kw)
+    want = _routing_reference(q, k, call, 16, **kw)
+    if padded:  # rows of padding queries are not scored meaningfully: compare the real ones
+        got, want = got[:, :, 3:], want[:, :, 3:]
+    assert got.isneginf().equal(want.isneginf())
+    # fp32 shares in [0, 1] against an fp64 reference
+    torch.testing.assert_close(
+        got.double().nan_to_num(neginf=0), want.nan_to_num(neginf=0), rtol=0, atol=1e-5
+    )
+
+
+def test_routing_ties_go_to_the_recent_blocks():
+    k = torch.ones(1, 1, 512, 16)  # every key alike: every full block has the same routed mass
+    q = torch.randn(1, 2, 512, 16, generator=torch.Generator().manual_seed(0))
+    method = get_method("routing", budget=4 * 32, sink_tokens=32, local_tokens=32, block_size=32)
+    dense = method.block_mask(q, k, k, LayerCall(0, 0.25)).to_dense()[0]
+    assert dense[:, -1].nonzero()[:, 1].tolist() == [0, 13, 14, 15] * 2
+    assert dense[:, 8].nonzero()[:, 1].tolist() == [0, 6, 7, 8] * 2
+
+
+def test_prefer_late_ties_keeps_the_order_of_distinct_scores():
+    from sparse_llm.backends.selection import prefer_late_ties
+
+    inf = float("inf")
+    scores = torch.tensor([[0.5, 2.0, 0.5, -inf, 1.0, 0.5], [3.0, 3.0, 3.0, 3.0, -inf, -inf]])
+    ranked = prefer_late_ties(scores)
+    assert ranked.isneginf().equal(scores.isneginf())
+    order = ranked.argsort(-1, descending=True)[:, :4].tolist()
+    assert order == [[1, 4, 5, 2], [3, 2, 1, 0]]
+
+
+# ------------------------------------------------------------------------------- dhsa: peak picking
+def test_dhsa_peak_tie_break_does_not_depend_on_position():
+    from sparse_llm.backends.dhsa import pick_peaks
+
+    drop = torch.zeros(1, 6000)
+    for start in (100, 5000):
+        drop[0, start] = drop[0, start + 5] = 0.5  # equal drops inside one window: the earlier wins
+        drop[0, start + 20] = 0.3
+        drop[0, start + 32] = 0.3 + 1e-6  # a slightly larger drop later in the window wins
+    peaks = pick_peaks(drop, min_chunk=16, n_peaks=10)[0].nonzero().flatten().tolist()
+    assert peaks == [100, 132, 5000, 5032]
+    # ranking: equal drops far apart go to the earlier one, a larger drop always ranks first
+    assert pick_peaks(drop, min_chunk=16, n_peaks=1)[0].nonzero().flatten().tolist() == [100]
+    drop[0, 5000] += 1e-6
+    assert pick_peaks(drop, min_chunk=16, n_peaks=1)[0].nonzero().flatten().tolist() == [5000]
+
+
+# ------------------------------------------------------------------------------------ shared checks
+@pytest.mark.parametrize("name", SELECTION)
+def test_padding_keys_are_never_selected(name):
+    torch.manual_seed(4)
+    t, d, bs = 512, 32, 32
+    q, k, v = torch.randn(2, 4, t, d), torch.randn(2, 2, t, d), torch.randn(2, 2, t, d)
+    k[1, :, :100] = q[1, :, -1:].mean(0, keepdim=True) * 5  # padding keys that every query would pick
+    v[1, :, :100] *= 100
+    padding = torch.ones(2, t, dtype=torch.bool)
+    padding[1, :100] = False
+    method = get_method(name, budget=6 * bs, sink_tokens=bs, local_tokens=bs, block_size=bs)
+    dense = method.block_mask(q, k, v, LayerCall(0, d**-0.5, key_padding_mask=padding)).to_dense()
+    rows = dense[1 if dense.shape[0] > 1 else 0, :, 4:-1]  # real query blocks (the last may be dense)
+    assert not rows[..., :3].any()  # blocks 0-2 hold padding only
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in ("block_topk", "routing")])
+@pytest.mark.parametrize("probes", [pytest.param(p, id=repr(p)) for p in (-1, 65, 1.5, True)])
+def test_bad_probes(name, probes):
+    with pytest.raises(ValueError, match="probes must be an int in"):
+        get_method(name, probes=probes, block_size=64)

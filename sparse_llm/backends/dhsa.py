@@ -6,7 +6,8 @@ its chunk-boundary predictor; here boundaries are found without training:
 
 1. Chunking (``chunking="dynamic"``): a boundary where the keys change direction, i.e. where the
    cosine similarity of adjacent keys (averaged over KV heads) drops. Drops are peak-picked with
-   non-maximum suppression over ``min_chunk`` tokens (so chunks are at least ``min_chunk`` long), the
+   non-maximum suppression over ``min_chunk`` tokens (so chunks are at least ``min_chunk`` long; equal
+   drops go to the earlier position, by exact comparison, :func:`pick_peaks`), the
    ``Tk / chunk_size`` strongest peaks become boundaries, and chunks longer than ``max_chunk`` are cut
    every ``max_chunk`` tokens. ``chunking="fixed"`` cuts every ``chunk_size`` tokens, for comparison.
 2. Representations: a chunk is the mean of its keys times sqrt(its length) (the paper's length
@@ -35,6 +36,31 @@ from sparse_llm.kernels import BlockMask
 CHUNKINGS = ("dynamic", "fixed")
 
 
+def pick_peaks(drop: torch.Tensor, min_chunk: int, n_peaks: int) -> torch.Tensor:
+    """The ``n_peaks`` strongest peaks of ``drop`` ``[B, T]`` as bool ``[B, T]`` (position 0 excluded).
+
+    A peak is a position ``t >= min_chunk`` whose drop beats every other within ``min_chunk - 1``
+    positions under the order (drop, then earlier position): strictly above the drops before it,
+    at least the drops after it. Peaks are ranked by drop with a stable sort (equal drops: the
+    earlier first). Both rules compare drops exactly, so the result does not depend on the absolute
+    positions (equal drops at 100 and 5000 are treated alike) and distinct drops are never reordered.
+    """
+    b, t = drop.shape
+    pos = torch.arange(t, device=drop.device)
+    r = min_chunk - 1
+    if r:
+        pad = drop.new_full((b, r), float("-inf"))
+        before = F.max_pool1d(torch.cat([pad, drop[:, :-1]], 1)[:, None], r, stride=1)[:, 0]  # drop[t-r:t]
+        after = F.max_pool1d(torch.cat([drop[:, 1:], pad], 1)[:, None], r, stride=1)[:, 0]  # drop[t+1:t+r+1]
+        is_peak = (drop > before) & (drop >= after)
+    else:
+        is_peak = torch.ones_like(drop, dtype=torch.bool)
+    ranked = drop.masked_fill(~(is_peak & (pos >= min_chunk)), float("-inf"))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[:, : min(n_peaks, t)]
+    starts = torch.zeros(b, t, dtype=torch.bool, device=drop.device)
+    return starts.scatter_(-1, order, ranked.gather(-1, order) > float("-inf"))
+
+
 def chunk_boundaries(
     k: torch.Tensor,
     *,
@@ -56,17 +82,7 @@ def chunk_boundaries(
         kn = F.normalize(k.float(), dim=-1)
         drop = torch.ones(b, t, device=k.device)  # drop[t]: 1 - cos(k[t], k[t-1]), averaged over heads
         drop[:, 1:] = 1 - (kn[:, :, 1:] * kn[:, :, :-1]).sum(-1).mean(1)
-        # Strict peaks: a tiny position tie-break so equal drops in a window do not both survive.
-        drop = drop - pos * 1e-7
-        radius = min_chunk - 1
-        window_max = (
-            F.max_pool1d(drop[:, None], 2 * radius + 1, stride=1, padding=radius)[:, 0] if radius else drop
-        )
-        peaks = (drop >= window_max) & (pos >= min_chunk)
-        n_peaks = max(t // chunk_size - 1, 0)
-        ranked = drop.masked_fill(~peaks, float("-inf")).topk(min(n_peaks, t), dim=-1)
-        starts = torch.zeros(b, t, dtype=torch.bool, device=k.device)
-        starts.scatter_(-1, ranked.indices, torch.isfinite(ranked.values))
+        starts = pick_peaks(drop, min_chunk, max(t // chunk_size - 1, 0))
         starts[:, 0] = True
     if kv_start is not None:
         starts[torch.arange(b, device=k.device), kv_start] = True
@@ -106,11 +122,9 @@ class DHSA(BudgetedMethod):
                 f"chunk_size ({self.chunk_size}) must lie in [min_chunk, max_chunk] = "
                 f"[{self.min_chunk}, {self.max_chunk}]"
             )
-        if not isinstance(self.dense_tail_blocks, int) or self.dense_tail_blocks < 0:
-            raise ValueError(f"dense_tail_blocks must be an int >= 0, got {self.dense_tail_blocks!r}")
 
     def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
-        (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
+        (b, hq, _, d), (_, hkv, kv_len, _) = q.shape, k.shape
         bs, dev = self.block_size, q.device
         kv_start = first_real_key(call.key_padding_mask)
         starts = chunk_boundaries(
@@ -134,16 +148,7 @@ class DHSA(BudgetedMethod):
         q_rep = block_means(q, bs).view(b, hkv, hq // hkv, -1, d).mean(2) * math.sqrt(bs)
         scores = (q_rep @ c_rep.transpose(-1, -2)).masked_fill(counts[:, None, None, :] == 0, float("-inf"))
         block_scores = _chunk_to_block_max(scores, starts, chunk_id, n_c, bs, kv_len)
-        forced = self.forced_blocks(q, k, call)
-        ranked = BlockMask.from_topk(
-            block_scores.masked_fill(forced, float("inf")), self.budget_blocks, block_q=bs, block_k=bs,
-            q_len=q_len, kv_len=kv_len, sliding_window=call.sliding_window,
-        ).to_dense()  # fmt: skip
-        if self.dense_tail_blocks:
-            ranked[:, :, -self.dense_tail_blocks :] = True
-        return BlockMask.from_dense(
-            ranked, block_q=bs, block_k=bs, q_len=q_len, kv_len=kv_len, sliding_window=call.sliding_window
-        )
+        return self.mask_from_scores(block_scores, q, k, call)
 
 
 def _chunk_to_block_max(

@@ -9,11 +9,12 @@ keys that a learned value-derived bias scores highest, and applies that one key 
 * ``score="observation"``: the attention that the last ``window`` queries pay to each key, averaged
   over those queries and the heads of the GQA group (SnapKV's observation window, arXiv 2404.14469).
 
-Token scores are max-pooled to kernel blocks. Per KV head the best blocks form ONE key set shared by
-every query block; each query block attends that set's causally visible blocks plus the sink and
-local blocks. ``budget`` bounds the tokens a query block attends (sink and local included): the set
-holds ``ceil(budget / block_size)`` blocks minus the sink and local ones, so late query blocks attend
-about ``budget`` tokens and early ones fewer (they cannot see the set's later blocks).
+Token scores are max-pooled to kernel blocks, giving ONE block-score vector per KV head (DMA's
+shared, query-independent key ranking). Each query block ranks the blocks it can causally see by that
+vector and keeps the sink and local blocks plus the best visible ones, ``budget`` tokens in all
+(:meth:`BudgetedMethod.mask_from_scores`): every query block that sees at least ``budget`` tokens
+spends its whole budget, early ones included (they are not left with the part of a global set that
+lies in their past). Padding keys score -inf and are never selected.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from sparse_llm.backends.base import BudgetedMethod, LayerCall, register_method, require_positive
 from sparse_llm.kernels import BlockMask
@@ -36,7 +38,7 @@ class DMA(BudgetedMethod):
     window (observation queries, default 64), sink_tokens (64), local_tokens (512)."""
 
     name = "dma"
-    description = "Dynamic mask attention (training-free): one content-scored key-block set per KV head."
+    description = "Dynamic mask attention (training-free): key blocks ranked by a content score per KV head."
 
     score: str = "value_norm"
     key_norm: bool = False
@@ -61,22 +63,11 @@ class DMA(BudgetedMethod):
         return scores
 
     def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
-        (b, hkv, kv_len, _), q_len, bs = k.shape, q.shape[2], self.block_size
-        n_k = -(-kv_len // bs)
+        (b, hkv, kv_len, _), bs = k.shape, self.block_size
+        n_k, n_q = -(-kv_len // bs), -(-q.shape[2] // bs)
         token = self.key_scores(q, k, v, call)
-        pad = n_k * bs - kv_len
-        blocks = torch.nn.functional.pad(token, (0, pad), value=float("-inf")).view(b, hkv, n_k, bs).amax(-1)
-        forced = self.forced_blocks(q, k, call)
-        # The last query block sees every key: its forced blocks are not spent from the set.
-        last_forced = forced[:, :, -1, :]
-        n_set = max(self.budget_blocks - int(last_forced.sum(-1).max()), 0)
-        chosen = torch.zeros(b, hkv, n_k, dtype=torch.bool, device=q.device)
-        top = blocks.masked_fill(last_forced, float("-inf")).topk(min(n_set, n_k), dim=-1)
-        chosen.scatter_(-1, top.indices, torch.isfinite(top.values))
-        return BlockMask.from_dense(
-            forced | chosen[:, :, None, :], block_q=bs, block_k=bs, q_len=q_len, kv_len=kv_len,
-            sliding_window=call.sliding_window,
-        )  # fmt: skip
+        blocks = F.pad(token, (0, n_k * bs - kv_len), value=float("-inf")).view(b, hkv, n_k, bs).amax(-1)
+        return self.mask_from_scores(blocks[:, :, None, :].expand(b, hkv, n_q, n_k), q, k, call)
 
 
 def observation_scores(q: torch.Tensor, k: torch.Tensor, call: LayerCall, window: int) -> torch.Tensor:

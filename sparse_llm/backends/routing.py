@@ -1,11 +1,24 @@
 """``routing``: content-based routing by clustering, training-free.
 
 The Routing Transformer (Roy et al., TACL 2021, arXiv 2003.05997) routes queries and keys to learned
-k-means centroids and attends within clusters. Training-free, at prefill: spherical k-means on the
-normalized keys of each KV head (about sqrt(Tk) centroids, a few Lloyd iterations, a fixed seed,
-batched over batch and heads). Each query block is routed to the ``top_clusters`` centroids closest
-to its mean query; it attends the key blocks holding keys of those clusters, the blocks with the most
-such keys first, up to ``budget`` tokens with the sink and local blocks included. Causal.
+k-means centroids and attends within clusters. Training-free, at prefill:
+
+1. Clusters: spherical k-means on the normalized keys of each KV head (about sqrt(Tk) centroids,
+   farthest-point initialization so that an outlying key, e.g. a needle, gets a centroid of its own,
+   then a few Lloyd iterations; batched over batch and heads; no one-hot tensors).
+2. Routing, per query head (GQA heads are never averaged): each query block's representatives (its
+   mean query and ``probes`` single queries ending at its last query) give cluster ``c`` the logit
+   ``scale * q . centroid_c * mean key norm of c``, i.e. the attention logit of the cluster's typical
+   key (soft-capped like the layer's).
+3. Routed mass: a key block's score is the share of the representative's attention that its keys
+   would receive if each key scored like its cluster, each key weighted by its affinity (cosine) to
+   its centroid: ``sum_c exp(logit_c) * sum_{j in block, cluster(j) = c} cos(k_j, centroid_c)``,
+   divided by the same sum over the blocks the query block can see; the maximum over
+   representatives. With ``top_clusters`` only that many clusters per representative carry mass
+   (hard routing as in the paper) and blocks without routed keys are never taken.
+4. Each query block keeps the sink and local blocks plus the blocks of most routed mass, ``budget``
+   tokens in all; equal scores go to the later (more recent) block. Padding keys join no cluster and
+   are never selected. The selection is approximate; attention over the selected blocks is exact.
 """
 
 from __future__ import annotations
@@ -17,8 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from sparse_llm.backends.base import BudgetedMethod, LayerCall, register_method, require_positive
-from sparse_llm.backends.selection import block_means
+from sparse_llm.backends.selection import check_probes, prefer_late_ties, probe_queries
 from sparse_llm.kernels import BlockMask
+from sparse_llm.kernels.block_mask import block_geometry
+
+MAX_SIMILARITIES = 2**25  # key-centroid similarities held at once
 
 
 def spherical_kmeans(
@@ -26,41 +42,60 @@ def spherical_kmeans(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine k-means over the rows of ``x`` ``[N, T, D]``, batched over N.
 
-    ``valid`` ``[N, T]`` bool excludes rows (padding) from the centroids. Centroids start at a seeded
-    random choice of rows, the same positions for every batch entry; a cluster that loses all its
-    members keeps its previous centroid. Returns (centroids ``[N, C, D]`` unit-norm fp32,
-    assignment ``[N, T]`` int64).
+    ``valid`` ``[N, T]`` bool excludes rows (padding) from the centroids. Initialization is
+    farthest-point: the first centroid is the valid row of highest seeded random priority (the same
+    priorities for every batch entry), each next one the valid row least similar to the centroids so
+    far. A cluster that loses all its members keeps its previous centroid. Memory is O(N T D + N C D)
+    (similarities are taken in chunks; sums use ``index_add_``). Returns (centroids ``[N, C, D]``
+    unit-norm fp32, assignment ``[N, T]`` int64), C = min(n_clusters, T).
     """
-    n, t, _ = x.shape
+    n, t, d = x.shape
+    c = min(n_clusters, t)
     xn = F.normalize(x.float(), dim=-1)
-    weight = torch.ones(n, t, device=x.device) if valid is None else valid.float()
-    gen = torch.Generator().manual_seed(seed)
-    start = torch.randperm(t, generator=gen)[: min(n_clusters, t)].sort().values.to(x.device)
-    centroids = xn[:, start]
+    valid = torch.ones(n, t, dtype=torch.bool, device=x.device) if valid is None else valid
+    priority = torch.rand(t, generator=torch.Generator().manual_seed(seed)).to(x.device)
+    pick = torch.where(valid, priority, -1.0).argmax(-1)  # [N]
+    rows = torch.arange(n, device=x.device)
+    centroids = torch.empty(n, c, d, device=x.device)
+    closest = torch.full((n, t), -2.0, device=x.device)
+    for i in range(c):
+        centroids[:, i] = xn[rows, pick]
+        closest = torch.maximum(closest, (xn @ centroids[:, i, :, None])[..., 0])
+        pick = closest.masked_fill(~valid, 3.0).argmin(-1)
+    flat = (rows[:, None] * c).expand(n, t)
+    weight = valid.float().flatten()
     for _ in range(iterations):
-        assign = (xn @ centroids.transpose(1, 2)).argmax(-1)
-        members = F.one_hot(assign, centroids.shape[1]).float() * weight[..., None]  # [N, T, C]
-        sums = members.transpose(1, 2) @ xn
-        empty = members.sum(1)[..., None] == 0
-        centroids = torch.where(empty, centroids, F.normalize(sums, dim=-1))
-    return centroids, (xn @ centroids.transpose(1, 2)).argmax(-1)
+        index = (flat + nearest(xn, centroids)[1]).flatten()
+        sums = torch.zeros(n * c, d, device=x.device).index_add_(0, index, xn.flatten(0, 1) * weight[:, None])
+        members = torch.zeros(n * c, device=x.device).index_add_(0, index, weight)
+        empty = (members == 0).view(n, c, 1)
+        centroids = torch.where(empty, centroids, F.normalize(sums.view(n, c, d), dim=-1))
+    return centroids, nearest(xn, centroids)[1]
+
+
+def nearest(xn: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cosine, index) of the closest centroid ``[N, C, D]`` to each row of ``xn`` ``[N, T, D]``."""
+    n, t, _ = xn.shape
+    step = max(1, MAX_SIMILARITIES // max(n * centroids.shape[1], 1))
+    parts = [(xn[:, lo : lo + step] @ centroids.transpose(1, 2)).max(-1) for lo in range(0, t, step)]
+    return torch.cat([p.values for p in parts], 1), torch.cat([p.indices for p in parts], 1)
 
 
 @register_method
 @dataclass
 class Routing(BudgetedMethod):
     """Args: budget (tokens per query block incl. sinks and window, default 2048), n_clusters
-    (default: round(sqrt(Tk))), top_clusters (clusters per query block; default: enough to fill the
-    budget, ceil(n_clusters * budget / Tk)), iterations (k-means steps, default 4), seed (0),
-    sink_tokens (64), local_tokens (512)."""
+    (default: round(sqrt(Tk))), top_clusters (None (default): every cluster carries its soft share
+    of mass; an int: only that many clusters per representative query), probes (single queries per
+    query block besides its mean query, default 1: the block's last query), iterations (k-means
+    steps, default 4), seed (0), sink_tokens (64), local_tokens (512)."""
 
     name = "routing"
-    description = (
-        "Spherical k-means on keys per KV head; query blocks attend the blocks of their top clusters."
-    )
+    description = "Spherical k-means on keys per KV head; key blocks ranked by routed mass per query head."
 
     n_clusters: int | None = None
     top_clusters: int | None = None
+    probes: int = 1
     iterations: int = 4
     seed: int = 0
 
@@ -71,30 +106,74 @@ class Routing(BudgetedMethod):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be None (automatic) or an int >= 1, got {value!r}")
+        check_probes(self.probes, self.block_size)
 
     def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
-        (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
-        bs = self.block_size
-        n_c = self.n_clusters or max(1, round(math.sqrt(kv_len)))
-        top_c = min(self.top_clusters or math.ceil(n_c * self.budget / kv_len), n_c)
-        valid = None if call.key_padding_mask is None else call.key_padding_mask.repeat_interleave(hkv, 0)
-        centroids, assign = spherical_kmeans(k.flatten(0, 1), n_c, self.iterations, self.seed, valid)
-        if valid is not None:
-            assign = assign.masked_fill(~valid, n_c)  # padding keys join no cluster
-        n_k = -(-kv_len // bs)
-        members = F.one_hot(F.pad(assign, (0, n_k * bs - kv_len), value=n_c), n_c + 1)[..., :n_c]
-        counts = members.view(b * hkv, n_k, bs, n_c).sum(2).float()  # keys of each cluster per block
-        q_means = F.normalize(block_means(q, bs).view(b, hkv, hq // hkv, -1, d).mean(2), dim=-1)
-        routed = (q_means.flatten(0, 1) @ centroids.transpose(1, 2)).topk(top_c, dim=-1).indices
-        chosen = torch.zeros(b * hkv, routed.shape[1], n_c, device=q.device).scatter_(-1, routed, 1.0)
-        scores = (chosen @ counts.transpose(1, 2)).view(b, hkv, -1, n_k)  # routed keys per block
-        forced = self.forced_blocks(q, k, call)
-        ranked = BlockMask.from_topk(
-            scores.masked_fill(forced, float("inf")), self.budget_blocks, block_q=bs, block_k=bs,
-            q_len=q_len, kv_len=kv_len, sliding_window=call.sliding_window,
+        n_c = self.n_clusters or max(1, round(math.sqrt(k.shape[2])))
+        scores = routed_block_scores(
+            q, k, call, block=self.block_size, n_clusters=n_c, top_clusters=self.top_clusters,
+            probes=self.probes, iterations=self.iterations, seed=self.seed,
         )  # fmt: skip
-        # A block without routed keys is never taken just to fill the budget.
-        return BlockMask.from_dense(
-            ranked.to_dense() & ((scores > 0) | forced), block_q=bs, block_k=bs, q_len=q_len, kv_len=kv_len,
-            sliding_window=call.sliding_window,
-        )  # fmt: skip
+        return self.mask_from_scores(prefer_late_ties(scores), q, k, call)
+
+
+def routed_block_scores(
+    q: torch.Tensor, k: torch.Tensor, call: LayerCall, *, block: int, n_clusters: int,
+    top_clusters: int | None, probes: int, iterations: int, seed: int,
+) -> torch.Tensor:  # fmt: skip
+    """Routed-mass share of each key block, ``[B, Hq, nQ, nK]`` fp32 in [0, 1] (module docstring,
+    steps 1-3); -inf for blocks never to select (unreachable, padding only, without routed keys under
+    ``top_clusters``). q ``[B, Hq, Tq, D]``, k ``[B, Hkv, Tk, D]``."""
+    (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
+    n_k, dev = -(-kv_len // block), q.device
+    real = call.key_padding_mask
+    real = torch.ones(b, kv_len, dtype=torch.bool, device=dev) if real is None else real
+    valid = real.repeat_interleave(hkv, 0)  # [B * Hkv, Tk]
+    centroids, assign = spherical_kmeans(k.flatten(0, 1), n_clusters, iterations, seed, valid)
+    typical, mass, sizes = cluster_stats(k.flatten(0, 1), centroids, assign, valid, block)
+    # Routing logits of each representative query, per query head: [B * Hkv, G * nQ * R, C].
+    reps, index = probe_queries(q, block, probes, real[:, -q_len:])  # [B, Hq, nQ, R, D]
+    logits = (reps.reshape(b * hkv, -1, d) * call.scale) @ typical.transpose(1, 2)
+    if call.softcap is not None:
+        logits = torch.tanh(logits / call.softcap) * call.softcap
+    logits = logits.masked_fill(sizes[:, None, :] == 0, float("-inf"))  # empty clusters
+    if top_clusters is not None and top_clusters < logits.shape[-1]:
+        routed = logits.topk(top_clusters, dim=-1).indices
+        logits = torch.full_like(logits, float("-inf")).scatter_(-1, routed, logits.gather(-1, routed))
+    # exp(logit - best), floored at e^-80 so that no routed cluster underflows to 0 in fp32.
+    best = logits.amax(-1, keepdim=True)
+    weight = torch.where(logits > float("-inf"), (logits - best).clamp_min(-80.0).exp(), 0.0)
+    routed_mass = (weight @ mass.transpose(1, 2)).view(b, hq, -1, index.shape[1], n_k)  # [B, Hq, nQ, R, nK]
+    reach = block_geometry(
+        q_len=q_len, kv_len=kv_len, block_q=block, block_k=block, sliding_window=call.sliding_window,
+        device=dev,
+    )[0]  # fmt: skip
+    share = routed_mass / (routed_mass * reach[:, None, :]).sum(-1, keepdim=True)
+    scores = share.nan_to_num(0.0).amax(3).masked_fill(~reach, float("-inf"))  # max over representatives
+    if top_clusters is not None:
+        return scores.masked_fill(scores == 0, float("-inf"))  # no routed key in the block
+    padding_only = ~F.pad(real, (0, n_k * block - kv_len)).view(b, 1, 1, n_k, block).any(-1)
+    return scores.masked_fill(padding_only, float("-inf"))
+
+
+def cluster_stats(
+    keys: torch.Tensor, centroids: torch.Tensor, assign: torch.Tensor, valid: torch.Tensor, block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per cluster, from keys ``[N, T, D]`` and their assignment ``[N, T]`` (real keys only): the
+    typical key ``[N, C, D]`` (centroid times the members' mean norm), the summed affinity per key
+    block ``[N, nK, C]`` (sum of max(cos(k_j, centroid), 0) over the block's keys of the cluster) and
+    the member count ``[N, C]``."""
+    (n, t, d), n_c = keys.shape, centroids.shape[1]
+    n_k = -(-t // block)
+    keys, weight = keys.float(), valid.float()
+    affinity = (F.normalize(keys, dim=-1) * centroids.gather(1, assign[..., None].expand(n, t, d))).sum(-1)
+    rows = torch.arange(n, device=keys.device)[:, None]
+    by_cluster = (rows * n_c + assign).flatten()
+    norms = torch.zeros(n * n_c, device=keys.device)
+    norms.index_add_(0, by_cluster, (keys.norm(dim=-1) * weight).flatten())
+    sizes = torch.zeros(n * n_c, device=keys.device).index_add_(0, by_cluster, weight.flatten())
+    typical = centroids * (norms / sizes.clamp_min(1)).view(n, n_c, 1)
+    by_block = ((rows * n_k + torch.arange(t, device=keys.device) // block) * n_c + assign).flatten()
+    mass = torch.zeros(n * n_k * n_c, device=keys.device)
+    mass.index_add_(0, by_block, (affinity.clamp_min(0) * weight).flatten())
+    return typical, mass.view(n, n_k, n_c), sizes.view(n, n_c)

@@ -34,3 +34,43 @@ def block_means(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) 
     xs = torch.nn.functional.pad(x.float() * weight, (0, 0, 0, pad)).view(b, h, n, block, d).sum(3)
     counts = torch.nn.functional.pad(weight, (0, 0, 0, pad)).view(b, 1, n, block, 1).sum(3)
     return xs / counts.clamp_min(1.0)
+
+
+def check_probes(probes: object, block_size: int) -> None:
+    """Raise a ValueError unless ``probes`` (single queries per query block) is an int in [0, block_size]."""
+    if not isinstance(probes, int) or isinstance(probes, bool) or not 0 <= probes <= block_size:
+        raise ValueError(f"probes must be an int in [0, block_size={block_size}], got {probes!r}")
+
+
+def probe_queries(
+    q: torch.Tensor, block: int, probes: int, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Representative queries of each query block: its mean query and ``probes`` single queries.
+
+    q ``[B, H, Tq, D]``; ``valid`` ``[B, Tq]`` bool drops padding queries from the mean. The single
+    queries are evenly spaced and end at the block's last query (the one that sees the most keys;
+    for the prompt's last block, the query that predicts the first generated token). Returns
+    (queries ``[B, H, nQ, 1 + probes, D]`` fp32, query index ``[nQ, 1 + probes]`` int64), where the
+    mean query is indexed as the block's last query.
+    """
+    t = q.shape[2]
+    n = -(-t // block)
+    start = torch.arange(n, device=q.device)[:, None] * block
+    last = torch.clamp(start + block - 1, max=t - 1)
+    offsets = torch.arange(1, probes + 1, device=q.device) * block // probes - 1
+    index = torch.cat([last, torch.minimum(start + offsets, last)], dim=1)  # [nQ, 1 + probes]
+    singles = q[:, :, index[:, 1:].flatten()].float().unflatten(2, (n, probes))
+    return torch.cat([block_means(q, block, valid)[:, :, :, None], singles], dim=3), index
+
+
+def prefer_late_ties(scores: torch.Tensor) -> torch.Tensor:
+    """Block scores ``[..., nK]`` re-expressed as their rank (higher = better) with equal scores
+    ordered towards the later block, so exact ties never fall back to the lowest block index.
+
+    The order of distinct scores is kept; -inf stays -inf (never selected)."""
+    n_k = scores.shape[-1]
+    flipped = scores.float().flip(-1)  # a stable descending sort then puts later blocks first on ties
+    order = torch.sort(flipped, dim=-1, descending=True, stable=True).indices
+    places = torch.arange(n_k, device=scores.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, places)
+    return (n_k - rank).flip(-1).float().masked_fill(scores == float("-inf"), float("-inf"))
