@@ -6,9 +6,12 @@ text, not LongBench data); the model is a tiny random Llama with a tokenizer tra
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import random
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +26,7 @@ import sparse_llm.eval  # noqa: E402
 from sparse_llm import cli  # noqa: E402
 from sparse_llm.eval import longbench as lb  # noqa: E402
 from sparse_llm.eval import longbench_data as lbd  # noqa: E402
+from sparse_llm.eval.haystack import encode  # noqa: E402
 
 WORDS = "river stone lamp garden silver paper window orange quiet forest bridge candle".split()
 CLASSES = ["Location", "Human", "Number", "Entity"]
@@ -109,6 +113,51 @@ def test_middle_truncate_keeps_first_and_last_halves(length, max_length, expecte
     assert lbd.middle_truncate(list(range(length)), max_length) == expected
 
 
+def pred_py_prompt(tokenizer, prompt: str, max_length: int) -> str:
+    """THUDM ``pred.py``'s truncation (``get_pred``), as written there but for ``return_tensors``."""
+    tokenized_prompt = tokenizer(prompt, truncation=False).input_ids
+    if len(tokenized_prompt) > max_length:
+        half = int(max_length / 2)
+        prompt = tokenizer.decode(tokenized_prompt[:half], skip_special_tokens=True) + tokenizer.decode(
+            tokenized_prompt[-half:], skip_special_tokens=True
+        )
+    return prompt
+
+
+@pytest.mark.parametrize("max_length", [40, 41])
+@pytest.mark.parametrize("appends_eos", [True, False], ids=["bos+eos", "bos"])
+def test_truncation_counts_tokens_as_pred_py(max_length, appends_eos):
+    from tokenizers import processors
+
+    tok = train_tokenizer([" ".join(WORDS)], vocab_size=400)
+    if not appends_eos:  # most LM tokenizers add a BOS only
+        tok._tokenizer.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)]
+        )
+    prompt = "Read this. " + _text(random.Random(1), 60) + " Question: which lamp?"
+    text = tok(prompt, add_special_tokens=False)["input_ids"]
+    specials = [tok.bos_token_id, *text] + ([tok.eos_token_id] if appends_eos else [])
+    assert tok(prompt)["input_ids"] == specials and len(specials) > max_length
+    # pred.py counts the special tokens: the BOS takes one of the head's max_length // 2 places (and an
+    # appended EOS one of the tail's), and both are dropped from the decoded text.
+    half = max_length // 2
+    head, tail = text[: half - 1], text[-(half - int(appends_eos)) :]
+    expected = tok.decode(head) + tok.decode(tail)
+    assert pred_py_prompt(tok, prompt, max_length) == expected
+    ids, truncated = lbd.build_prompt_ids(tok, "lcc", prompt, max_length)
+    assert truncated and ids == encode(tok, expected, specials=True) == [tok.bos_token_id, *head, *tail]
+    assert len(ids) == 2 * half - int(appends_eos)
+    # Chat tasks: the same cut, then the template (which carries its own specials) around the text.
+    tok.chat_template = "{% for m in messages %}<|user|>{{ m['content'] }}<|end|>{% endfor %}<|assistant|>"
+    ids, truncated = lbd.build_prompt_ids(tok, "narrativeqa", prompt, max_length)
+    user, end, assistant = tok.convert_tokens_to_ids(["<|user|>", "<|end|>", "<|assistant|>"])
+    assert truncated and ids == [user, *head, *tail, end, assistant]
+    # A prompt of exactly max_length tokens, its specials included, is not cut.
+    fits = tok.decode(text[: max_length - (len(specials) - len(text))])
+    assert lbd.build_prompt_ids(tok, "lcc", fits, max_length)[1] is False
+    assert lbd.build_prompt_ids(tok, "lcc", fits + " river", max_length)[1] is True
+
+
 def test_prompt_of_long_example_keeps_instruction_and_question(tiny):
     _, tokenizer = tiny
     spec = lbd.task_spec("narrativeqa")
@@ -140,20 +189,77 @@ def test_chat_template_is_applied_except_for_fewshot_and_code_tasks():
         assert user not in ids and ids[0] == tok.bos_token_id and ids[-1] != tok.eos_token_id, task
 
 
-def test_prompts_and_lengths_come_from_lm_eval_yamls():
+# sha256 of the files shipped in sparse_llm/eval/data/longbench/: THUDM/LongBench's config/ files at
+# commit 2e00731f (see NOTICE there). A change to them must be deliberate and change this test too.
+SHIPPED_SHA256 = {
+    "dataset2prompt.json": "56d22ad4f382169c2b8a11ff4c982a4a1bea096c8152b0f0b85b64686b157c30",
+    "dataset2maxlen.json": "72966b3c0933e214591637fb085798c5e687ebff4ddaab5d99bbc31120532022",
+    "LICENSE": "bf7f05f274d65931bdf14f060b6855f1c359b8424eb74fd3091d25de89d700c3",
+}
+OFFICIAL_MAXLEN = {
+    "narrativeqa": 128, "qasper": 128, "multifieldqa_en": 64, "multifieldqa_zh": 64, "hotpotqa": 32,
+    "2wikimqa": 32, "musique": 32, "dureader": 128, "gov_report": 512, "qmsum": 512, "multi_news": 512,
+    "vcsum": 512, "trec": 64, "triviaqa": 32, "samsum": 128, "lsht": 64, "passage_count": 32,
+    "passage_retrieval_en": 32, "passage_retrieval_zh": 32, "lcc": 64, "repobench-p": 64,
+}  # fmt: skip
+SHIPPED = Path(lbd.__file__).parent / "data" / "longbench"
+
+
+def _official(name: str) -> dict:
+    return json.loads((SHIPPED / name).read_text(encoding="utf-8"))
+
+
+def test_shipped_config_files_are_thudms_unchanged():
+    for name, digest in SHIPPED_SHA256.items():
+        assert hashlib.sha256((SHIPPED / name).read_bytes()).hexdigest() == digest, name
+        assert lbd.sha256_of(lbd.config_file(name)) == digest
+    assert (
+        "MIT License" in (SHIPPED / "LICENSE").read_text() and "2e00731f" in (SHIPPED / "NOTICE").read_text()
+    )
+    assert (
+        list(_official("dataset2prompt.json")) == list(lbd.TASKS)
+        and _official("dataset2maxlen.json") == OFFICIAL_MAXLEN
+    )
+
+
+def test_prompts_and_lengths_are_the_official_ones():
     assert len(lbd.TASKS) == 21 and len(lbd.E_TASKS) == 13 and set(lbd.METRICS) == set(lbd.TASKS)
-    expected = {"narrativeqa": 128, "hotpotqa": 32, "gov_report": 512, "trec": 64, "lcc": 64}
-    assert {t: lbd.task_spec(t).max_gen for t in expected} == expected
+    prompts = _official("dataset2prompt.json")
     for task in lbd.TASKS:
-        spec = lbd.task_spec(task)
-        assert "{{context}}" in spec.prompt, task
-    for task in lbd.E_TASKS:
+        assert lbd.task_spec(task) == lbd.TaskSpec(task, prompts[task], OFFICIAL_MAXLEN[task]), task
+    for task in lbd.E_TASKS:  # pred.py --e: the same prompt and length
         assert lbd.task_spec(task, longbench_e=True) == lbd.TaskSpec(
-            f"{task}_e", lbd.task_spec(task).prompt, lbd.task_spec(task).max_gen
+            f"{task}_e", prompts[task], OFFICIAL_MAXLEN[task]
         )
+    with pytest.raises(ValueError, match="musique"):
+        lbd.task_spec("musique", longbench_e=True)
+
+
+def test_rendered_prompt_is_the_official_template_filled_with_the_record():
+    prompts = _official("dataset2prompt.json")
+    for task in lbd.TASKS:
+        record = {  # the fields of an official JSONL line; a context with braces is not a template
+            "input": f"Q {task}?", "context": "C {x} {{y}} " + task, "answers": ["a"], "length": 9,
+            "dataset": task, "language": "en", "all_classes": None, "_id": "0",
+        }  # fmt: skip
+        rendered = lbd.render_prompt(lbd.task_spec(task), record)
+        assert rendered == prompts[task].format(**record), task
+        filled = prompts[task].replace("{context}", record["context"]).replace("{input}", record["input"])
+        assert rendered == filled, task  # the templates have no other fields
+    # Where lm-eval's YAML templates (0.4.9.2 to 0.4.13 at least) differ from THUDM's: a lost newline or
+    # trailing space.
+    record = {"context": "C", "input": "Q"}
+    for task in ("triviaqa", "samsum"):
+        assert lbd.render_prompt(lbd.task_spec(task), record).endswith("examples.\n\nC\n\nQ")
+    assert lbd.render_prompt(lbd.task_spec("passage_count"), record).endswith("The final answer is: ")
+    assert lbd.render_prompt(lbd.task_spec("passage_retrieval_en"), record).endswith("The answer is: ")
+    assert lbd.render_prompt(lbd.task_spec("lcc"), record).endswith("\nCNext line of code:\n")
+    assert lbd.render_prompt(lbd.task_spec("repobench-p"), record).endswith("\nCQNext line of code:\n")
+    assert "asconcisely" in lbd.task_spec("narrativeqa").prompt  # sic, in THUDM's file at its main branch
 
 
 def test_metric_table_matches_lm_eval_process_results():
+    import lm_eval
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -161,9 +267,10 @@ def test_metric_table_matches_lm_eval_process_results():
 
     Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
     for task in lbd.TASKS:
-        path = lbd._lm_eval_dir() / "tasks" / "longbench" / f"{task}.yaml"
+        path = Path(lm_eval.__file__).parent / "tasks" / "longbench" / f"{task}.yaml"
         hook = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)["process_results"]
-        assert hook == f"metrics.get_{lbd.METRICS[task].removesuffix('_score')}_with_score", task
+        name = lbd.METRICS[task].removesuffix("_score")
+        assert hook in (f"metrics.get_{name}_score", f"metrics.get_{name}_with_score"), task  # < / >= 0.4.9.2
 
 
 @pytest.mark.parametrize(
@@ -194,12 +301,44 @@ def test_metric_table_matches_lm_eval_process_results():
         pytest.param("passage_count", "7", ["7"], None, 1.0, id="count"),
         pytest.param("lcc", "# comment\n    return x + 1", ["    return x + 1"], None, 1.0, id="code-sim"),
         pytest.param("repobench-p", "zzzz", ["    return x + 1"], None, 0.0, id="code-sim-miss"),
+        # THUDM's code_sim takes the first line after leading newlines even if blank (lm-eval 0.4.13
+        # skips it and would give 1.0): fuzz.ratio(" ", "    return x + 1") = round(100 * 2 / 17) = 12.
+        pytest.param(
+            "lcc", " \n    return x + 1", ["    return x + 1"], None, 0.12, id="code-sim-blank-line"
+        ),
+        pytest.param("lcc", "\n\n    return x + 1", ["    return x + 1"], None, 1.0, id="code-sim-newlines"),
         pytest.param("multifieldqa_zh", "北京", ["北京"], None, 1.0, id="qa-f1-zh"),
         pytest.param("passage_retrieval_zh", "段落2", ["段落2"], None, 1.0, id="retrieval-zh"),
     ],
 )
 def test_score_dispatches_the_official_metric(task, pred, answers, classes, expected):
     assert lbd.score_prediction(task, pred, answers, classes) == pytest.approx(expected, abs=1e-6)
+
+
+def test_metric_versions_are_those_of_the_packages_the_scorer_imports(monkeypatch):
+    from fuzzywuzzy import fuzz
+
+    metrics = lbd.metric_functions()
+    real = importlib.metadata.version
+    assert metrics.jieba.__name__ == "jieba" and metrics.Rouge.__module__.startswith("rouge.")
+    assert metrics.fuzz is fuzz and lbd.code_sim_score.__module__ == lbd.__name__
+    versions = lbd.metric_versions()
+    expected = {name: real(name) for name in ("lm_eval", "jieba", "rouge", "fuzzywuzzy")}
+    assert {k: v for k, v in versions.items() if k != "Levenshtein"} == expected
+    # fuzzywuzzy matches with python-Levenshtein when it is installed, else with difflib (other ratios).
+    assert (versions["Levenshtein"] == "not installed") == (fuzz.SequenceMatcher.__module__ == "difflib")
+
+    def version(name):
+        if name in ("Levenshtein", "python-Levenshtein", "jieba"):
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert lbd.metric_versions() == {**expected, "jieba": "not installed", "Levenshtein": "not installed"}
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda n: "0.12.2" if n == "python-Levenshtein" else version(n)
+    )
+    assert lbd.metric_versions()["Levenshtein"] == "0.12.2"  # the old distribution of the same module
 
 
 def test_score_table_averages_x100_and_splits_longbench_e_by_length():
@@ -264,11 +403,27 @@ def test_hub_download_unpacks_once_and_offline_failure_says_how(tmp_path, monkey
     archive = tmp_path / "data.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.write(data / "trec.jsonl", "data/trec.jsonl")
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hub" / "snapshots" / revision  # huggingface_hub's cache layout
+    snapshot.mkdir(parents=True)
+    archive = archive.rename(snapshot / "data.zip")
     calls = []
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: calls.append(a) or str(archive))
     folder = lbd.download_data(tmp_path / "cache")
     assert lbd.load_examples("trec", folder) == lbd.load_examples("trec", data)
     assert lbd.download_data(tmp_path / "cache") == folder and len(calls) == 1
+    sha = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()  # noqa: E731
+    assert lbd.data_provenance(folder, ["trec"])["data"] == {
+        "dir": str(folder),
+        "source": {
+            "repo": "THUDM/LongBench",
+            "file": "data.zip",
+            "revision": revision,
+            "sha256": sha(archive),
+        },
+        "sha256": {"trec.jsonl": sha(data / "trec.jsonl")},
+    }
+    assert lbd.data_provenance(data, ["trec"])["data"]["source"] is None  # a folder of the user's
 
     def offline(*args, **kwargs):
         raise LocalEntryNotFoundError("no network")
@@ -334,6 +489,21 @@ def test_run_writes_pred_layout_scores_and_resumes(tiny, tmp_path, monkeypatch):
         and results["versions"]["sparse_llm"]
         and results["config"]["max_length"] == 160
     )
+    # What the scores depend on: the metric packages' versions and the prompt, length and data files.
+    assert {k: results["versions"][k] for k in lbd.METRIC_DISTRIBUTIONS} == lbd.metric_versions()
+    assert results["versions"]["lm_eval"] == importlib.metadata.version("lm_eval")
+    prompt_files = ("dataset2prompt.json", "dataset2maxlen.json")
+    assert results["longbench"] == {
+        "config": {"source": lbd.CONFIG_SOURCE, "sha256": {n: SHIPPED_SHA256[n] for n in prompt_files}},
+        "data": {
+            "dir": str(data),
+            "source": None,
+            "sha256": {
+                f"{t}.jsonl": hashlib.sha256((data / f"{t}.jsonl").read_bytes()).hexdigest()
+                for t in FIXTURE_TASKS
+            },
+        },
+    }
     records = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 20 and all(r["truncated"] for r in records)  # 200-word contexts > 160 tokens
     assert all(r["prompt_tokens"] <= 164 for r in records)

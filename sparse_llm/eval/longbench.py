@@ -6,10 +6,12 @@ templates, middle truncation, chat wrapping, metrics, data files) is in
 generation, after at least one token), the score table, the output files, the runner and the CLI.
 
 A run folder holds ``config.json``, ``samples.jsonl`` (one record per example and method; a rerun with
-``resume`` skips those), ``results.json`` and ``scores.md`` (the score table), and the predictions in
-LongBench's layout: ``pred/<model>-<method>/<task>.jsonl`` (``pred_e/`` for LongBench-E) with
-``pred``, ``answers``, ``all_classes`` and ``length`` per line, plus ``result.json`` per folder, so
-the official ``eval.py`` can rescore them.
+``resume`` skips those), ``results.json`` (besides the scores and the usual metadata, the versions of
+lm-eval and the metric libraries under ``versions``, and the sha256 of the prompt, length and data
+files, with the hub revision of downloaded data, under ``longbench``), ``scores.md`` (the score
+table), and the predictions in LongBench's layout: ``pred/<model>-<method>/<task>.jsonl``
+(``pred_e/`` for LongBench-E) with ``pred``, ``answers``, ``all_classes`` and ``length`` per line,
+plus ``result.json`` per folder, so the official ``eval.py`` can rescore them.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ from sparse_llm.eval.longbench_data import (
     E_TASKS,
     TASKS,
     build_prompt_ids,
+    data_provenance,
     download_data,
     length_bucket,
     load_examples,
     metric_functions,
+    metric_versions,
     render_prompt,
     score_prediction,
     task_spec,
@@ -195,7 +199,9 @@ def markdown(table: dict, longbench_e: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_outputs(store: ResultsStore, config: LongBenchConfig, datasets: dict, labels: list[str]) -> dict:
+def _write_outputs(
+    store: ResultsStore, config: LongBenchConfig, datasets: dict, labels: list[str], provenance: dict
+) -> dict:
     """pred/ files in dataset order, per-folder result.json, results.json and scores.md, from all records."""
     records = store.records()
     by_id = {r["id"]: r for r in records}
@@ -219,7 +225,10 @@ def _write_outputs(store: ResultsStore, config: LongBenchConfig, datasets: dict,
         "density": {m: sum(d) / len(d) for m, d in densities.items()},
         "examples": {label: sum(r["method"] == label for r in records) for label in labels},
     }
-    store.write_results(scores, device=config.device)
+    path = store.write_results(scores, device=config.device)
+    results = json.loads(path.read_text(encoding="utf-8"))
+    results["versions"].update(metric_versions())
+    atomic_write_json(path, {**results, "longbench": provenance})
     atomic_write_text(store.folder / "scores.md", markdown(table, config.longbench_e))
     return scores
 
@@ -241,6 +250,7 @@ def run_longbench(
     specs = common.method_specs(config.methods, config.method_params)
     data_dir = config.data_dir if config.data_dir is not None else download_data()
     datasets = {t: load_examples(t, data_dir, config.longbench_e, config.limit) for t in config.tasks}
+    provenance = data_provenance(data_dir, config.tasks, config.longbench_e)
     prompts = {t: task_spec(t, config.longbench_e) for t in config.tasks}
     max_gen = {t: min(spec.max_gen, config.max_new_tokens or spec.max_gen) for t, spec in prompts.items()}
     metric_functions()  # fail now, not after hours of generation, if the metrics' packages are missing
@@ -273,7 +283,7 @@ def run_longbench(
                         "density": density, "score": score_prediction(task, pred, answers, classes),
                     })  # fmt: skip
                     bar.update(1)
-    return _write_outputs(store, config, datasets, [s.label for s in specs])
+    return _write_outputs(store, config, datasets, [s.label for s in specs], provenance)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,18 +2,23 @@
 
 The protocol is THUDM/LongBench's ``pred.py`` and ``eval.py``:
 
-- Prompt templates and generation lengths are read at run time from the task YAMLs that lm-eval
-  installs (``lm_eval/tasks/longbench/<task>[_e].yaml``: ``doc_to_text`` and ``max_gen_toks``), which
-  carry the official ``config/dataset2prompt.json`` and ``dataset2maxlen.json`` values; the JSONL
-  field ``input`` fills the template's ``{{question}}`` (:func:`task_spec`, :func:`render_prompt`).
-- A prompt longer than ``max_length`` tokens is cut in the middle: its first and last
-  ``max_length // 2`` tokens are kept (decoded and joined), since instructions sit at both ends.
+- Prompt templates and generation lengths are THUDM's ``config/dataset2prompt.json`` and
+  ``dataset2maxlen.json``, shipped verbatim in ``sparse_llm/eval/data/longbench/`` (source commit and
+  MIT license in its ``NOTICE`` and ``LICENSE``); a prompt is ``template.format(**example)``, as in
+  ``pred.py`` (:func:`task_spec`, :func:`render_prompt`). lm-eval's task YAMLs are not used: since
+  lm-eval 0.4.9.2, 6 of their 21 templates have lost a newline or a trailing space.
+- Truncation as in ``pred.py`` (:func:`build_prompt_ids`): the prompt is tokenized the tokenizer's
+  default way, with its special tokens (a BOS counts towards ``max_length``); if longer than
+  ``max_length``, its first and last ``max_length // 2`` tokens are decoded without special tokens
+  and the two texts joined, since instructions sit at both ends.
 - The chat template is applied when the tokenizer has one, except for the few-shot and code tasks
   (:data:`NO_CHAT`; "chat models are better off without build prompts on these tasks", ``pred.py``).
-- Scores: the official metric functions, imported from ``lm_eval.tasks.longbench.metrics``; per
-  example the max over the ground truths; per task the mean x100. trec, triviaqa, samsum and lsht
+- Scores: the official metric functions, imported from ``lm_eval.tasks.longbench.metrics``, except
+  ``code_sim_score``, which is THUDM's own (lm-eval's skips blank lines since 0.4.13); per example
+  the max over the ground truths; per task the mean x100. trec, triviaqa, samsum and lsht
   predictions are cut at their first line before scoring. LongBench-E also splits by the example's
-  ``length`` field (words) into 0-4k, 4-8k and 8k+.
+  ``length`` field (words) into 0-4k, 4-8k and 8k+. :func:`metric_versions` and
+  :func:`data_provenance` say which packages and files a score came from.
 
 Data: ``<data_dir>/<task>.jsonl`` and ``<task>_e.jsonl`` (the official files, fields ``input``,
 ``context``, ``answers``, ``length``, ``all_classes``, ``_id``), or, without a data dir, the official
@@ -21,18 +26,22 @@ Data: ``<data_dir>/<task>.jsonl`` and ``<task>_e.jsonl`` (the official files, fi
 into the sparse-llm cache. (THUDM/LongBench is a loading-script dataset, which ``datasets`` >= 4 no
 longer runs, so ``datasets.load_dataset`` cannot read it.)
 
-lm-eval, yaml and jinja2 are imported only when a function needs them, not at import. Generation,
+lm-eval and fuzzywuzzy are imported only when a function needs them, not at import. Generation,
 the score table and the run folder are in :mod:`sparse_llm.eval.longbench`.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import functools
+import hashlib
+import importlib.metadata
 import json
 import logging
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from sparse_llm.eval.haystack import encode
@@ -70,18 +79,42 @@ HOW_TO_GET = (
     "--data-dir <unzipped>/data (files <task>.jsonl and <task>_e.jsonl), or run with network access"
 )
 EVAL_EXTRA = 'pip install "sparse-llm[eval]"'
+# THUDM/LongBench's config files, shipped verbatim as package data (see data/longbench/NOTICE).
+PROMPTS_FILE, MAXLEN_FILE = "dataset2prompt.json", "dataset2maxlen.json"
+CONFIG_SOURCE = (
+    "https://github.com/THUDM/LongBench/tree/2e00731f8d0bff23dc4325161044d0ed8af94c1e/LongBench/config"
+)
+SOURCE_FILE = "source.json"  # beside the unpacked hub data: the dataset revision and data.zip's sha256
+# Distributions the scores depend on: lm-eval's metrics, the libraries they and code_sim_score import,
+# and Levenshtein, which fuzzywuzzy uses when installed (otherwise difflib, whose ratios differ).
+METRIC_DISTRIBUTIONS = {
+    "lm_eval": ("lm_eval",), "jieba": ("jieba",), "rouge": ("rouge",), "fuzzywuzzy": ("fuzzywuzzy",),
+    "Levenshtein": ("Levenshtein", "python-Levenshtein"),
+}  # fmt: skip
 
 
-def _lm_eval_dir() -> Path:
-    spec = importlib.util.find_spec("lm_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"LongBench prompts and metrics come from lm-eval: {EVAL_EXTRA}")
-    return Path(spec.submodule_search_locations[0])
+def config_file(name: str):
+    """The shipped copy of THUDM's ``config/<name>`` (an importlib.resources Traversable)."""
+    return resources.files("sparse_llm.eval").joinpath("data", "longbench", name)
+
+
+@functools.cache
+def _official(name: str) -> dict:
+    return json.loads(config_file(name).read_text(encoding="utf-8"))
+
+
+def sha256_of(path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One dataset's official prompt template (Jinja, ``{{context}}``/``{{question}}``) and answer length."""
+    """One dataset's official prompt template (for ``str.format``: ``{context}``, ``{input}``) and
+    answer length."""
 
     name: str
     prompt: str
@@ -89,28 +122,16 @@ class TaskSpec:
 
 
 def task_spec(task: str, longbench_e: bool = False) -> TaskSpec:
-    """The prompt and generation length of ``task`` from lm-eval's installed LongBench task YAML."""
-    import yaml
-
+    """The prompt and generation length of ``task`` (the same for LongBench-E, as in ``pred.py``)."""
+    if task not in (E_TASKS if longbench_e else TASKS):
+        raise ValueError(f"unknown LongBench{'-E' if longbench_e else ''} task {task!r}")
     name = f"{task}_e" if longbench_e else task
-    path = _lm_eval_dir() / "tasks" / "longbench" / f"{name}.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"lm-eval has no LongBench task file {path}; is lm-eval >= 0.4.9 installed?")
-
-    class Loader(yaml.SafeLoader):  # the YAMLs tag metric functions with !function
-        pass
-
-    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
-    config = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
-    return TaskSpec(name, config["doc_to_text"], int(config["generation_kwargs"]["max_gen_toks"]))
+    return TaskSpec(name, _official(PROMPTS_FILE)[task], int(_official(MAXLEN_FILE)[task]))
 
 
 def render_prompt(spec: TaskSpec, example: dict) -> str:
-    """The official prompt of one example (the JSONL's ``input`` is the template's ``question``)."""
-    import jinja2
-
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
-    return env.from_string(spec.prompt).render(context=example["context"], question=example["input"])
+    """The official prompt of one example: ``spec.prompt.format(**example)``, as ``pred.py`` does."""
+    return spec.prompt.format(**example)
 
 
 def middle_truncate(ids: list[int], max_length: int) -> list[int]:
@@ -126,16 +147,24 @@ def middle_truncate(ids: list[int], max_length: int) -> list[int]:
 def build_prompt_ids(tokenizer, task: str, prompt: str, max_length: int) -> tuple[list[int], bool]:
     """Token ids of ``prompt`` for ``task``, middle-truncated and chat-wrapped; and whether it was cut.
 
-    The prompt's text tokens (without special tokens) are what ``max_length`` counts; the chat
-    template or BOS is added after the cut, as in ``pred.py``.
+    ``pred.py``'s rule: ``max_length`` counts ``tokenizer(prompt).input_ids``, the tokens with the
+    special tokens the tokenizer adds by default (a BOS; an EOS too for tokenizers that append one).
+    A longer prompt keeps its first and last ``max_length // 2`` of them, each half decoded with
+    ``skip_special_tokens=True`` and the texts joined: the BOS takes one of the head's places but is
+    dropped from the text, so ``max_length // 2 - 1`` text tokens are kept in front of the cut. The
+    text is then tokenized again: with the chat template (except :data:`NO_CHAT` tasks) rendered and
+    tokenized without adding special tokens, since the template writes its own BOS (``pred.py``'s
+    hand-written per-model wrappers had none and let the tokenizer add it); otherwise with the
+    tokenizer's BOS but without a trailing EOS/SEP. Either way the prompt has one BOS, and, when cut,
+    about ``2 * (max_length // 2)`` tokens (re-tokenizing the joined text can merge tokens at the seam).
     """
-    ids = encode(tokenizer, prompt, specials=False)
+    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])  # pred.py: tokenizer(prompt)
     truncated = len(ids) > max_length
     if truncated:
-        half = middle_truncate(ids, max_length)
-        cut = len(half) // 2
-        prompt = tokenizer.decode(half[:cut], skip_special_tokens=True) + tokenizer.decode(
-            half[cut:], skip_special_tokens=True
+        kept = middle_truncate(ids, max_length)
+        cut = len(kept) // 2
+        prompt = tokenizer.decode(kept[:cut], skip_special_tokens=True) + tokenizer.decode(
+            kept[cut:], skip_special_tokens=True
         )
     if task not in NO_CHAT and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
@@ -153,11 +182,41 @@ def metric_functions():
     return metrics
 
 
+def metric_versions() -> dict[str, str]:
+    """The version of each of :data:`METRIC_DISTRIBUTIONS` (importlib.metadata), or "not installed"."""
+    versions = {}
+    for key, names in METRIC_DISTRIBUTIONS.items():
+        versions[key] = "not installed"
+        for name in names:
+            try:
+                versions[key] = importlib.metadata.version(name)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                pass
+    return versions
+
+
+def code_sim_score(prediction: str, ground_truth: str, **kwargs) -> float:
+    """THUDM's ``code_sim_score`` (``LongBench/metrics.py``, MIT): ``fuzz.ratio / 100`` of the ground
+    truth and the first line, after leading newlines, without a backtick, ``#`` or ``//``, even if it is
+    blank. lm-eval >= 0.4.13 skips blank lines here, which changes lcc and repobench-p scores."""
+    from fuzzywuzzy import fuzz
+
+    all_lines = prediction.lstrip("\n").split("\n")
+    prediction = ""
+    for line in all_lines:
+        if ("`" not in line) and ("#" not in line) and ("//" not in line):
+            prediction = line
+            break
+    return fuzz.ratio(prediction, ground_truth) / 100
+
+
 def score_prediction(task: str, prediction: str, answers: list[str], all_classes=None) -> float:
     """The official score in [0, 1] of one prediction: the best over the ground truths."""
     if task in FIRST_LINE:
         prediction = prediction.lstrip("\n").split("\n")[0]
-    metric = getattr(metric_functions(), METRICS[task])
+    metrics = metric_functions()
+    metric = code_sim_score if METRICS[task] == "code_sim_score" else getattr(metrics, METRICS[task])
     return max([float(metric(prediction, truth, all_classes=all_classes)) for truth in answers], default=0.0)
 
 
@@ -181,10 +240,14 @@ def download_data(cache_dir: str | Path | None = None) -> Path:
         raise FileNotFoundError(f"LongBench data is not available offline ({err}); {HOW_TO_GET}") from err
     root.mkdir(parents=True, exist_ok=True)
     logger.info("unpacking %s into %s", archive, target)
+    # hf_hub_download's cache layout is .../snapshots/<commit>/data.zip
+    revision = Path(archive).parent.name if re.fullmatch(r"[0-9a-f]{40}", Path(archive).parent.name) else None
+    source = {"repo": HUB_REPO, "file": "data.zip", "revision": revision, "sha256": sha256_of(Path(archive))}
     with tempfile.TemporaryDirectory(prefix=".unpacking-", dir=root) as tmp:
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(tmp)
         unpacked = Path(tmp) / "data" if (Path(tmp) / "data").is_dir() else Path(tmp)
+        (unpacked / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
         try:
             unpacked.rename(target)  # atomic: a reader never sees half the files
         except OSError:
@@ -193,16 +256,36 @@ def download_data(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
-def load_examples(
-    task: str, data_dir: str | Path, longbench_e: bool = False, limit: int | None = None
-) -> list[dict]:
-    """The first ``limit`` examples of ``<data_dir>/<task>[_e].jsonl`` (``<data_dir>/data/`` also works)."""
+def data_file(task: str, data_dir: str | Path, longbench_e: bool = False) -> Path:
+    """``<data_dir>/<task>[_e].jsonl`` or ``<data_dir>/data/<task>[_e].jsonl``; FileNotFoundError if none."""
     name = f"{task}_e" if longbench_e else task
     path = Path(data_dir) / f"{name}.jsonl"
     if not path.exists() and (Path(data_dir) / "data" / f"{name}.jsonl").exists():
         path = Path(data_dir) / "data" / f"{name}.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"LongBench file {path} not found; {HOW_TO_GET}")
+    return path
+
+
+def data_provenance(data_dir: str | Path, tasks, longbench_e: bool = False) -> dict:
+    """What a run's inputs were: the sha256 of the shipped prompt and length files and of each data
+    file, and, for data unpacked by :func:`download_data`, the hub revision and data.zip's sha256
+    (``source``; None for a folder of the user's)."""
+    paths = [data_file(task, data_dir, longbench_e) for task in tasks]
+    source_file = paths[0].parent / SOURCE_FILE if paths else Path(data_dir) / SOURCE_FILE
+    source = json.loads(source_file.read_text(encoding="utf-8")) if source_file.exists() else None
+    config = {name: sha256_of(config_file(name)) for name in (PROMPTS_FILE, MAXLEN_FILE)}
+    return {
+        "config": {"source": CONFIG_SOURCE, "sha256": config},
+        "data": {"dir": str(data_dir), "source": source, "sha256": {p.name: sha256_of(p) for p in paths}},
+    }
+
+
+def load_examples(
+    task: str, data_dir: str | Path, longbench_e: bool = False, limit: int | None = None
+) -> list[dict]:
+    """The first ``limit`` examples of ``<data_dir>/<task>[_e].jsonl`` (``<data_dir>/data/`` also works)."""
+    path = data_file(task, data_dir, longbench_e)
     examples = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
