@@ -50,10 +50,13 @@ CONFIGS = {
 FAMILIES = list(CONFIGS)
 
 
-def tiny_model(family: str, attn: str | None = None, dtype=torch.float32, seed: int = 0):
-    """A tiny random model of ``family`` with the HF reference attention (eager for Gemma2)."""
+def tiny_model(family: str, attn: str | None = None, dtype=torch.float32, seed: int = 0, **overrides):
+    """A tiny random model of ``family`` with the HF reference attention (eager for Gemma2);
+    ``overrides`` set fields of the family's config (e.g. ``num_key_value_heads=1`` for MQA)."""
     torch.manual_seed(seed)
     config = CONFIGS[family]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
     attn = attn or ("eager" if family == "gemma2" else "sdpa")
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
     return model.eval()
@@ -69,6 +72,17 @@ def float64_reference(model):
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny tensors. On a busy 2-core machine, OpenMP's spin-waiting made
+    tiny-tensor tests ~10x slower with two threads (4m49s vs 28s for test_approx_backends.py); the
+    previous count is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The approximate methods (deltallm, lightning, lla): each against its slow reference, their exact limits,
-and end to end on the tiny models.
+and long inputs. End to end on the tiny models they are checked with every method, in
+test_method_contract.py.
 
 Comparisons use the tolerance rule of ``attention_cases.py``: the method in fp32 against its reference
 in fp64 (truth), bounded by twice the fp32 reference's own error plus the rounding floor.
@@ -10,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 from attention_cases import assert_within_rule
-from conftest import FAMILIES, random_ids, tiny_model
 
 import sparse_llm
 from sparse_llm.backends import LayerCall, get_method
@@ -22,14 +22,7 @@ from sparse_llm.kernels import BlockMask, reference_attention
 BS = 16  # block size of every kernel-level case
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread. On a busy 2-core machine, OpenMP's spin-waiting made this
-    file ~10x slower with two threads (measured 4m49s vs 28s); the previous count is restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors run faster on one thread
 
 
 def inputs(seed=0, b=2, hq=4, hkv=2, tq=113, tk=203, d=64, left_pad=(0, 29), q_gain=1.0, k_gain=1.0):
@@ -200,47 +193,18 @@ def test_lla_matches_reference(case, base, base_params):
 
 
 # ----------------------------------------------------------------------------- all three
-APPROX = {
-    "deltallm": dict(theta=0.6, sink_tokens=16, local_tokens=32),
-    "lightning": dict(sink_tokens=16, local_tokens=32),
-    "lla": dict(base_params=dict(sink_tokens=16, local_tokens=32)),
+LONG = {
+    "deltallm": dict(),  # local_tokens default: max(256, 5% of Tk)
+    "lightning": dict(local_tokens=256),
+    "lla": dict(base_params=dict(sink_tokens=64, local_tokens=256)),
 }
 
 
-@pytest.mark.parametrize("method", list(APPROX))
-@pytest.mark.parametrize("family", FAMILIES)
-def test_methods_generate_on_padded_batches_of_tiny_models(family, method):
-    model = tiny_model(family)
-    ids = random_ids(2, 200, seed=11)
-    attention_mask = torch.ones_like(ids)
-    attention_mask[1, :37] = 0
-    with torch.no_grad():
-        dense = model(input_ids=ids, attention_mask=attention_mask).logits
-        with sparse_llm.sparse_attention(model, method, block_size=16, **APPROX[method]):
-            out = model.generate(
-                ids, attention_mask=attention_mask, max_new_tokens=3, min_new_tokens=3, do_sample=False,
-                output_logits=True, return_dict_in_generate=True,
-            )  # fmt: skip
-            logits = model(input_ids=ids, attention_mask=attention_mask).logits
-            stats = sparse_llm.attention_stats(model)
-    assert out.sequences.shape == (2, 203)
-    assert all(torch.isfinite(step).all() for step in out.logits)
-    assert torch.isfinite(logits).all()
-    assert any(info["sparse"] for info in stats["layers"].values())
-    assert stats["density"] < 0.75
-    assert (logits - dense).abs().max() > 1e-4  # the method really ran on the global layers
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("method", list(APPROX))
+@pytest.mark.parametrize("method", list(LONG))
 def test_long_inputs_stay_finite(method, dtype):
     q, k, v, _ = inputs(seed=5, b=1, hq=2, hkv=1, tq=2048, tk=2048, left_pad=(0,), q_gain=2.0)
-    params = {
-        "deltallm": dict(),  # local_tokens default: max(256, 5% of Tk)
-        "lightning": dict(local_tokens=256),
-        "lla": dict(base_params=dict(sink_tokens=64, local_tokens=256)),
-    }[method]
-    out, _ = get_method(method, **params).attend(
+    out, _ = get_method(method, **LONG[method]).attend(
         q.to(dtype), k.to(dtype), v.to(dtype), LayerCall(0, 64**-0.5, softcap=None)
     )
     assert out.dtype == dtype and out.shape == q.shape
@@ -280,10 +244,8 @@ def test_bad_parameters_raise(method, params, match):
         get_method(method, **params)
 
 
-def test_approximate_methods_are_registered_with_descriptions():
+def test_approximate_methods_say_so_in_their_descriptions():
     methods = sparse_llm.list_methods()
-    for name in APPROX:
-        assert name in methods and methods[name]
     assert "approximate" in methods["deltallm"] and "approximate" in methods["lightning"]
     assert get_method("deltallm").params()["theta"] == 0.6  # the report attribute is not a parameter
     assert "last_delta_sparsity" not in get_method("deltallm").params()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import sparse_llm
 from sparse_llm.backends import LayerCall, get_method
+from sparse_llm.backends.base import BudgetedMethod
 from sparse_llm.kernels import BlockMask
 
 
@@ -44,7 +46,9 @@ def test_block_topk_finds_the_planted_block_and_respects_the_budget():
     direction = torch.randn(d)
     q[:, :, -bs:] += direction  # the last query block points at ...
     k[:, 0, 5 * bs : 6 * bs] += direction  # ... key block 5 of KV head 0 only
-    method = get_method("block_topk", budget=5 * bs, sink_tokens=bs, local_tokens=2 * bs, block_size=bs)
+    method = get_method(
+        "block_topk", dense_tail_blocks=0, budget=5 * bs, sink_tokens=bs, local_tokens=2 * bs, block_size=bs
+    )
     mask = method.block_mask(q, k, k, LayerCall(0, d**-0.5))
     last = mask.to_dense()[0, :, -1]  # [Hq, nK]: one row per query head
     n_k = t // bs
@@ -56,7 +60,7 @@ def test_block_topk_finds_the_planted_block_and_respects_the_budget():
 
 def test_block_topk_budget_must_cover_the_forced_blocks():
     with pytest.raises(ValueError, match="must cover sink_tokens"):
-        get_method("block_topk", budget=256, sink_tokens=128, local_tokens=512)
+        get_method("block_topk", dense_tail_blocks=0, budget=256, sink_tokens=128, local_tokens=512)
 
 
 def _planted(seed: int = 0, t: int = 512, d: int = 64, bs: int = 32):
@@ -71,7 +75,9 @@ def test_dma_value_norm_picks_the_planted_high_norm_values_for_every_query_block
     q, k, v = _planted()
     bs = 32
     v[:, 0, 7 * bs : 8 * bs] *= 10  # block 7 of KV head 0 carries large values
-    method = get_method("dma", budget=4 * bs, sink_tokens=bs, local_tokens=bs, block_size=bs)
+    method = get_method(
+        "dma", dense_tail_blocks=0, budget=4 * bs, sink_tokens=bs, local_tokens=bs, block_size=bs
+    )
     dense = method.block_mask(q, k, v, LayerCall(0, 0.125)).to_dense()[0]  # [Hkv, nQ, nK]
     assert dense[0, 7:, 7].all()  # every query block that can see block 7 attends it
     # one score vector per head: each row keeps its sink, local and the best blocks it can see
@@ -90,7 +96,14 @@ def test_dma_observation_picks_the_keys_the_last_queries_attend():
     q[:, 2:4, -16:] += direction  # the last queries of group 1 ...
     k[:, 1, 5 * bs + 3] += direction  # ... look at one key in block 5 of KV head 1
     method = get_method(
-        "dma", score="observation", window=16, budget=3 * bs, sink_tokens=bs, local_tokens=bs, block_size=bs
+        "dma",
+        dense_tail_blocks=0,
+        score="observation",
+        window=16,
+        budget=3 * bs,
+        sink_tokens=bs,
+        local_tokens=bs,
+        block_size=bs,
     )
     dense = method.block_mask(q, k, v, LayerCall(0, 64**-0.5)).to_dense()[0]
     assert dense[1, -1, 5] and dense[1, 5:, 5].all()
@@ -101,7 +114,9 @@ def test_dma_skips_padding_keys():
     v[:, :, :64] *= 100  # huge values, but they are padding
     padding = torch.ones(1, 512, dtype=torch.bool)
     padding[:, :64] = False
-    method = get_method("dma", budget=128, sink_tokens=32, local_tokens=32, block_size=32)
+    method = get_method(
+        "dma", dense_tail_blocks=0, budget=128, sink_tokens=32, local_tokens=32, block_size=32
+    )
     dense = method.block_mask(q, k, v, LayerCall(0, 0.125, key_padding_mask=padding)).to_dense()[0]
     # real query blocks (2 on) never attend the padded blocks 0-1; their sinks start at block 2
     assert not dense[:, 2:, :2].any()
@@ -146,6 +161,7 @@ def test_routing_sends_a_query_block_to_the_blocks_of_its_cluster():
     q[:, :, -bs:] += directions[1]  # the last query block asks for cluster 1
     method = get_method(
         "routing",
+        dense_tail_blocks=0,
         n_clusters=4,
         top_clusters=1,
         budget=16 * bs,
@@ -236,15 +252,26 @@ def test_dhsa_bad_parameters(params, match):
         get_method("dhsa", **params)
 
 
-SELECTION = ["block_topk", "dma", "routing", "dhsa"]
+# Every registered budgeted method (none named), with the knobs of its exact setting other than the
+# budget (threshold 1.0, gamma 1.0, ...): the budget is then the only limit on its selection.
+BUDGETED = [
+    pytest.param(name, id=name)
+    for name in sparse_llm.list_methods()
+    if isinstance(get_method(name), BudgetedMethod)
+]
 
 
-@pytest.mark.parametrize("name", SELECTION)
+def budget_only(name: str, **params) -> BudgetedMethod:
+    exact = {key: value for key, value in (get_method(name).exact_params or {}).items() if key != "budget"}
+    return get_method(name, **exact, **params)
+
+
+@pytest.mark.parametrize("name", BUDGETED)
 def test_achieved_budget_is_within_ten_percent(name):
     torch.manual_seed(0)
     bs, t, d, budget = 32, 2048, 32, 512
     q, k, v = torch.randn(2, 4, t, d), torch.randn(2, 2, t, d), torch.randn(2, 2, t, d)
-    method = get_method(name, budget=budget, sink_tokens=32, local_tokens=128, block_size=bs)
+    method = budget_only(name, budget=budget, sink_tokens=32, local_tokens=128, block_size=bs)
     dense = method.block_mask(q, k, v, LayerCall(0, d**-0.5)).to_dense()
     # The last query block can see every key, so it must spend the budget, never more.
     tokens = dense[..., -2, :].sum(-1).float() * bs  # [B, H]; -2: dhsa keeps the last block dense
@@ -252,11 +279,11 @@ def test_achieved_budget_is_within_ten_percent(name):
     assert (tokens >= 0.9 * budget).all(), tokens
 
 
-@pytest.mark.parametrize("name", SELECTION)
+@pytest.mark.parametrize("name", BUDGETED)
 def test_budget_above_the_context_is_clamped_with_one_warning(name, caplog):
     torch.manual_seed(0)
     q, k = torch.randn(1, 2, 128, 16), torch.randn(1, 1, 128, 16)
-    method = get_method(name, budget=256, sink_tokens=16, local_tokens=16, block_size=16)
+    method = budget_only(name, budget=256, sink_tokens=16, local_tokens=16, block_size=16)
     with caplog.at_level("WARNING", logger="sparse_llm.backends.base"):
         for _ in range(3):  # one warning per method object, not one per layer call
             mask = method.block_mask(q, k, k, LayerCall(0, 0.25))
@@ -264,10 +291,27 @@ def test_budget_above_the_context_is_clamped_with_one_warning(name, caplog):
     warnings = [r for r in caplog.records if "budget 256 >= context length 128" in r.getMessage()]
     assert len(warnings) == 1
     caplog.clear()
-    get_method(name, budget=64, sink_tokens=16, local_tokens=16, block_size=16).block_mask(
+    budget_only(name, budget=64, sink_tokens=16, local_tokens=16, block_size=16).block_mask(
         q, k, k, LayerCall(0, 0.25)
     )
     assert not caplog.records
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        pytest.param("dma", dict(score="observation"), id="dma-observation"),
+        pytest.param("dma", dict(key_norm=True), id="dma-key_norm"),
+        pytest.param("dhsa", dict(chunking="fixed"), id="dhsa-fixed"),
+    ],
+)
+def test_options_at_a_full_budget_keep_every_block(name, params):
+    """Options besides the defaults that test_method_contract.py runs: at a budget covering the
+    context they select every reachable block, hence give dense's output (the contract's check)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 150, 16), torch.randn(2, 2, 150, 16), torch.randn(2, 2, 150, 16)
+    method = get_method(name, **params, budget=160, sink_tokens=16, local_tokens=32, block_size=16)
+    assert method.block_mask(q, k, v, LayerCall(0, 0.25)).validate().density() == 1.0
 
 
 # --------------------------------------------------------------- per-head peaks: a needle one head seeks
@@ -293,7 +337,9 @@ def test_the_head_that_seeks_a_needle_gets_its_block(name, seed):
     bs = 32
     q, k, needle, distractor = _one_head_needle(seed, bs=bs)
     # one free block per query block beyond the sink block and the two local blocks
-    method = get_method(name, budget=4 * bs, sink_tokens=bs, local_tokens=2 * bs, block_size=bs)
+    method = get_method(
+        name, dense_tail_blocks=0, budget=4 * bs, sink_tokens=bs, local_tokens=2 * bs, block_size=bs
+    )
     dense = method.block_mask(q, k, k, LayerCall(0, 64**-0.5)).to_dense()[0, :, -1]  # [H, nK]
     last = dense[torch.arange(4) * dense.shape[0] // 4]  # the row each query head uses
     assert last.sum(-1).tolist() == [4] * 4
@@ -315,7 +361,14 @@ def test_dma_rows_rank_the_blocks_they_can_see():
     q[0, 1, -16:] += unit[1] + unit[2]
     q[0, 0, -16:] += unit[2] * 2
     method = get_method(
-        "dma", score="observation", window=16, budget=4 * bs, sink_tokens=bs, local_tokens=bs, block_size=bs
+        "dma",
+        dense_tail_blocks=0,
+        score="observation",
+        window=16,
+        budget=4 * bs,
+        sink_tokens=bs,
+        local_tokens=bs,
+        block_size=bs,
     )
     dense = method.block_mask(q, k, k, LayerCall(0, d**-0.5)).to_dense()[0, 0]  # [nQ, nK]
     assert dense[-1, [9, 11]].all()
@@ -330,7 +383,15 @@ def test_dma_every_row_spends_its_budget(score, t):
     torch.manual_seed(3)
     bs, budget = 32, 5 * 32
     q, k, v = torch.randn(2, 4, t, 32), torch.randn(2, 2, t, 32), torch.randn(2, 2, t, 32)
-    method = get_method("dma", score=score, budget=budget, sink_tokens=bs, local_tokens=2 * bs, block_size=bs)
+    method = get_method(
+        "dma",
+        dense_tail_blocks=0,
+        score=score,
+        budget=budget,
+        sink_tokens=bs,
+        local_tokens=2 * bs,
+        block_size=bs,
+    )
     mask = method.block_mask(q, k, v, LayerCall(0, 32**-0.5))
     counts = mask.to_dense().sum(-1)  # [B, Hkv, nQ]
     reach = mask.reachable().sum(-1)  # [nQ] blocks each row can see
@@ -517,7 +578,9 @@ def test_routing_matches_the_one_hot_reference(tq, tk, top, window, padded, monk
 def test_routing_ties_go_to_the_recent_blocks():
     k = torch.ones(1, 1, 512, 16)  # every key alike: every full block has the same routed mass
     q = torch.randn(1, 2, 512, 16, generator=torch.Generator().manual_seed(0))
-    method = get_method("routing", budget=4 * 32, sink_tokens=32, local_tokens=32, block_size=32)
+    method = get_method(
+        "routing", dense_tail_blocks=0, budget=4 * 32, sink_tokens=32, local_tokens=32, block_size=32
+    )
     dense = method.block_mask(q, k, k, LayerCall(0, 0.25)).to_dense()[0]
     assert dense[:, -1].nonzero()[:, 1].tolist() == [0, 13, 14, 15] * 2
     assert dense[:, 8].nonzero()[:, 1].tolist() == [0, 6, 7, 8] * 2
@@ -552,7 +615,7 @@ def test_dhsa_peak_tie_break_does_not_depend_on_position():
 
 
 # ------------------------------------------------------------------------------------ shared checks
-@pytest.mark.parametrize("name", SELECTION)
+@pytest.mark.parametrize("name", BUDGETED)
 def test_padding_keys_are_never_selected(name):
     torch.manual_seed(4)
     t, d, bs = 512, 32, 32
@@ -561,7 +624,7 @@ def test_padding_keys_are_never_selected(name):
     v[1, :, :100] *= 100
     padding = torch.ones(2, t, dtype=torch.bool)
     padding[1, :100] = False
-    method = get_method(name, budget=6 * bs, sink_tokens=bs, local_tokens=bs, block_size=bs)
+    method = budget_only(name, budget=6 * bs, sink_tokens=bs, local_tokens=bs, block_size=bs)
     dense = method.block_mask(q, k, v, LayerCall(0, d**-0.5, key_padding_mask=padding)).to_dense()
     rows = dense[1 if dense.shape[0] > 1 else 0, :, 4:-1]  # real query blocks (the last may be dense)
     assert not rows[..., :3].any()  # blocks 0-2 hold padding only

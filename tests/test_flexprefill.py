@@ -1,12 +1,11 @@
-"""``flexprefill``: profiles against a slow reference, planted patterns, budget, padding, model level."""
+"""``flexprefill``: profiles against a slow reference, planted patterns, budget, padding (model level:
+test_method_contract.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, random_ids, tiny_model
 
-import sparse_llm
 from sparse_llm.backends import LayerCall, get_method
 from sparse_llm.backends.flexprefill import pattern_distance, window_profiles
 from sparse_llm.backends.selection import block_means
@@ -90,7 +89,9 @@ def test_planted_vertical_key_is_kept_for_every_query_block_that_sees_it():
     q, k = _spike()
     call = LayerCall(0, 64**-0.5)
     assert (_distance(q, k, call) > 0.1).all()  # pooled means miss the single key: vertical-slash
-    method = get_method("flexprefill", budget=256, sink_tokens=32, local_tokens=32, block_size=32)
+    method = get_method(
+        "flexprefill", dense_tail_blocks=0, budget=256, sink_tokens=32, local_tokens=32, block_size=32
+    )
     dense = method.block_mask(q, k, k, call).validate().to_dense()[0]  # [Hq, nQ, nK]
     assert dense[:, 5:, 5].all()
     assert not dense[:, 2:4, 5].any()  # causality: query blocks before it cannot see it
@@ -106,7 +107,9 @@ def test_planted_slash_keeps_the_matching_diagonal_band():
     q[:, :, offset:] = 2 * k[:, :, :-offset]  # query i looks at key i - 100
     call = LayerCall(0, d**-0.5)
     assert (_distance(q, k, call) > 0.1).all()
-    method = get_method("flexprefill", budget=10 * bs, sink_tokens=bs, local_tokens=2 * bs, block_size=bs)
+    method = get_method(
+        "flexprefill", dense_tail_blocks=0, budget=10 * bs, sink_tokens=bs, local_tokens=2 * bs, block_size=bs
+    )
     dense = method.block_mask(q, k, k, call).validate().to_dense()[0]
     for n in range(offset // bs + 1, t // bs):  # keys at offset 100 of block n lie in blocks n-4, n-3
         assert dense[:, n, n - 4].all() and dense[:, n, n - 3].all(), n
@@ -127,7 +130,7 @@ def test_head_type_decision_flips_with_tau():
     q, k = _clusters()
     call = LayerCall(0, 32**-0.5)
     assert (_distance(q, k, call) < 0.1).all()  # block means explain the window: query-aware
-    params = dict(budget=256, sink_tokens=32, local_tokens=32, block_size=32)
+    params = dict(budget=256, sink_tokens=32, local_tokens=32, block_size=32, dense_tail_blocks=0)
     aware = get_method("flexprefill", **params).block_mask(q, k, k, call).validate().to_dense()[0]
     # From block 3 on, each query block keeps its own cluster, the sink and its diagonal block (before,
     # its cluster is not in sight and the flat pooled row keeps every block).
@@ -163,9 +166,10 @@ def test_budget_cap_forced_blocks_and_dense_tail(case):
     assert dense.shape[1] == q.shape[1]  # one row per query head
     assert (dense[:, :, :-1].sum(-1) <= budget // bs).all()
     reach, _ = block_geometry(q_len=q.shape[2], kv_len=k.shape[2], block_q=bs, block_k=bs)
-    assert (dense[:, :, -1] == reach[-1]).all()  # the dense tail row keeps every causal block
     real = torch.ones(1, k.shape[2], dtype=torch.bool) if padding is None else padding
     real = torch.nn.functional.pad(real, (0, -k.shape[2] % bs)).unflatten(1, (-1, bs)).any(-1)
+    # The dense tail row keeps every causal block holding a real key.
+    assert (dense[:, :, -1] == (reach[-1] & real[:, None, :])).all()
     forced = method.forced_blocks(q, k, call) & reach & real[:, None, None, :]
     assert (dense | ~forced).all()
 
@@ -180,7 +184,15 @@ def test_padding_keys_are_never_selected_and_padded_batch_equals_single_runs(tau
     k = torch.cat([long_k, torch.cat([torch.randn(1, 2, pad, 32) * 50, short_k], 2)])
     padding = torch.ones(2, 256, dtype=torch.bool)
     padding[1, :pad] = False
-    method = get_method("flexprefill", tau=tau, budget=4 * bs, sink_tokens=bs, local_tokens=bs, block_size=bs)
+    method = get_method(
+        "flexprefill",
+        dense_tail_blocks=0,
+        tau=tau,
+        budget=4 * bs,
+        sink_tokens=bs,
+        local_tokens=bs,
+        block_size=bs,
+    )
     batched = method.block_mask(q, k, k, LayerCall(0, 32**-0.5, key_padding_mask=padding)).to_dense()
     assert not batched[1, :, :, : pad // bs].any()
     singles = [method.block_mask(x, y, y, LayerCall(0, 32**-0.5)).to_dense()[0] for x, y in
@@ -207,37 +219,3 @@ def test_padding_keys_are_never_selected_and_padded_batch_equals_single_runs(tau
 def test_bad_parameters(params, match):
     with pytest.raises(ValueError, match=match):
         get_method("flexprefill", **params)
-
-
-def _logits(model, ids, attention_mask=None):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=attention_mask).logits
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_full_budget_and_gamma_one_equal_dense(family):
-    model = tiny_model(family)
-    ids = random_ids(2, 150, seed=4)
-    with sparse_llm.sparse_attention(model, "dense", block_size=16):
-        dense = _logits(model, ids)
-    params = dict(gamma=1.0, budget=150, sink_tokens=16, local_tokens=32, block_size=16)
-    with sparse_llm.sparse_attention(model, "flexprefill", **params):
-        ours = _logits(model, ids)
-        assert sparse_llm.attention_stats(model)["density"] == pytest.approx(1.0)
-    torch.testing.assert_close(ours, dense, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_sparse_forward_on_a_padded_batch_is_finite(family):
-    model = tiny_model(family)
-    ids = random_ids(2, 300, seed=10)
-    attention_mask = torch.ones_like(ids)
-    attention_mask[1, :57] = 0
-    sparse_llm.sparsify(model, "flexprefill", budget=96, sink_tokens=16, local_tokens=32, block_size=16)
-    try:
-        out = _logits(model, ids, attention_mask)
-        density = sparse_llm.attention_stats(model)["density"]
-    finally:
-        sparse_llm.unsparsify(model)
-    assert torch.isfinite(out).all()
-    assert 0 < density < 0.75

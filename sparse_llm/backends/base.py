@@ -19,12 +19,13 @@ from typing import ClassVar
 
 import torch
 
-from sparse_llm.backends.selection import first_real_key
+from sparse_llm.backends.selection import first_real_key, key_blocks_with_real_keys
 from sparse_llm.kernels import BlockMask, block_sparse_attention
 
 logger = logging.getLogger(__name__)
 
 DECODE_MODES = ("dense", "sparse")
+WHOLE_PROMPT = 1 << 20  # tokens: a budget or window this large covers any prompt the tests use
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,16 @@ class SparseMethod:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # Settings that the registry-driven tests (tests/test_method_contract.py) and the bench read, so a
+    # new method file is tested and benchmarked without being named anywhere else. Read-only dicts.
+    # exact_params: parameters at which the method equals ``dense`` on a short prompt; None (with the
+    #   reason in a comment) if no setting is exact. The default {} claims exactness at the defaults:
+    #   a method for which that is false fails the contract test until it declares its own.
+    # small_params: a setting that really sparsifies a ~160-token prompt; None if never sparse.
+    # bench_params: the bench's defaults (``sparse-llm bench``), overridden by its method_params.
+    exact_params: ClassVar[dict | None] = {}
+    small_params: ClassVar[dict | None] = {"block_size": 16}
+    bench_params: ClassVar[dict] = {}
 
     block_size: int = 64
     min_seq_len: int = 0
@@ -110,10 +121,14 @@ class BudgetedMethod(SparseMethod):
     mask, so the density that :func:`sparse_llm.attention_stats` reports counts them.
     """
 
+    exact_params: ClassVar[dict | None] = {"budget": WHOLE_PROMPT}  # every reachable block is kept
+    small_params: ClassVar[dict | None] = dict(block_size=16, budget=64, sink_tokens=16, local_tokens=32)
+    bench_params: ClassVar[dict] = {"budget": 2048}
+
     budget: int = 2048
     sink_tokens: int = 64
     local_tokens: int = 512
-    dense_tail_blocks: int = 0
+    dense_tail_blocks: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -151,18 +166,27 @@ class BudgetedMethod(SparseMethod):
             kv_start=first_real_key(call.key_padding_mask),
         ).to_dense()  # fmt: skip
 
-    def mask_from_blocks(self, selected: torch.Tensor, q: torch.Tensor, k: torch.Tensor, call: LayerCall) -> BlockMask:
+    def mask_from_blocks(
+        self, selected: torch.Tensor, q: torch.Tensor, k: torch.Tensor, call: LayerCall
+    ) -> BlockMask:
         """The BlockMask of a bool ``[B, H, nQ, nK]`` selection (H = 1, Hkv or Hq) with the dense tail
         rows added; blocks the causal geometry masks are dropped."""
         if self.dense_tail_blocks:
-            selected = selected.clone()
-            selected[:, :, -self.dense_tail_blocks :] = True
+            real = key_blocks_with_real_keys(call.key_padding_mask, k.shape[2], self.block_size)
+            if real is None:
+                selected = selected.clone()
+                selected[:, :, -self.dense_tail_blocks :] = True
+            else:  # padding keys are never selected, dense rows included
+                selected = selected.expand(real.shape[0], *selected.shape[1:]).clone()
+                selected[:, :, -self.dense_tail_blocks :] = real[:, None, None, :]
         return BlockMask.from_dense(
             selected, block_q=self.block_size, block_k=self.block_size, q_len=q.shape[2],
             kv_len=k.shape[2], sliding_window=call.sliding_window,
         )  # fmt: skip
 
-    def mask_from_scores(self, scores: torch.Tensor, q: torch.Tensor, k: torch.Tensor, call: LayerCall) -> BlockMask:
+    def mask_from_scores(
+        self, scores: torch.Tensor, q: torch.Tensor, k: torch.Tensor, call: LayerCall
+    ) -> BlockMask:
         """Per row of float ``[B, H, nQ, nK]`` block scores, the forced (sink + local) blocks and then the
         highest-scoring reachable blocks, ``budget_blocks`` in all (ties to the lower block index), plus
         the dense tail. Non-finite (-inf) scores are never picked to fill the budget."""

@@ -57,6 +57,9 @@ class DeltaLLM(SparseMethod):
 
     name = "deltallm"
     description = "DeltaLLM (approximate): exact sink + local window, held (delta-thresholded) far keys."
+    # theta 0 holds no key, so any window is exact; a small one makes the held-key (far) part run.
+    exact_params = {"theta": 0.0, "sink_tokens": 16, "local_tokens": 32}
+    small_params = {"block_size": 16, "sink_tokens": 16, "local_tokens": 32}
 
     theta: float = 0.6
     local_tokens: int | None = None

@@ -13,6 +13,7 @@ from sparse_llm.kernels import BlockMask
 class Dense(SparseMethod):
     name = "dense"
     description = "Exact causal attention through the block-sparse kernel (full density; equals sdpa)."
+    small_params = None  # the reference: never sparse
 
     def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
         return BlockMask.causal(

@@ -49,6 +49,7 @@ class FlexPrefill(BudgetedMethod):
 
     name = "flexprefill"
     description = "FlexPrefill: per-head query-aware or vertical-slash blocks up to attention mass gamma."
+    exact_params = {**BudgetedMethod.exact_params, "gamma": 1.0}
 
     gamma: float = 0.9
     tau: float = 0.1

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from sparse_llm.backends.base import (
+    WHOLE_PROMPT,
     LayerCall,
     SparseMethod,
     exact_attention,
@@ -57,6 +58,9 @@ class Lightning(SparseMethod):
 
     name = "lightning"
     description = "Hybrid (approximate): exact sink + local blocks, Taylor linear attention over other keys."
+    # Exact only when the window covers the prompt (no far keys): the Taylor far field never is.
+    exact_params = {"local_tokens": WHOLE_PROMPT}
+    small_params = {"block_size": 16, "sink_tokens": 16, "local_tokens": 32}
 
     far_field: str = "taylor"
     taylor_order: int = 2

@@ -50,6 +50,9 @@ class LLA(SparseMethod):
 
     name = "lla"
     description = "Local linear attention (training-free): local-linear regression over a base's blocks."
+    # Softmax over every causal key up to the 1/ridge correction (~1e-8 relative, below fp32 rounding).
+    exact_params = {"ridge": 1e8, "base": "dense"}
+    small_params = {"block_size": 16, "base_params": {"sink_tokens": 16, "local_tokens": 32}}
 
     ridge: float = 1e4
     base: str = "streaming"

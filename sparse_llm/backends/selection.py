@@ -74,3 +74,14 @@ def prefer_late_ties(scores: torch.Tensor) -> torch.Tensor:
     places = torch.arange(n_k, device=scores.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(-1, order, places)
     return (n_k - rank).flip(-1).float().masked_fill(scores == float("-inf"), float("-inf"))
+
+
+def key_blocks_with_real_keys(
+    key_padding_mask: torch.Tensor | None, kv_len: int, block: int
+) -> torch.Tensor | None:
+    """bool ``[B, nK]``: key blocks holding at least one real (non-padding) key; None without padding."""
+    if key_padding_mask is None:
+        return None
+    n_k = -(-kv_len // block)
+    padded = torch.nn.functional.pad(key_padding_mask, (0, n_k * block - kv_len))
+    return padded.view(-1, n_k, block).any(-1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sparse_llm.backends.base import LayerCall, SparseMethod, register_method, require_positive
+from sparse_llm.backends.base import WHOLE_PROMPT, LayerCall, SparseMethod, register_method, require_positive
 from sparse_llm.backends.selection import first_real_key
 from sparse_llm.kernels import BlockMask
 
@@ -21,6 +21,9 @@ class Streaming(SparseMethod):
 
     name = "streaming"
     description = "StreamingLLM baseline: sink tokens + a local window of recent tokens."
+    exact_params = {"local_tokens": WHOLE_PROMPT}
+    small_params = {"block_size": 16, "sink_tokens": 16, "local_tokens": 32}
+    bench_params = {"sink_tokens": 128, "local_tokens": 1024}
 
     sink_tokens: int = 128
     local_tokens: int = 1024

@@ -82,6 +82,7 @@ class XAttention(BudgetedMethod):
 
     name = "xattention"
     description = "XAttention: antidiagonal-scored blocks per query head up to a cumulative-mass threshold."
+    exact_params = {**BudgetedMethod.exact_params, "threshold": 1.0}
 
     threshold: float = 0.9
     stride: int = 8

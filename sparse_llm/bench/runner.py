@@ -21,18 +21,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from sparse_llm.backends import get_method
 from sparse_llm.bench.prefill import FLOOR, HF_BASELINES, bench_prefill
 from sparse_llm.models import DTYPES, load_any
 from sparse_llm.results import atomic_write_json, run_metadata
-
-# Parameters of the issue's comparisons; anything else can be passed as method_params.
-DEFAULT_PARAMS: dict[str, dict] = {
-    "streaming": {"sink_tokens": 128, "local_tokens": 1024},
-    "block_topk": {"budget": 2048},
-    "dma": {"budget": 2048},
-    "routing": {"budget": 2048},
-    "dhsa": {"budget": 2048},
-}
 
 
 @dataclass
@@ -47,18 +39,17 @@ class BenchConfig:
     method_params: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        import sparse_llm
-
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.repeats < 1 or self.rounds < 1 or any(n < 1 for n in self.lengths):
             raise ValueError("repeats, rounds and lengths must be positive")
         for method in self.methods:
             if method not in (*HF_BASELINES, FLOOR):
-                sparse_llm.get_method(method, **self.params(method))  # unknown names fail here
+                get_method(method, **self.params(method))  # unknown names fail here
 
     def params(self, method: str) -> dict:
-        return {**DEFAULT_PARAMS.get(method, {}), **self.method_params.get(method, {})}
+        """The method's own bench defaults (its ``bench_params``) updated by ``method_params``."""
+        return {**get_method(method).bench_params, **self.method_params.get(method, {})}
 
 
 def prompt_ids(tokenizer, vocab_size: int, length: int) -> torch.Tensor:
