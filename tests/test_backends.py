@@ -151,6 +151,21 @@ def test_spherical_kmeans_groups_planted_clusters():
         assert (row[:, None] == row[None, :]).equal(labels[:, None] == labels[None, :])
 
 
+def test_spherical_kmeans_left_padded_entry_clusters_as_its_unpadded_run():
+    from sparse_llm.backends.routing import spherical_kmeans
+
+    x = torch.randn(2, 50, 16, generator=torch.Generator().manual_seed(2))
+    valid = torch.ones(2, 50, dtype=torch.bool)
+    valid[1, :20] = False
+    # per-entry cluster counts; entry 1 asks for more than its 30 valid rows (it gets 30)
+    centroids, assign = spherical_kmeans(x, torch.tensor([9, 40]), 3, seed=1, valid=valid)
+    assert centroids.shape == (2, 30, 16)
+    for i, pad, n in ((0, 0, 9), (1, 20, 40)):
+        single_centroids, single_assign = spherical_kmeans(x[i : i + 1, pad:], n, 3, seed=1)
+        assert assign[i, pad:].equal(single_assign[0])
+        torch.testing.assert_close(centroids[i, : single_centroids.shape[1]], single_centroids[0])
+
+
 def test_routing_sends_a_query_block_to_the_blocks_of_its_cluster():
     torch.manual_seed(0)
     bs, t, d = 32, 1024, 32
@@ -471,7 +486,9 @@ def _kmeans_reference(x, n_clusters, iterations, seed, valid):
     priority = torch.rand(t, generator=torch.Generator().manual_seed(seed))
     centroids = []
     for i in range(n):
-        order = [j for j in priority.argsort(descending=True).tolist() if valid[i, j]]
+        first = int(valid[i].nonzero()[0])  # priorities count from the first valid row
+        relative = priority[(torch.arange(t) - first).clamp_min(0)]
+        order = [j for j in relative.argsort(descending=True).tolist() if valid[i, j]]
         chosen = [order[0]]
         while len(chosen) < c:
             closest = (xn[i] @ xn[i, chosen].T).max(-1).values.masked_fill(~valid[i], 3.0)
@@ -635,3 +652,38 @@ def test_padding_keys_are_never_selected(name):
 def test_bad_probes(name, probes):
     with pytest.raises(ValueError, match="probes must be an int in"):
         get_method(name, probes=probes, block_size=64)
+
+
+# ------------------------------------------------------------- left padding: each row as its single run
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        pytest.param("routing", {}, id="routing"),  # clusters: round(sqrt(real keys)) per row
+        pytest.param("routing", dict(n_clusters=12, top_clusters=3), id="routing-top3"),  # same count
+        pytest.param("dhsa", {}, id="dhsa"),  # boundaries: real keys // chunk_size - 1 per row
+        pytest.param("dhsa", dict(chunking="fixed", chunk_size=40), id="dhsa-fixed"),  # pad 96: not 40s
+    ],
+)
+def test_left_padded_row_selects_the_blocks_of_its_unpadded_run(name, params):
+    """Batch of two (256 tokens; 160 tokens left-padded by 96 = 6 whole blocks, padding keys that
+    every query would like): each row's mask equals its single run's, shifted by the padding."""
+    gen = torch.Generator().manual_seed(7)
+    t, pad, d, bs = 256, 96, 32, 16
+    q, k, v = (torch.randn(2, h, t, d, generator=gen) for h in (4, 2, 2))
+    k[1, :, :pad] = q[1, :, -1:].mean(0, keepdim=True) * 3
+    padding = torch.ones(2, t, dtype=torch.bool)
+    padding[1, :pad] = False
+    method = get_method(name, **params, budget=6 * bs, sink_tokens=bs, local_tokens=2 * bs, block_size=bs)
+    batched = method.block_mask(q, k, v, LayerCall(0, d**-0.5, key_padding_mask=padding)).to_dense()
+    assert batched.shape[0] == 2
+    singles = [
+        method.block_mask(*(x[i : i + 1, :, p:] for x in (q, k, v)), LayerCall(0, d**-0.5))
+        for i, p in ((0, 0), (1, pad))
+    ]
+    shift = pad // bs
+    assert batched[0].equal(singles[0].to_dense()[0])
+    assert batched[1, :, shift:, shift:].equal(singles[1].to_dense()[0])
+    # real queries select no padding block (beyond the forced local window of the first two, which
+    # BudgetedMethod.forced_blocks does not clip at the first real key)
+    assert not batched[1, :, shift + 2 :, :shift].any()
+    assert singles[1].density() < 1  # really sparse, so the comparison means something

@@ -37,12 +37,6 @@ VARIANTS = {
     "bitnet": ("bitnet", {}),
 }
 IDS = random_ids(2, SEQ, seed=4)
-# Known breaches of the padding contract (the selection depends on the padded length or on absolute
-# positions); only the equality check is excused, and only where the breach shows.
-KNOWN_PADDING_DEFECTS = {
-    "dhsa": "chunk boundaries count padding keys (n_peaks from Tk, fixed chunks from position 0)",
-    "routing": "k-means uses the padded Tk (n_clusters) and position-seeded initial centroids",
-}
 
 
 def method_class(name: str) -> type[SparseMethod]:
@@ -167,8 +161,6 @@ def test_padded_batch_equals_single_runs(name, variant):
         # Both runs are float32 computations of the same attention: within the rule of each other.
         bound = rule_bound(logits(ref64, ids)[0], logits(model, ids)[0])
         err = (batched[row, -ids.shape[1] :] - single).abs().max().item()
-        if err > bound and name in KNOWN_PADDING_DEFECTS:
-            pytest.xfail(f"{name}: {KNOWN_PADDING_DEFECTS[name]}")
         assert err <= bound, f"{name} row {row}: {err:.3g} > {bound:.3g}"
 
 

@@ -8,8 +8,10 @@ its chunk-boundary predictor; here boundaries are found without training:
    cosine similarity of adjacent keys (averaged over KV heads) drops. Drops are peak-picked with
    non-maximum suppression over ``min_chunk`` tokens (so chunks are at least ``min_chunk`` long; equal
    drops go to the earlier position, by exact comparison, :func:`pick_peaks`), the
-   ``Tk / chunk_size`` strongest peaks become boundaries, and chunks longer than ``max_chunk`` are cut
-   every ``max_chunk`` tokens. ``chunking="fixed"`` cuts every ``chunk_size`` tokens, for comparison.
+   ``n / chunk_size`` strongest peaks become boundaries (n: the row's real keys), and chunks longer
+   than ``max_chunk`` are cut every ``max_chunk`` tokens. ``chunking="fixed"`` cuts every
+   ``chunk_size`` tokens from the row's first real key, for comparison. Left padding is its own
+   chunk(s) and never selected: a padded row is chunked as its unpadded run.
 2. Representations: a chunk is the mean of its keys times sqrt(its length) (the paper's length
    normalization: a long chunk of similar keys weighs more than one stray key); a query block is the
    mean of its queries (of the whole GQA group) times sqrt(its length).
@@ -36,17 +38,23 @@ from sparse_llm.kernels import BlockMask
 CHUNKINGS = ("dynamic", "fixed")
 
 
-def pick_peaks(drop: torch.Tensor, min_chunk: int, n_peaks: int) -> torch.Tensor:
-    """The ``n_peaks`` strongest peaks of ``drop`` ``[B, T]`` as bool ``[B, T]`` (position 0 excluded).
+def pick_peaks(
+    drop: torch.Tensor, min_chunk: int, n_peaks: int | torch.Tensor, start: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The ``n_peaks`` strongest peaks of ``drop`` ``[B, T]`` as bool ``[B, T]``.
 
-    A peak is a position ``t >= min_chunk`` whose drop beats every other within ``min_chunk - 1``
-    positions under the order (drop, then earlier position): strictly above the drops before it,
-    at least the drops after it. Peaks are ranked by drop with a stable sort (equal drops: the
-    earlier first). Both rules compare drops exactly, so the result does not depend on the absolute
-    positions (equal drops at 100 and 5000 are treated alike) and distinct drops are never reordered.
+    A peak is a position at least ``min_chunk`` after the row's ``start`` (``[B]``, its first real
+    key; default 0) whose drop beats every other within ``min_chunk - 1`` positions under the order
+    (drop, then earlier position): strictly above the drops before it, at least the drops after it.
+    Peaks are ranked by drop with a stable sort (equal drops: the earlier first). Both rules compare
+    drops exactly, so the result does not depend on the absolute positions (equal drops at 100 and
+    5000 are treated alike, a left-padded row finds its unpadded run's peaks, shifted) and distinct
+    drops are never reordered. ``n_peaks`` is an int or a per-row ``[B]`` tensor.
     """
     b, t = drop.shape
-    pos = torch.arange(t, device=drop.device)
+    offset = torch.arange(t, device=drop.device).expand(b, t)
+    if start is not None:
+        offset = offset - start[:, None]
     r = min_chunk - 1
     if r:
         pad = drop.new_full((b, r), float("-inf"))
@@ -55,10 +63,14 @@ def pick_peaks(drop: torch.Tensor, min_chunk: int, n_peaks: int) -> torch.Tensor
         is_peak = (drop > before) & (drop >= after)
     else:
         is_peak = torch.ones_like(drop, dtype=torch.bool)
-    ranked = drop.masked_fill(~(is_peak & (pos >= min_chunk)), float("-inf"))
-    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[:, : min(n_peaks, t)]
-    starts = torch.zeros(b, t, dtype=torch.bool, device=drop.device)
-    return starts.scatter_(-1, order, ranked.gather(-1, order) > float("-inf"))
+    ranked = drop.masked_fill(~(is_peak & (offset >= min_chunk)), float("-inf"))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    if isinstance(n_peaks, int):
+        order = order[:, : min(n_peaks, t)]
+    chosen = ranked.gather(-1, order) > float("-inf")
+    if not isinstance(n_peaks, int):  # each row keeps its own number of strongest peaks
+        chosen &= torch.arange(t, device=drop.device) < n_peaks[:, None]
+    return torch.zeros(b, t, dtype=torch.bool, device=drop.device).scatter_(-1, order, chosen)
 
 
 def chunk_boundaries(
@@ -72,20 +84,24 @@ def chunk_boundaries(
 ) -> torch.Tensor:
     """Chunk starts of the keys ``k`` ``[B, Hkv, Tk, D]``: bool ``[B, Tk]`` (True = a chunk starts here).
 
-    Position 0 and each row's first real key (``kv_start``, left padding) always start a chunk.
+    Position 0 and each row's first real key (``kv_start`` ``[B]``, left padding) always start a
+    chunk; fixed chunks and the number of dynamic boundaries count from the first real key, so a
+    left-padded row is chunked as its unpadded run (shifted), its padding as chunks of its own.
     """
     b, _, t, _ = k.shape
     pos = torch.arange(t, device=k.device)
+    start = torch.zeros(b, dtype=torch.long, device=k.device) if kv_start is None else kv_start
+    relative = pos - start[:, None]  # [B, Tk]
     if chunking == "fixed":
-        starts = (pos % chunk_size == 0).expand(b, t).clone()
+        starts = (relative % chunk_size == 0) & (relative >= 0)
     else:
         kn = F.normalize(k.float(), dim=-1)
         drop = torch.ones(b, t, device=k.device)  # drop[t]: 1 - cos(k[t], k[t-1]), averaged over heads
         drop[:, 1:] = 1 - (kn[:, :, 1:] * kn[:, :, :-1]).sum(-1).mean(1)
-        starts = pick_peaks(drop, min_chunk, max(t // chunk_size - 1, 0))
-        starts[:, 0] = True
-    if kv_start is not None:
-        starts[torch.arange(b, device=k.device), kv_start] = True
+        n_peaks = ((t - start) // chunk_size - 1).clamp_min(0)  # from the row's real keys
+        starts = pick_peaks(drop, min_chunk, n_peaks, start)
+    starts[:, 0] = True
+    starts[torch.arange(b, device=k.device), start] = True
     # Cut chunks longer than max_chunk every max_chunk tokens.
     first = torch.cummax(torch.where(starts, pos, 0), dim=-1).values
     return starts | ((pos - first) % max_chunk == 0)

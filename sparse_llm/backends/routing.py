@@ -3,9 +3,10 @@
 The Routing Transformer (Roy et al., TACL 2021, arXiv 2003.05997) routes queries and keys to learned
 k-means centroids and attends within clusters. Training-free, at prefill:
 
-1. Clusters: spherical k-means on the normalized keys of each KV head (about sqrt(Tk) centroids,
-   farthest-point initialization so that an outlying key, e.g. a needle, gets a centroid of its own,
-   then a few Lloyd iterations; batched over batch and heads; no one-hot tensors).
+1. Clusters: spherical k-means on the normalized real keys of each KV head (about sqrt(n) centroids
+   for n real keys), farthest-point initialization so that an outlying key, e.g. a needle, gets a
+   centroid of its own, then a few Lloyd iterations; batched over batch and heads; no one-hot
+   tensors. Both depend on a row's real keys only: a left-padded row clusters as its unpadded run.
 2. Routing, per query head (GQA heads are never averaged): each query block's representatives (its
    mean query and ``probes`` single queries ending at its last query) give cluster ``c`` the logit
    ``scale * q . centroid_c * mean key norm of c``, i.e. the attention logit of the cluster's typical
@@ -23,7 +24,6 @@ k-means centroids and attends within clusters. Training-free, at prefill:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -38,46 +38,68 @@ MAX_SIMILARITIES = 2**25  # key-centroid similarities held at once
 
 
 def spherical_kmeans(
-    x: torch.Tensor, n_clusters: int, iterations: int, seed: int = 0, valid: torch.Tensor | None = None
+    x: torch.Tensor,
+    n_clusters: int | torch.Tensor,
+    iterations: int,
+    seed: int = 0,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine k-means over the rows of ``x`` ``[N, T, D]``, batched over N.
 
-    ``valid`` ``[N, T]`` bool excludes rows (padding) from the centroids. Initialization is
-    farthest-point: the first centroid is the valid row of highest seeded random priority (the same
-    priorities for every batch entry), each next one the valid row least similar to the centroids so
-    far. A cluster that loses all its members keeps its previous centroid. Memory is O(N T D + N C D)
+    ``valid`` ``[N, T]`` bool excludes rows (padding) from the centroids. ``n_clusters`` is an int or
+    a per-entry ``[N]`` tensor; entry i gets min(n_clusters[i], its valid rows) clusters, at least 1.
+    Initialization is farthest-point: the first centroid is the valid row of highest seeded random
+    priority, the priorities counted from each entry's first valid row (so a left-padded entry picks
+    what its unpadded run picks), each next one the valid row least similar to the centroids so far.
+    A cluster that loses all its members keeps its previous centroid. Memory is O(N T D + N C D)
     (similarities are taken in chunks; sums use ``index_add_``). Returns (centroids ``[N, C, D]``
-    unit-norm fp32, assignment ``[N, T]`` int64), C = min(n_clusters, T).
+    unit-norm fp32, assignment ``[N, T]`` int64), C the largest cluster count; an entry with fewer
+    clusters has members in its first ones only.
     """
     n, t, d = x.shape
-    c = min(n_clusters, t)
     xn = F.normalize(x.float(), dim=-1)
     valid = torch.ones(n, t, dtype=torch.bool, device=x.device) if valid is None else valid
+    counts = torch.as_tensor(n_clusters, device=x.device).expand(n).minimum(valid.sum(-1)).clamp_min(1)
+    fewest, c = torch.stack(counts.aminmax()).tolist()
+    active = None if fewest == c else torch.arange(c, device=x.device) < counts[:, None]  # [N, C]
     priority = torch.rand(t, generator=torch.Generator().manual_seed(seed)).to(x.device)
-    pick = torch.where(valid, priority, -1.0).argmax(-1)  # [N]
+    first = valid.to(torch.int8).argmax(-1, keepdim=True)  # [N, 1]
+    relative = (torch.arange(t, device=x.device) - first).clamp_min(0)  # [N, T]
+    pick = torch.where(valid, priority[relative], -1.0).argmax(-1)  # [N]
     rows = torch.arange(n, device=x.device)
     centroids = torch.empty(n, c, d, device=x.device)
     closest = torch.full((n, t), -2.0, device=x.device)
     for i in range(c):
         centroids[:, i] = xn[rows, pick]
-        closest = torch.maximum(closest, (xn @ centroids[:, i, :, None])[..., 0])
+        similarity = (xn @ centroids[:, i, :, None])[..., 0]
+        if active is not None:  # entries with fewer clusters ignore this one
+            similarity = similarity.masked_fill(~active[:, i, None], -2.0)
+        closest = torch.maximum(closest, similarity)
         pick = closest.masked_fill(~valid, 3.0).argmin(-1)
     flat = (rows[:, None] * c).expand(n, t)
     weight = valid.float().flatten()
     for _ in range(iterations):
-        index = (flat + nearest(xn, centroids)[1]).flatten()
+        index = (flat + nearest(xn, centroids, active)[1]).flatten()
         sums = torch.zeros(n * c, d, device=x.device).index_add_(0, index, xn.flatten(0, 1) * weight[:, None])
         members = torch.zeros(n * c, device=x.device).index_add_(0, index, weight)
         empty = (members == 0).view(n, c, 1)
         centroids = torch.where(empty, centroids, F.normalize(sums.view(n, c, d), dim=-1))
-    return centroids, nearest(xn, centroids)[1]
+    return centroids, nearest(xn, centroids, active)[1]
 
 
-def nearest(xn: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cosine, index) of the closest centroid ``[N, C, D]`` to each row of ``xn`` ``[N, T, D]``."""
+def nearest(
+    xn: torch.Tensor, centroids: torch.Tensor, active: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cosine, index) of the closest centroid ``[N, C, D]`` to each row of ``xn`` ``[N, T, D]``;
+    ``active`` ``[N, C]`` bool leaves out the centroids an entry does not have."""
     n, t, _ = xn.shape
     step = max(1, MAX_SIMILARITIES // max(n * centroids.shape[1], 1))
-    parts = [(xn[:, lo : lo + step] @ centroids.transpose(1, 2)).max(-1) for lo in range(0, t, step)]
+    parts = []
+    for lo in range(0, t, step):
+        similarity = xn[:, lo : lo + step] @ centroids.transpose(1, 2)
+        if active is not None:
+            similarity = similarity.masked_fill(~active[:, None], -2.0)  # below any cosine
+        parts.append(similarity.max(-1))
     return torch.cat([p.values for p in parts], 1), torch.cat([p.indices for p in parts], 1)
 
 
@@ -85,10 +107,10 @@ def nearest(xn: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, to
 @dataclass
 class Routing(BudgetedMethod):
     """Args: budget (tokens per query block incl. sinks and window, default 2048), n_clusters
-    (default: round(sqrt(Tk))), top_clusters (None (default): every cluster carries its soft share
-    of mass; an int: only that many clusters per representative query), probes (single queries per
-    query block besides its mean query, default 1: the block's last query), iterations (k-means
-    steps, default 4), seed (0), sink_tokens (64), local_tokens (512)."""
+    (default: round(sqrt(n)) for a row of n real keys), top_clusters (None (default): every cluster
+    carries its soft share of mass; an int: only that many clusters per representative query),
+    probes (single queries per query block besides its mean query, default 1: the block's last
+    query), iterations (k-means steps, default 4), seed (0), sink_tokens (64), local_tokens (512)."""
 
     name = "routing"
     description = "Spherical k-means on keys per KV head; key blocks ranked by routed mass per query head."
@@ -109,7 +131,11 @@ class Routing(BudgetedMethod):
         check_probes(self.probes, self.block_size)
 
     def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
-        n_c = self.n_clusters or max(1, round(math.sqrt(k.shape[2])))
+        n_c = self.n_clusters
+        if n_c is None:  # per batch row, from its real keys: a left-padded row clusters as if unpadded
+            real = call.key_padding_mask
+            n_real = torch.full((k.shape[0],), k.shape[2]) if real is None else real.sum(-1)
+            n_c = n_real.double().sqrt().round().long()  # = round(math.sqrt(n)); never exactly .5
         scores = routed_block_scores(
             q, k, call, block=self.block_size, n_clusters=n_c, top_clusters=self.top_clusters,
             probes=self.probes, iterations=self.iterations, seed=self.seed,
@@ -118,17 +144,19 @@ class Routing(BudgetedMethod):
 
 
 def routed_block_scores(
-    q: torch.Tensor, k: torch.Tensor, call: LayerCall, *, block: int, n_clusters: int,
+    q: torch.Tensor, k: torch.Tensor, call: LayerCall, *, block: int, n_clusters: int | torch.Tensor,
     top_clusters: int | None, probes: int, iterations: int, seed: int,
 ) -> torch.Tensor:  # fmt: skip
     """Routed-mass share of each key block, ``[B, Hq, nQ, nK]`` fp32 in [0, 1] (module docstring,
     steps 1-3); -inf for blocks never to select (unreachable, padding only, without routed keys under
-    ``top_clusters``). q ``[B, Hq, Tq, D]``, k ``[B, Hkv, Tk, D]``."""
+    ``top_clusters``). q ``[B, Hq, Tq, D]``, k ``[B, Hkv, Tk, D]``; ``n_clusters`` an int or ``[B]``
+    (each row gets at most as many clusters as it has real keys)."""
     (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
     n_k, dev = -(-kv_len // block), q.device
     real = call.key_padding_mask
     real = torch.ones(b, kv_len, dtype=torch.bool, device=dev) if real is None else real
     valid = real.repeat_interleave(hkv, 0)  # [B * Hkv, Tk]
+    n_clusters = torch.as_tensor(n_clusters, device=dev).expand(b).repeat_interleave(hkv)
     centroids, assign = spherical_kmeans(k.flatten(0, 1), n_clusters, iterations, seed, valid)
     typical, mass, sizes = cluster_stats(k.flatten(0, 1), centroids, assign, valid, block)
     # Routing logits of each representative query, per query head: [B * Hkv, G * nQ * R, C].
