@@ -150,7 +150,8 @@ class BudgetedMethod(SparseMethod):
         return -(-self.budget // self.block_size)
 
     def forced_blocks(self, q: torch.Tensor, k: torch.Tensor, call: LayerCall) -> torch.Tensor:
-        """Sink and local blocks of every query block, bool ``[B or 1, 1, nQ, nK]`` (left padding aware).
+        """Sink and local blocks of every query block, bool ``[B or 1, 1, nQ, nK]``; with left padding,
+        sinks start at a row's first real key and blocks holding only padding are left out.
 
         A budget at or above the context is clamped to it (every block is kept: exact attention), with
         one logged warning per method object, since the user probably meant a sparser setting."""
@@ -160,11 +161,14 @@ class BudgetedMethod(SparseMethod):
                 "%s: budget %d >= context length %d, so every key is kept (exact attention); "
                 "lower the budget to sparsify", self.name, self.budget, k.shape[2],
             )  # fmt: skip
-        return BlockMask.sink_window(
+        forced = BlockMask.sink_window(
             q_len=q.shape[2], kv_len=k.shape[2], block_q=self.block_size, block_k=self.block_size,
             sink_tokens=self.sink_tokens, local_tokens=self.local_tokens, device=q.device,
             kv_start=first_real_key(call.key_padding_mask),
         ).to_dense()  # fmt: skip
+        real = key_blocks_with_real_keys(call.key_padding_mask, k.shape[2], self.block_size)
+        # The local window of a padded row's first query blocks would reach into its padding.
+        return forced if real is None else forced & real[:, None, None, :]
 
     def mask_from_blocks(
         self, selected: torch.Tensor, q: torch.Tensor, k: torch.Tensor, call: LayerCall
