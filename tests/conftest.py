@@ -98,3 +98,20 @@ def rule_bound(ref64: torch.Tensor, pt: torch.Tensor, factor: float = 2.0) -> fl
     """
     floor = 2 * torch.finfo(torch.float32).eps * ref64.abs().max().item()
     return factor * (pt.double() - ref64).abs().max().item() + floor
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random Gemma3 with a tokenizer trained on the NIAH texts (for the eval tests)."""
+    from tiny_tokenizer import train_tokenizer
+
+    from sparse_llm.eval.haystack import INTRO, NEEDLES, REPEAT_FILLER
+
+    tokenizer = train_tokenizer(
+        [REPEAT_FILLER, INTRO, *(n.text + " " + n.question for n in NEEDLES.values())]
+    )
+    config = CONFIGS["gemma3"]()  # max_position_embeddings 1024
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    return model, tokenizer

@@ -11,29 +11,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from conftest import CONFIGS
-from tiny_tokenizer import train_tokenizer
-from transformers import AutoModelForCausalLM
 
 from sparse_llm.cli import main
 from sparse_llm.eval import niah, plots
-from sparse_llm.eval.haystack import INTRO, NEEDLES, REPEAT_FILLER, score_answer
+from sparse_llm.eval.haystack import NEEDLES, score_answer
 
 LENGTHS, DEPTHS = (192, 256), (0.25, 0.75)
 STREAMING = {"sink_tokens": 64, "local_tokens": 64}
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    tokenizer = train_tokenizer(
-        [REPEAT_FILLER, INTRO, *(n.text + " " + n.question for n in NEEDLES.values())]
-    )
-    config = CONFIGS["gemma3"]()  # max_position_embeddings 1024
-    config.vocab_size = len(tokenizer)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    return model, tokenizer
 
 
 @pytest.fixture

@@ -14,32 +14,17 @@ from fractions import Fraction
 
 import pytest
 import torch
-from conftest import CONFIGS
-from tiny_tokenizer import train_tokenizer
-from transformers import AutoModelForCausalLM
 
 import sparse_llm
 from sparse_llm.backends.streaming import Streaming
 from sparse_llm.cli import main
 from sparse_llm.eval import plots, sweep
-from sparse_llm.eval.haystack import INTRO, NEEDLES, REPEAT_FILLER, build_needle_prompt
+from sparse_llm.eval.haystack import REPEAT_FILLER, build_needle_prompt
 from sparse_llm.eval.niah import NiahConfig
 
 LENGTHS, DEPTHS = (192, 256), (0.25, 0.75)
 SMALL = {"block_size": 16, "sink_tokens": 16, "local_tokens": 32}  # minimum budget 48 tokens
 STREAMING = {"sink_tokens": 16, "local_tokens": 64}
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    tokenizer = train_tokenizer(
-        [REPEAT_FILLER, INTRO, *(n.text + " " + n.question for n in NEEDLES.values())]
-    )
-    config = CONFIGS["gemma3"]()  # max_position_embeddings 1024
-    config.vocab_size = len(tokenizer)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    return model, tokenizer
 
 
 @pytest.fixture
