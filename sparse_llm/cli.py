@@ -161,7 +161,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     for name, description in list_tasks().items():
         task = tasks.add_parser(name, help=description, description=description)
         if name == chosen:
-            module = task_module(name)
+            try:
+                module = task_module(name)
+            except ImportError as err:  # an optional dependency (lm-eval, datasets) is missing
+                parser.exit(2, f"sparse-llm: error: {err}\n")
             module.add_arguments(task)
             task.set_defaults(func=module.run_from_args)
 

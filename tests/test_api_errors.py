@@ -80,3 +80,19 @@ def test_cli_version_names_the_package_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"sparse-llm {sparse_llm.__version__}"
+
+
+@pytest.mark.parametrize("extra", [pytest.param(["--help"], id="help"), pytest.param([], id="run")])
+def test_eval_without_lm_eval_exits_2_with_the_install_hint(monkeypatch, capsys, extra):
+    import sys
+
+    from sparse_llm.cli import main
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
+    monkeypatch.delitem(sys.modules, "sparse_llm.eval.lm_eval_plugin", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "lm-eval", *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparse-llm: error:") and 'pip install "sparse-llm[eval]"' in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
