@@ -20,6 +20,6 @@ timeout 200 python -m sparse_llm.cli bench kernel --device cuda --dtype bfloat16
     --out "$out/kernel_gpu.json" 2>&1 | tail -40
 
 timeout 240 python -m sparse_llm.cli bench --model llama-3.2-1b-shape --device cuda --dtype bfloat16 \
-    --lengths 32k,64k,128k --repeats 3 --quiet --methods sdpa,floor,dense,streaming,block_topk,dma,routing,dhsa \
-    --method-params '{"streaming":{"block_size":128},"block_topk":{"block_size":128},"dma":{"block_size":128},"routing":{"block_size":128},"dhsa":{"block_size":128}}' \
+    --lengths 32k,64k,128k --repeats 3 --quiet --methods sdpa,floor,dense,streaming,block_topk,dma,routing,dhsa,xattention,flexprefill \
+    --method-params '{"streaming":{"block_size":128},"block_topk":{"block_size":128},"dma":{"block_size":128},"routing":{"block_size":128},"dhsa":{"block_size":128},"xattention":{"block_size":128},"flexprefill":{"block_size":128}}' \
     --out "$out/prefill_gpu_llama-3.2-1b-shape.json" 2>&1 | tail -40
