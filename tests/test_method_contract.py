@@ -198,3 +198,30 @@ def test_exact_params_with_sparse_decode_generate_the_dense_tokens(name):
         with sparse_llm.sparse_attention(model, name, **params):
             got = model.generate(ids, **gen)
     assert torch.equal(got, expected)
+
+
+BUDGETED = [
+    pytest.param(name, id=name)
+    for name in sparse_llm.list_methods()
+    if isinstance(sparse_llm.get_method(name), sparse_llm.backends.base.BudgetedMethod)
+]
+
+
+@pytest.mark.parametrize("name", BUDGETED)
+def test_a_larger_budget_keeps_every_block_a_smaller_one_keeps(name):
+    """Budgets nest (a larger budget never drops a block), so error vs dense cannot come from a
+    larger budget choosing differently; the density grows with the budget."""
+    from sparse_llm.backends import LayerCall
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 4, 300, 32), torch.randn(1, 2, 300, 32)
+    params = {key: value for key, value in method_class(name).small_params.items() if key != "budget"}
+    masks = [
+        sparse_llm.get_method(name, **params, budget=budget).block_mask(q, k, k, LayerCall(0, 32**-0.5))
+        for budget in (64, 128, 192)
+    ]
+    dense = [mask.to_dense().repeat_interleave(4 // mask.shape[1], dim=1) for mask in masks]  # per query head
+    for smaller, larger in zip(dense, dense[1:], strict=False):
+        assert not (smaller & ~larger).any()
+    densities = [mask.density() for mask in masks]
+    assert densities == sorted(densities) and densities[0] < densities[-1], densities
