@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from sparse_llm.backends.base import BudgetedMethod, LayerCall, register_method
-from sparse_llm.backends.selection import block_means
+from sparse_llm.backends.selection import block_means, key_blocks_with_real_keys
 from sparse_llm.kernels import BlockMask
 from sparse_llm.kernels.block_mask import block_geometry
 
@@ -70,8 +70,8 @@ class FlexPrefill(BudgetedMethod):
         (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
         bs, window, pad = self.block_size, self.window or self.block_size, call.key_padding_mask
         n_q, n_k = -(-q_len // bs), -(-kv_len // bs)
-        ones = torch.ones(1, n_k, dtype=torch.bool, device=q.device)
-        real = ones if pad is None else _block_sums(pad, bs) > 0  # [B or 1, nK]: blocks with a real key
+        real = key_blocks_with_real_keys(pad, kv_len, bs)  # [B or 1, nK]: blocks with a real key
+        real = torch.ones(1, n_k, dtype=torch.bool, device=q.device) if real is None else real
         k_means = block_means(k, bs, pad)  # [B, Hkv, nK, D]
         vertical, slash = window_profiles(q, k, call, window)
         v_blocks, s_bins = _block_sums(vertical, bs), _block_sums(slash, bs)  # [B, Hq, nK] each

@@ -30,7 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from sparse_llm.backends.base import BudgetedMethod, LayerCall, register_method, require_positive
-from sparse_llm.backends.selection import check_probes, prefer_late_ties, probe_queries
+from sparse_llm.backends.selection import (
+    check_probes,
+    key_blocks_with_real_keys,
+    prefer_late_ties,
+    probe_queries,
+)
 from sparse_llm.kernels import BlockMask
 from sparse_llm.kernels.block_mask import block_geometry
 
@@ -180,7 +185,7 @@ def routed_block_scores(
     scores = share.nan_to_num(0.0).amax(3).masked_fill(~reach, float("-inf"))  # max over representatives
     if top_clusters is not None:
         return scores.masked_fill(scores == 0, float("-inf"))  # no routed key in the block
-    padding_only = ~F.pad(real, (0, n_k * block - kv_len)).view(b, 1, 1, n_k, block).any(-1)
+    padding_only = ~key_blocks_with_real_keys(real, kv_len, block)[:, None, None, :]
     return scores.masked_fill(padding_only, float("-inf"))
 
 

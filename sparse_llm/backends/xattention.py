@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_llm.backends.base import BudgetedMethod, LayerCall, register_method
+from sparse_llm.backends.selection import key_blocks_with_real_keys
 from sparse_llm.kernels import BlockMask
 from sparse_llm.kernels.block_mask import block_geometry
 
@@ -102,12 +103,12 @@ class XAttention(BudgetedMethod):
         (q_len, kv_len), bs = (q.shape[2], k.shape[2]), self.block_size
         scores = antidiagonal_block_scores(q, k, call, bs, self.stride)  # [B, Hq, nQ, nK]
         n_k = scores.shape[-1]
+        real = key_blocks_with_real_keys(call.key_padding_mask, kv_len, bs)
         valid = block_geometry(
             q_len=q_len, kv_len=kv_len, block_q=bs, block_k=bs, sliding_window=call.sliding_window,
             device=q.device,
         )[0]  # fmt: skip
-        if call.key_padding_mask is not None:  # key blocks of padding only are never selected
-            real = F.pad(call.key_padding_mask.bool(), (0, n_k * bs - kv_len)).view(-1, n_k, bs).any(-1)
+        if real is not None:  # key blocks of padding only are never selected
             valid = valid & real[:, None, None, :]
         forced = self.forced_blocks(q, k, call) & valid
         candidate = valid & ~forced
