@@ -113,14 +113,20 @@ def test_deltallm_held_keys_stay_within_threshold_and_sparsity_grows_with_theta(
 
 # ----------------------------------------------------------------------------- lightning
 @pytest.mark.parametrize("case", CASES)
-def test_lightning_without_far_field_equals_streaming(case):
+def test_lightning_without_far_keys_equals_streaming(case):
     (q, k, v, padding), softcap = split(case)
     call = LayerCall(0, 64**-0.5, softcap=softcap, key_padding_mask=padding)
     window = dict(sink_tokens=16, local_tokens=32, block_size=BS)
-    out, mask = get_method("lightning", far_field="none", **window).attend(q, k, v, call)
+    out, mask = get_method("lightning", far_keys="none", **window).attend(q, k, v, call)
     expected, expected_mask = get_method("streaming", **window).attend(q, k, v, call)
     assert torch.equal(mask.to_dense(), expected_mask.to_dense())
     assert torch.equal(out, expected)
+
+
+def test_lightning_still_accepts_its_old_far_field_parameter_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="'far_field' is now 'far_keys'"):
+        method = get_method("lightning", far_field="none")
+    assert method.far_keys == "none"
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -146,7 +152,7 @@ def test_lightning_taylor_approaches_softmax_as_order_grows():
     )
     window = dict(sink_tokens=16, local_tokens=32, block_size=BS)
     err = {}
-    for label, params in (("none", dict(far_field="none")), ("1", dict(taylor_order=1)), ("2", {})):
+    for label, params in (("none", dict(far_keys="none")), ("1", dict(taylor_order=1)), ("2", {})):
         out, _ = get_method("lightning", **window, **params).attend(q, k, v, call)
         err[label] = (out.double() - exact).abs().max().item()
     assert err["2"] < 0.5 * err["1"] and err["1"] < 0.2 * err["none"], err
@@ -221,7 +227,7 @@ def test_long_inputs_stay_finite(method, dtype):
             "deltallm", dict(local_tokens=0), "local_tokens must be a positive int", id="zero-local"
         ),
         pytest.param("deltallm", dict(sink_tokens=-1), "sink_tokens must be a positive int", id="neg-sink"),
-        pytest.param("lightning", dict(far_field="rff"), "far_field must be one of", id="bad-far-field"),
+        pytest.param("lightning", dict(far_keys="rff"), "far_keys must be one of", id="bad-far-keys"),
         pytest.param("lightning", dict(taylor_order=3), "taylor_order must be 1 or 2", id="order-3"),
         pytest.param(
             "lightning", dict(local_tokens=0), "local_tokens must be a positive int", id="zero-local"

@@ -2,9 +2,9 @@
 
 A method is a small dataclass of parameters (validated in ``__post_init__``) with one selection
 function, :meth:`SparseMethod.block_mask`, that turns a prefill's queries and keys into a
-:class:`~sparse_llm.kernels.BlockMask`. Methods that approximate what lies outside the selected
-blocks override :meth:`SparseMethod.attend` instead and merge with the exact part through the
-log-sum-exp (:func:`~sparse_llm.kernels.merge_attention`).
+:class:`~sparse_llm.kernels.BlockMask`. A method that approximates the keys its mask leaves out also
+overrides :meth:`SparseMethod.far_field`. :meth:`SparseMethod.attend` is shared: the kernel over the
+mask, plus the far field merged by log-sum-exp (:func:`~sparse_llm.kernels.merge_attention`).
 
 The common options (``block_size``, ``min_seq_len``, ``dense_layers``, ``decode``) live here and are
 applied once, by the Hugging Face patch, for every method (kvpress's ``BasePress`` shape).
@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import difflib
 import logging
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
 
 from sparse_llm.backends.selection import first_real_key, key_blocks_with_real_keys
-from sparse_llm.kernels import BlockMask, block_sparse_attention
+from sparse_llm.kernels import BlockMask, block_sparse_attention, merge_attention
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class SparseMethod:
     exact_params: ClassVar[dict | None] = {}
     small_params: ClassVar[dict | None] = {"block_size": 16}
     bench_params: ClassVar[dict] = {}
+    # Renamed parameters, old name -> new: get_method still accepts the old one, with a DeprecationWarning.
+    renamed_params: ClassVar[dict[str, str]] = {}
 
     block_size: int = 64
     min_seq_len: int = 0
@@ -102,12 +105,31 @@ class SparseMethod:
         """
         raise NotImplementedError
 
+    def far_field(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, call: LayerCall
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Attention over the causal, real keys that ``mask`` leaves out, or None (the default) when the
+        method attends its blocks only.
+
+        Returns ``(out [B, Hq, Tq, D], lse [B, Hq, Tq] float32)`` in the kernel's convention (STYLE.md
+        section 2): ``out * exp(lse)`` is the part's unnormalized sum; a row without far keys gives
+        out 0 and lse -inf. Windowed layers never reach a method: the patch runs them dense.
+        """
+        return None
+
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: LayerCall
     ) -> tuple[torch.Tensor, BlockMask]:
-        """Attention output ``[B, Hq, Tq, D]`` and the mask it used; exact over the selected blocks."""
+        """Attention output ``[B, Hq, Tq, D]`` and the mask of its exact part: the kernel over
+        :meth:`block_mask`'s blocks, merged by log-sum-exp with :meth:`far_field` if it returns one.
+
+        Methods override ``block_mask`` and ``far_field``, not this."""
         mask = self.block_mask(q, k, v, call)
-        return exact_attention(q, k, v, mask, call), mask
+        far = self.far_field(q, k, v, mask, call)
+        if far is None:
+            return exact_attention(q, k, v, mask, call), mask
+        out, lse = exact_attention(q, k, v, mask, call, return_lse=True)
+        return merge_attention(out, lse, *far)[0], mask
 
 
 @dataclass
@@ -241,6 +263,10 @@ def get_method(name: str, **params) -> SparseMethod:
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown method {name!r}.{hint} Known methods: {', '.join(sorted(_REGISTRY))}")
     cls = _REGISTRY[name]
+    for old, new in cls.renamed_params.items():
+        if old in params:
+            warnings.warn(f"{name}: parameter {old!r} is now {new!r}", DeprecationWarning, stacklevel=2)
+            params[new] = params.pop(old)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(params) - known)
     if unknown:

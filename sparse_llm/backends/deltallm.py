@@ -41,7 +41,7 @@ from sparse_llm.backends.base import (
     require_positive,
 )
 from sparse_llm.backends.selection import first_real_key
-from sparse_llm.kernels import BlockMask, merge_attention
+from sparse_llm.kernels import BlockMask
 
 
 @register_method
@@ -91,13 +91,9 @@ class DeltaLLM(SparseMethod):
             sliding_window=call.sliding_window, kv_start=first_real_key(call.key_padding_mask),
         )  # fmt: skip
 
-    def attend(self, q, k, v, call: LayerCall) -> tuple[torch.Tensor, BlockMask]:
-        """Exact attention over the sink + local blocks merged with held-key attention over the rest.
-
-        Returns the output ``[B, Hq, Tq, D]`` and the exact part's BlockMask (so reported density is
-        that of the exact part; the far part is computed too, densely, with held keys).
-        """
-        mask = self.block_mask(q, k, v, call)
+    def far_field(self, q, k, v, mask: BlockMask, call: LayerCall):
+        """Kernel attention with held keys over the blocks ``mask`` leaves out (computed densely, so
+        the density reported is that of the exact part)."""
         held, changed = held_keys(k, self.theta, call.key_padding_mask)
         counted = _delta_positions(call.key_padding_mask, k)
         if bool(counted.any()):
@@ -107,9 +103,7 @@ class DeltaLLM(SparseMethod):
             ~mask.to_dense(), block_q=mask.block_q, block_k=mask.block_k, q_len=mask.q_len,
             kv_len=mask.kv_len, sliding_window=call.sliding_window,
         )  # fmt: skip
-        out_near, lse_near = exact_attention(q, k, v, mask, call, return_lse=True)
-        out_far, lse_far = exact_attention(q, held.to(k.dtype), v, far, call, return_lse=True)
-        return merge_attention(out_near, lse_near, out_far, lse_far)[0], mask
+        return exact_attention(q, held.to(k.dtype), v, far, call, return_lse=True)
 
 
 def _delta_positions(key_padding_mask: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ times ``v``); each query block reads the state of the keys before its local wind
 monotonically. That is linear in the length, with no ``Tq x Tk`` tensor, but the order-2 state has
 ``D (D + 1) / 2 * D`` entries per KV head: per token ~``D^3`` multiply-adds, which exceeds exact
 attention's ``Tk * D`` below ``Tk ~ D^2`` tokens (4K for D = 64, 64K for D = 256). Order 1 costs
-``D^2`` per token. Layers with a sliding window (run dense by the patch anyway) are computed exactly.
+``D^2`` per token. The far field has no sliding window: the patch runs windowed layers dense.
 """
 
 from __future__ import annotations
@@ -39,20 +39,19 @@ from sparse_llm.backends.base import (
     WHOLE_PROMPT,
     LayerCall,
     SparseMethod,
-    exact_attention,
     register_method,
     require_positive,
 )
 from sparse_llm.backends.selection import first_real_key
-from sparse_llm.kernels import BlockMask, merge_attention
+from sparse_llm.kernels import BlockMask
 
-FAR_FIELDS = ("taylor", "none")
+FAR_KEYS = ("taylor", "none")
 
 
 @register_method
 @dataclass
 class Lightning(SparseMethod):
-    """Args: far_field (``"taylor"`` default, or ``"none"`` = exact sink + local only), taylor_order
+    """Args: far_keys (``"taylor"`` default, or ``"none"`` = exact sink + local only), taylor_order
     (2 default, or 1), sink_tokens (64), local_tokens (1024; at least ``block_size``, so far keys
     precede every query of a block)."""
 
@@ -61,16 +60,17 @@ class Lightning(SparseMethod):
     # Exact only when the window covers the prompt (no far keys): the Taylor far field never is.
     exact_params = {"local_tokens": WHOLE_PROMPT}
     small_params = {"block_size": 16, "sink_tokens": 16, "local_tokens": 32}
+    renamed_params = {"far_field": "far_keys"}  # ``far_field`` is now the hook of every method
 
-    far_field: str = "taylor"
+    far_keys: str = "taylor"
     taylor_order: int = 2
     sink_tokens: int = 64
     local_tokens: int = 1024
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.far_field not in FAR_FIELDS:
-            raise ValueError(f"far_field must be one of {FAR_FIELDS}, got {self.far_field!r}")
+        if self.far_keys not in FAR_KEYS:
+            raise ValueError(f"far_keys must be one of {FAR_KEYS}, got {self.far_keys!r}")
         if self.taylor_order not in (1, 2) or isinstance(self.taylor_order, bool):
             raise ValueError(f"taylor_order must be 1 or 2, got {self.taylor_order!r}")
         require_positive(sink_tokens=self.sink_tokens, local_tokens=self.local_tokens)
@@ -88,24 +88,17 @@ class Lightning(SparseMethod):
             sliding_window=call.sliding_window, kv_start=first_real_key(call.key_padding_mask),
         )  # fmt: skip
 
-    def attend(self, q, k, v, call: LayerCall) -> tuple[torch.Tensor, BlockMask]:
-        """Exact sink + local attention merged with the Taylor far field; returns the exact part's mask."""
-        if call.sliding_window is not None:  # a windowed layer: exact (the far field is not windowed)
-            mask = BlockMask.causal(
-                q_len=q.shape[2], kv_len=k.shape[2], block_q=self.block_size, block_k=self.block_size,
-                device=q.device, sliding_window=call.sliding_window,
-            )  # fmt: skip
-            return exact_attention(q, k, v, mask, call), mask
-        mask = self.block_mask(q, k, v, call)
-        if self.far_field == "none":
-            return exact_attention(q, k, v, mask, call), mask
-        out_near, lse_near = exact_attention(q, k, v, mask, call, return_lse=True)
-        out_far, lse_far = taylor_far_field(
+    def far_field(self, q, k, v, mask: BlockMask, call: LayerCall):
+        """The Taylor far field over every causal, real key outside the sink and local blocks."""
+        if self.far_keys == "none":
+            return None
+        if call.sliding_window is not None:
+            raise NotImplementedError("lightning's far field has no sliding window (the patch runs it dense)")
+        return taylor_far_field(
             q, k, v, scale=call.scale, softcap=call.softcap, key_padding_mask=call.key_padding_mask,
             block_size=self.block_size, sink_tokens=self.sink_tokens, local_tokens=self.local_tokens,
             order=self.taylor_order,
-        )  # fmt: skip
-        return merge_attention(out_near, lse_near, out_far, lse_far)[0], mask
+        )
 
 
 def _square_features(x: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,9 @@ class LLA(SparseMethod):
         return self._base.block_mask(q, k, v, call)
 
     def attend(self, q, k, v, call: LayerCall) -> tuple[torch.Tensor, BlockMask]:
+        """The one method that overrides ``attend``: LLA replaces softmax attention over the selected
+        keys (the kernel's exact part) by a regression over those same keys, so there is no exact
+        part to merge a far field with; keys outside the mask are not attended."""
         mask = self.block_mask(q, k, v, call)
         return local_linear_attention(q, k, v, mask, call, ridge=self.ridge), mask
 
