@@ -226,3 +226,23 @@ def test_a_larger_budget_keeps_every_block_a_smaller_one_keeps(name):
         assert not (smaller & ~larger).any()
     densities = [mask.density() for mask in masks]
     assert densities == sorted(densities) and densities[0] < densities[-1], densities
+
+
+def test_every_named_method_class_in_backends_is_registered():
+    """A method file in ``backends/`` is found without a hand list, and a named class it forgot to
+    register (so the tests above would skip it) fails here."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from sparse_llm import backends
+
+    defined = set()
+    for module in pkgutil.iter_modules(backends.__path__):
+        mod = importlib.import_module(f"{backends.__name__}.{module.name}")
+        defined |= {
+            cls
+            for _, cls in inspect.getmembers(mod, inspect.isclass)
+            if issubclass(cls, SparseMethod) and cls.name and cls.__module__ == mod.__name__
+        }
+    assert defined == {method_class(name) for name in sparse_llm.list_methods()}
