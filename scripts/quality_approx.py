@@ -21,11 +21,12 @@ import time
 import torch
 
 import sparse_llm
-from sparse_llm.eval.haystack import REPEAT_FILLER, build_needle_prompt, load_haystack_text, score_answer
+from sparse_llm.eval.haystack import build_needle_prompt, score_answer
 from sparse_llm.eval.perplexity import perplexity
 from sparse_llm.models import load
 from sparse_llm.patches.compat import cache_kwarg
 from sparse_llm.results import atomic_write_json, run_metadata
+from sparse_llm.texts import REPEAT_FILLER, load_haystack_text
 
 WINDOW = dict(sink_tokens=64, local_tokens=1024)
 METHODS = {

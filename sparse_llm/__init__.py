@@ -4,13 +4,14 @@ Importing this package has no side effects: nothing is registered with transform
 :func:`sparsify` is called.
 """
 
-from sparse_llm.api import attention_stats, sparse_attention, sparsify, unsparsify
+from sparse_llm.api import active_method, attention_stats, sparse_attention, sparsify, unsparsify
 from sparse_llm.backends import SparseMethod, get_method, list_methods, register_method
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SparseMethod",
+    "active_method",
     "attention_stats",
     "get_method",
     "list_methods",

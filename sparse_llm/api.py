@@ -1,4 +1,5 @@
-"""The one-call public API: ``sparsify``, ``unsparsify``, ``sparse_attention`` and ``attention_stats``."""
+"""The one-call public API: ``sparsify``, ``unsparsify``, ``sparse_attention``, ``active_method`` and
+``attention_stats``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import torch
 
 from sparse_llm.backends import SparseMethod, get_method
 from sparse_llm.patches import hf
+from sparse_llm.patches.hf import active_method
+
+__all__ = ["active_method", "attention_stats", "sparse_attention", "sparsify", "unsparsify"]
 
 
 def _as_method(method: str | SparseMethod, params: dict) -> SparseMethod:
@@ -49,7 +53,7 @@ def sparse_attention(model: torch.nn.Module, method: str | SparseMethod = "dense
 
     Nested use restores the outer method on exit of the inner block.
     """
-    outer = hf.active_method(model)
+    outer = active_method(model)
     sparsify(model, method, **params)
     try:
         yield model
@@ -67,7 +71,7 @@ def attention_stats(model: torch.nn.Module) -> dict:
     density is the fraction of its causally (and window-) reachable blocks that were computed, and
     ``density`` is the mean over the layers the method sparsified (1.0 if it sparsified none).
     """
-    method = hf.active_method(model)
+    method = active_method(model)
     if method is None:
         raise ValueError("model is not sparsified: call sparse_llm.sparsify(model, ...) first")
     layers = {

@@ -10,7 +10,7 @@ Peak memory is the peak above the level just before the prefill (so it includes 
 prefill writes): the CUDA allocator peak on GPU; on
 CPU the resident set size sampled by a background thread (``ru_maxrss`` only grows over a process's
 life, so it cannot measure one call), which makes CPU peaks lower bounds (see
-:func:`sparse_llm.bench.memory.measure_peak`).
+:func:`sparse_llm.measure.measure_peak`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 
 import sparse_llm
 from sparse_llm.eval.common import BASELINE, prefill_and_generate
-from sparse_llm.eval.haystack import REPEAT_FILLER, build_needle_prompt, load_haystack_text, score_answer
+from sparse_llm.eval.haystack import build_needle_prompt, score_answer
 from sparse_llm.models import load
+from sparse_llm.texts import REPEAT_FILLER, load_haystack_text
 
 logger = logging.getLogger(__name__)
 

@@ -105,7 +105,8 @@ def tiny():
     """A tiny random Gemma3 with a tokenizer trained on the NIAH texts (for the eval tests)."""
     from tiny_tokenizer import train_tokenizer
 
-    from sparse_llm.eval.haystack import INTRO, NEEDLES, REPEAT_FILLER
+    from sparse_llm.eval.haystack import INTRO, NEEDLES
+    from sparse_llm.texts import REPEAT_FILLER
 
     tokenizer = train_tokenizer(
         [REPEAT_FILLER, INTRO, *(n.text + " " + n.question for n in NEEDLES.values())]

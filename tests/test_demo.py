@@ -9,7 +9,8 @@ from tiny_tokenizer import train_tokenizer
 from transformers import AutoModelForCausalLM
 
 from sparse_llm import demo
-from sparse_llm.eval.haystack import INTRO, NEEDLES, REPEAT_FILLER
+from sparse_llm.eval.haystack import INTRO, NEEDLES
+from sparse_llm.texts import REPEAT_FILLER
 
 
 @pytest.fixture

@@ -19,8 +19,9 @@ import sparse_llm
 from sparse_llm.backends.streaming import Streaming
 from sparse_llm.cli import main
 from sparse_llm.eval import plots, sweep
-from sparse_llm.eval.haystack import REPEAT_FILLER, build_needle_prompt
+from sparse_llm.eval.haystack import build_needle_prompt
 from sparse_llm.eval.niah import NiahConfig
+from sparse_llm.texts import REPEAT_FILLER
 
 LENGTHS, DEPTHS = (192, 256), (0.25, 0.75)
 SMALL = {"block_size": 16, "sink_tokens": 16, "local_tokens": 32}  # minimum budget 48 tokens

@@ -11,13 +11,12 @@ from tiny_tokenizer import train_tokenizer
 from sparse_llm.eval.haystack import (
     INTRO,
     NEEDLES,
-    REPEAT_FILLER,
     Needle,
     build_needle_prompt,
-    load_haystack_text,
     score_answer,
     split_sentences,
 )
+from sparse_llm.texts import REPEAT_FILLER, load_haystack_text
 
 # Numbered sentences of equal token length: the sentences before the needle give its depth.
 FIRST, COUNT = 1000, 2000

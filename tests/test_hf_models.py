@@ -134,12 +134,17 @@ def test_context_manager_restores_on_error_and_nesting():
     with pytest.raises(RuntimeError, match="boom"), sparse_llm.sparse_attention(model, "dense"):
         raise RuntimeError("boom")
     assert model.config._attn_implementation == previous
+    assert sparse_llm.active_method(model) is None
     with sparse_llm.sparse_attention(model, "streaming"):
         outer = model.config._attn_implementation
+        streaming = sparse_llm.active_method(model)
         with sparse_llm.sparse_attention(model, "dense"):
             assert model.config._attn_implementation != outer
+            assert sparse_llm.active_method(model).name == "dense"
+        assert sparse_llm.active_method(model) is streaming
         assert sparse_llm.attention_stats(model)["method"] == "streaming"
     assert model.config._attn_implementation == previous
+    assert sparse_llm.active_method(model) is None
 
 
 # "auto" puts everything on the CPU here; the explicit map offloads layer 1 to disk, so accelerate's

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from sparse_llm.bench.memory import _malloc_trim, measure_peak
+from sparse_llm.measure import _malloc_trim, measure_peak
 
 
 def _allocate_400_mib():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sparse_llm import models
-from sparse_llm.eval.haystack import load_haystack_text
+from sparse_llm.texts import load_haystack_text
 
 pytestmark = pytest.mark.slow
 

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from sparse_llm.bench.memory import synchronize
 from sparse_llm.kernels import BlockMask, block_sparse_attention
+from sparse_llm.measure import synchronize
 from sparse_llm.models import DTYPES
 from sparse_llm.results import atomic_write_json, run_metadata
 

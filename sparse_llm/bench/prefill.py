@@ -16,9 +16,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import sparse_llm
-from sparse_llm.bench.memory import measure_peak, synchronize
+from sparse_llm.measure import measure_peak, synchronize
 from sparse_llm.patches.compat import register_backend, unregister_backend
-from sparse_llm.patches.hf import active_method
 
 # Hugging Face's own attention implementations; flex_attention compiles on first use, and
 # flash_attention_2 needs the flash-attn package (the `flash` extra) and a CUDA device.
@@ -134,7 +133,7 @@ def bench_prefill(
         if sparse and split:
             # An extra, separately synchronized run splits the sparse layers' time (not in the median).
             totals = {"block_mask": 0.0, "attend": 0.0}
-            with _timed_calls(active_method(model), device, totals):
+            with _timed_calls(sparse_llm.active_method(model), device, totals):
                 model(input_ids, logits_to_keep=1)
             selection, sparse_s = totals["block_mask"], totals["attend"] - totals["block_mask"]
     return PrefillResult(

@@ -56,7 +56,7 @@ def prompt_ids(tokenizer, vocab_size: int, length: int) -> torch.Tensor:
     """``[1, length]`` ids of real text (the offline essays, repeated as needed), or seeded random ids."""
     if tokenizer is None:
         return torch.randint(3, vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
-    from sparse_llm.eval.haystack import load_haystack_text
+    from sparse_llm.texts import load_haystack_text
 
     ids = tokenizer(load_haystack_text(), return_tensors="pt").input_ids
     return ids.repeat(1, -(-length // ids.shape[1]))[:, :length]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 import sparse_llm
-from sparse_llm.bench.memory import measure_peak, synchronize
+from sparse_llm.measure import measure_peak, synchronize
 from sparse_llm.models import DTYPES, load_any
 from sparse_llm.patches.compat import cache_kwarg
 from sparse_llm.results import config_hash
@@ -137,7 +137,7 @@ def prefill_and_generate(
     ``sparse``: read :func:`sparse_llm.attention_stats` after the prefill (before decoding replaces
     its masks). The prefill is timed once (warming up is the caller's job): a measurement beside a
     score, not a benchmark (``sparse_llm.bench`` reports medians of repeated runs).
-    ``measure_memory``: also sample the prefill's peak memory (:func:`sparse_llm.bench.memory.measure_peak`).
+    ``measure_memory``: also sample the prefill's peak memory (:func:`sparse_llm.measure.measure_peak`).
     """
     synchronize(input_ids.device)
     start = time.perf_counter()

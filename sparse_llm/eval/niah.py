@@ -37,17 +37,11 @@ from sparse_llm.eval.common import (
     prefill_and_generate,
     show_progress,
 )
-from sparse_llm.eval.haystack import (
-    NEEDLES,
-    REPEAT_FILLER,
-    Needle,
-    build_needle_prompt,
-    load_haystack_text,
-    score_answer,
-)
+from sparse_llm.eval.haystack import NEEDLES, Needle, build_needle_prompt, score_answer
 from sparse_llm.eval.plots import plot_niah
 from sparse_llm.models import load_any
 from sparse_llm.results import RESULTS_FILE, ResultsStore
+from sparse_llm.texts import REPEAT_FILLER, load_haystack_text
 
 logger = logging.getLogger(__name__)
 

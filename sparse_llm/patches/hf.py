@@ -114,6 +114,8 @@ def uninstall(model: torch.nn.Module) -> None:
 
 
 def active_method(model: torch.nn.Module) -> SparseMethod | None:
+    """The method ``model`` is sparsified with (the instance :func:`sparse_llm.sparsify` installed), or
+    None if it is not sparsified. Public as ``sparse_llm.active_method``."""
     patch = _ACTIVE.get(model)
     return None if patch is None else patch.method
 
