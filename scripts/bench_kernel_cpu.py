@@ -25,7 +25,7 @@ def bench(q, k, v, mask: BlockMask, flex, runs: int) -> None:
     """Time the three methods interleaved; print median/min, speedup vs SDPA and max|diff|."""
     fmask = to_flex_block_mask(mask)
     fns = {
-        "gather": lambda: block_sparse_attention(q, k, v, mask, backend="cpu"),
+        "gather": lambda: block_sparse_attention(q, k, v, mask, impl="cpu"),
         "flex": lambda: flex(q, k, v, block_mask=fmask, enable_gqa=True),
         "sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
     }

@@ -32,19 +32,19 @@ def test_forward_in_grad_mode_equals_no_grad_and_backward_is_refused(name):
             logits.sum().backward()
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_kernel_accepts_inputs_that_require_grad(backend):
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+def test_kernel_accepts_inputs_that_require_grad(impl):
     torch.manual_seed(0)
     q = torch.randn(1, 2, 100, 32, requires_grad=True)
     k, v = torch.randn(1, 1, 100, 32, requires_grad=True), torch.randn(1, 1, 100, 32, requires_grad=True)
     mask = BlockMask.sink_window(
         q_len=100, kv_len=100, block_q=16, block_k=16, sink_tokens=16, local_tokens=32
     )
-    out = block_sparse_attention(q, k, v, mask, backend=backend)
+    out = block_sparse_attention(q, k, v, mask, impl=impl)
     with torch.no_grad():
-        expected = block_sparse_attention(q, k, v, mask, backend=backend)
+        expected = block_sparse_attention(q, k, v, mask, impl=impl)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    if backend == "reference":  # the dense oracle is plain PyTorch: gradients flow
+    if impl == "reference":  # the dense oracle is plain PyTorch: gradients flow
         out.sum().backward()
         assert q.grad is not None and torch.isfinite(q.grad).all()
     else:

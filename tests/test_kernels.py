@@ -10,9 +10,9 @@ from sparse_llm.kernels import BlockMask, block_sparse_attention, merge_attentio
 from sparse_llm.kernels import cpu as cpu_kernel
 
 
-def run(case: Case, backend: str, device: str = "cpu"):
+def run(case: Case, impl: str, device: str = "cpu"):
     q, k, v, mask, kwargs = build(case, device)
-    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, backend=backend, **kwargs)
+    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl=impl, **kwargs)
     return out, lse, (q, k, v, mask, kwargs)
 
 
@@ -86,7 +86,7 @@ def test_cpu_path_work_scales_with_selected_blocks(case, monkeypatch):
 
     monkeypatch.setattr(cpu_kernel, "_attend", counting)
     monkeypatch.setattr(cpu_kernel, "_causal_attention", counting_causal)
-    block_sparse_attention(q, k, v, mask, backend="cpu", **kwargs)
+    block_sparse_attention(q, k, v, mask, impl="cpu", **kwargs)
     selected = mask.num_selected_blocks * case.block_k
     # Rows with unequal counts may share a call padded with masked slots, down to _PAD_RATIO.
     assert selected <= sum(seen) <= selected / cpu_kernel._PAD_RATIO
@@ -106,7 +106,7 @@ def test_cpu_path_full_causal_mask_is_one_fused_causal_call(tq, monkeypatch):
     check_attention(out, lse, *inputs)
 
 
-def test_reference_backend_returns_input_dtype():
+def test_reference_impl_returns_input_dtype():
     out, lse, inputs = run(BASE.but(dtype="bfloat16"), "reference")
     check_attention(out, lse, *inputs)
 
@@ -114,7 +114,7 @@ def test_reference_backend_returns_input_dtype():
 def test_auto_uses_cpu_path_for_cpu_tensors():
     q, k, v, mask, kwargs = build(BASE)
     auto = block_sparse_attention(q, k, v, mask, **kwargs)
-    assert torch.equal(auto, block_sparse_attention(q, k, v, mask, backend="cpu", **kwargs))
+    assert torch.equal(auto, block_sparse_attention(q, k, v, mask, impl="cpu", **kwargs))
 
 
 def test_default_scale_is_inverse_sqrt_head_dim():
@@ -242,8 +242,8 @@ def test_rejects_bad_block_size():
 
 def test_rejects_bad_options():
     q, k, v, mask = _inputs()
-    with pytest.raises(ValueError, match="backend must be one of"):
-        block_sparse_attention(q, k, v, mask, backend="cuda")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        block_sparse_attention(q, k, v, mask, impl="cuda")
     with pytest.raises(ValueError, match="sliding_window requires causal=True"):
         block_sparse_attention(q, k, v, mask, sliding_window=4, causal=False)
     with pytest.raises(ValueError, match="softcap must be None or a positive number"):
@@ -256,6 +256,13 @@ def test_rejects_bad_options():
         block_sparse_attention(q, k, v, mask.to_dense())
 
 
+def test_backend_keyword_is_a_deprecated_alias_of_impl():
+    q, k, v, mask = _inputs()
+    with pytest.warns(DeprecationWarning, match="backend= is now impl="):
+        old = block_sparse_attention(q, k, v, mask, backend="reference")
+    assert torch.equal(old, block_sparse_attention(q, k, v, mask, impl="reference"))
+
+
 def test_rejects_device_mismatch():
     q, k, v, mask = _inputs()
     with pytest.raises(ValueError, match="one device"):
@@ -264,11 +271,11 @@ def test_rejects_device_mismatch():
         block_sparse_attention(q, k, v, mask.to("meta"))
 
 
-def test_triton_backend_needs_cuda_tensors(monkeypatch):
+def test_triton_impl_needs_cuda_tensors(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q, k, v, mask = _inputs()
     with pytest.raises(ValueError, match="needs CUDA tensors"):
-        block_sparse_attention(q, k, v, mask, backend="triton")
+        block_sparse_attention(q, k, v, mask, impl="triton")
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -289,8 +296,8 @@ def test_triton_kernel_matches_reference_on_cuda(case):
 def test_triton_split_masks_merge_on_cuda(case):
     q, k, v, mask, kwargs = build(case, "cuda")
     part_a, part_b = split_mask(mask, case.seed + 1)
-    out_a, lse_a = block_sparse_attention(q, k, v, part_a, return_lse=True, backend="triton", **kwargs)
-    out_b, lse_b = block_sparse_attention(q, k, v, part_b, return_lse=True, backend="triton", **kwargs)
+    out_a, lse_a = block_sparse_attention(q, k, v, part_a, return_lse=True, impl="triton", **kwargs)
+    out_b, lse_b = block_sparse_attention(q, k, v, part_b, return_lse=True, impl="triton", **kwargs)
     check_attention(*merge_attention(out_a, lse_a, out_b, lse_b), q, k, v, mask, kwargs)
 
 

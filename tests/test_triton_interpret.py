@@ -3,7 +3,7 @@
 Triton decides interpret-vs-compile when a ``@triton.jit`` function is defined, i.e. when our kernel
 module is first imported, so setting the variable inside this process would be too late or would leak
 into other tests. All interpreted cases therefore run in ONE subprocess with TRITON_INTERPRET=1: this
-module saves the inputs, the subprocess runs ``block_sparse_attention(..., backend="triton")`` and
+module saves the inputs, the subprocess runs ``block_sparse_attention(..., impl="triton")`` and
 saves the outputs, and each case is then checked here. Shapes are tiny (the interpreter is ~200x
 slower); the whole module takes well under a minute.
 """
@@ -47,7 +47,7 @@ from sparse_llm.kernels import block_sparse_attention
 cases = torch.load(sys.argv[1], weights_only=False)
 results = {}
 for key, (q, k, v, mask, kwargs) in cases.items():
-    results[key] = block_sparse_attention(q, k, v, mask, return_lse=True, backend="triton", **kwargs)
+    results[key] = block_sparse_attention(q, k, v, mask, return_lse=True, impl="triton", **kwargs)
 torch.save(results, sys.argv[2])
 """
 

@@ -17,7 +17,7 @@ import torch
 
 import sparse_llm
 from sparse_llm.measure import measure_peak, synchronize
-from sparse_llm.patches.compat import register_backend, unregister_backend
+from sparse_llm.patches.compat import register_attention, unregister_attention
 
 # Hugging Face's own attention implementations; flex_attention compiles on first use, and
 # flash_attention_2 needs the flash-attn package (the `flash` extra) and a CUDA device.
@@ -57,14 +57,14 @@ def _attention(model, method: str, params: dict):
         previous = model.config._attn_implementation
         name = "sparse_llm_floor" if method == FLOOR else method
         if method == FLOOR:
-            register_backend(name, _zero_attention, lambda **kwargs: None)
+            register_attention(name, _zero_attention, lambda **kwargs: None)
         model.set_attn_implementation(name)
         try:
             yield
         finally:
             model.set_attn_implementation(previous)
             if method == FLOOR:
-                unregister_backend(name)
+                unregister_attention(name)
     else:
         with sparse_llm.sparse_attention(model, sparse_llm.get_method(method, **params)):
             yield

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -22,7 +23,7 @@ __all__ = ["BlockMask", "block_sparse_attention", "forward_only", "merge_attenti
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "triton", "cpu", "reference")
+IMPLS = ("auto", "triton", "cpu", "reference")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_MAX_HEAD_DIM = 256
 _warned: set[str] = set()
@@ -45,7 +46,7 @@ def _warn_once(key: str, message: str, *args) -> None:
         logger.warning(message, *args)
 
 
-def _validate(q, k, v, block_mask, scale, causal, softcap, sliding_window, key_padding_mask, backend) -> None:
+def _validate(q, k, v, block_mask, scale, causal, softcap, sliding_window, key_padding_mask, impl) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -100,8 +101,8 @@ def _validate(q, k, v, block_mask, scale, causal, softcap, sliding_window, key_p
             raise ValueError(f"sliding_window must be None or an int >= 1, got {sliding_window!r}")
         if not causal:
             raise ValueError("sliding_window requires causal=True")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
 class _ForwardOnly(torch.autograd.Function):
@@ -115,7 +116,7 @@ class _ForwardOnly(torch.autograd.Function):
         raise NotImplementedError(
             "sparse-llm attention has no backward pass (it is inference-only); run the model under "
             "torch.no_grad() or torch.inference_mode(), or use block_sparse_attention(..., "
-            "backend='reference') where gradients are needed"
+            "impl='reference') where gradients are needed"
         )
 
 
@@ -140,7 +141,8 @@ def block_sparse_attention(
     sliding_window: int | None = None,
     key_padding_mask: Tensor | None = None,
     return_lse: bool = False,
-    backend: str = "auto",
+    impl: str = "auto",
+    backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention restricted to the blocks ``block_mask`` selects.
 
@@ -157,8 +159,9 @@ def block_sparse_attention(
         return_lse: also return the log-sum-exp.
             Inputs may require grad (the forward runs as under ``torch.no_grad()``); calling backward
             through the "triton" or "cpu" kernel raises NotImplementedError.
-        backend: "auto" (Triton on CUDA when triton imports, else the gather path), "triton", "cpu"
-            (the gather path, any device), "reference" (dense; tests only).
+        impl: the implementation: "auto" (Triton on CUDA when triton imports, else the gather path),
+            "triton", "cpu" (the gather path, any device), "reference" (dense; tests only).
+        backend: deprecated name of ``impl`` (a DeprecationWarning); "backend" now means a method.
 
     GQA: query head hq reads KV head ``hq // (Hq // Hkv)``; a mask with H = Hkv is shared by that group.
     Element masking applies to partial blocks; full blocks are taken whole. If the mask was classified
@@ -169,7 +172,10 @@ def block_sparse_attention(
         log of the row's softmax normalizer over the scaled (capped) scores of its allowed keys. A row
         with no allowed key gives out = 0 and lse = -inf, never NaN.
     """
-    _validate(q, k, v, block_mask, scale, causal, softcap, sliding_window, key_padding_mask, backend)
+    if backend is not None:
+        warnings.warn("block_sparse_attention: backend= is now impl=", DeprecationWarning, stacklevel=2)
+        impl = backend
+    _validate(q, k, v, block_mask, scale, causal, softcap, sliding_window, key_padding_mask, impl)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if (block_mask.is_causal, block_mask.sliding_window) != (causal, sliding_window):
         logger.debug("block_mask geometry differs from the call's: treating every block as partial")
@@ -178,26 +184,26 @@ def block_sparse_attention(
         scale=float(scale), causal=causal, softcap=softcap, sliding_window=sliding_window,
         key_padding_mask=key_padding_mask,
     )  # fmt: skip
-    if backend == "auto":
-        backend = (
+    if impl == "auto":
+        impl = (
             "triton" if q.is_cuda and q.shape[-1] <= _TRITON_MAX_HEAD_DIM and _triton_kernel() else "cpu"
         )
-        logger.debug("block_sparse_attention: %s path for %s tensors", backend, q.device.type)
-    if backend == "triton":
+        logger.debug("block_sparse_attention: %s path for %s tensors", impl, q.device.type)
+    if impl == "triton":
         # CUDA tensors, or any tensors under triton's own interpreter switch (tests).
         if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
             raise ValueError(
-                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1); use 'cpu' or 'auto'"
+                "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1); use 'cpu' or 'auto'"
             )
         if _triton_kernel() is None:
-            raise ValueError("backend='triton' needs the `triton` package: pip install triton")
+            raise ValueError("impl='triton' needs the `triton` package: pip install triton")
         if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
             _warn_once(
                 "head_dim", "head dim %d > %d: using the gather path", q.shape[-1], _TRITON_MAX_HEAD_DIM
             )
-            backend = "cpu"
-    if backend in ("triton", "cpu"):
-        if backend == "triton":
+            impl = "cpu"
+    if impl in ("triton", "cpu"):
+        if impl == "triton":
             kernel = _triton_kernel()
         else:
             from sparse_llm.kernels.cpu import gather_attention as kernel

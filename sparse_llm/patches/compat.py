@@ -14,7 +14,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 
 def padding_mask_function(*, attention_mask: torch.Tensor | None = None, kv_length: int | None = None, **_):
-    """The mask function registered with ``AttentionMaskInterface`` for our backend.
+    """The mask function registered with ``AttentionMaskInterface`` beside our attention function.
 
     transformers calls it with keyword arguments (``batch_size``, ``q_length``, ``kv_length``,
     ``q_offset``/``kv_offset`` or ``cache_position`` depending on the version, ``mask_function``,
@@ -43,20 +43,20 @@ def key_padding_mask(attention_mask, kv_len: int) -> torch.Tensor | None:
         return None
     if attention_mask.dim() != 2:
         raise NotImplementedError(
-            f"sparse-llm backends take a 2D padding mask; got a {attention_mask.dim()}D attention mask. "
+            f"sparse-llm attention takes a 2D padding mask; got a {attention_mask.dim()}D attention mask. "
             "Pass a 2D attention_mask [batch, seq] (or none) to the model."
         )
     return attention_mask.to(torch.bool)[:, -kv_len:]
 
 
-def register_backend(name: str, attention_function, mask_function) -> None:
+def register_attention(name: str, attention_function, mask_function) -> None:
     """Register an attention function and its mask function under ``name`` (both are needed)."""
     AttentionInterface.register(name, attention_function)
     AttentionMaskInterface.register(name, mask_function)
 
 
-def unregister_backend(name: str) -> None:
-    """Undo :func:`register_backend`; a no-op for unknown names."""
+def unregister_attention(name: str) -> None:
+    """Undo :func:`register_attention`; a no-op for unknown names."""
     # GeneralInterface has ``register`` but no way to remove a key: drop it from the class mapping.
     AttentionInterface._global_mapping.pop(name, None)
     AttentionMaskInterface._global_mapping.pop(name, None)

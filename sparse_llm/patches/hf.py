@@ -42,10 +42,10 @@ def _make_attention_function(patch: _Patch):
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if dropout and module.training:
             raise NotImplementedError(
-                "sparse-llm backends are inference-only: attention dropout is not supported"
+                "sparse-llm attention is inference-only: attention dropout is not supported"
             )
         if not getattr(module, "is_causal", True):
-            raise NotImplementedError("sparse-llm backends support causal (decoder) attention only")
+            raise NotImplementedError("sparse-llm attention supports causal (decoder) attention only")
         layer_idx = getattr(module, "layer_idx", -1)
         call = LayerCall(
             layer_idx=layer_idx,
@@ -94,11 +94,11 @@ def install(model: torch.nn.Module, method: SparseMethod) -> None:
         previous=model.config._attn_implementation,
         method=method,
     )
-    compat.register_backend(patch.name, _make_attention_function(patch), compat.padding_mask_function)
+    compat.register_attention(patch.name, _make_attention_function(patch), compat.padding_mask_function)
     try:
         model.set_attn_implementation(patch.name)
     except Exception:
-        compat.unregister_backend(patch.name)
+        compat.unregister_attention(patch.name)
         raise
     _ACTIVE[model] = patch
     logger.debug("model %s now uses %s (was %s)", type(model).__name__, patch.name, patch.previous)
@@ -110,7 +110,7 @@ def uninstall(model: torch.nn.Module) -> None:
     if patch is None:
         return
     model.set_attn_implementation(patch.previous)
-    compat.unregister_backend(patch.name)
+    compat.unregister_attention(patch.name)
 
 
 def active_method(model: torch.nn.Module) -> SparseMethod | None:
