@@ -8,10 +8,11 @@ copied from the public ``config.json`` of each model (numbers only); quality can
 
 from __future__ import annotations
 
-import difflib
 import logging
 
 import torch
+
+from sparse_llm.names import unknown_name
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +59,7 @@ def shape_config(name: str, **overrides):
     from transformers import AutoConfig
 
     if name not in SHAPES:
-        close = difflib.get_close_matches(name, list(SHAPES), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model shape {name!r}.{hint} Known shapes: {', '.join(SHAPES)}")
+        raise unknown_name("model shape", name, SHAPES)
     _, model_type, fields = SHAPES[name]
     return AutoConfig.for_model(model_type, **{**fields, **overrides})
 

@@ -11,7 +11,6 @@ else ``$XDG_CACHE_HOME/sparse_llm/models``, else ``~/.cache/sparse_llm/models``.
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import json
 import logging
@@ -25,14 +24,14 @@ from pathlib import Path
 
 import torch
 
+from sparse_llm.names import unknown_name
+
 logger = logging.getLogger(__name__)
 
 # Bump when the cache layout changes, so old caches are rebuilt instead of misread.
 _CACHE_FORMAT = 1
 _META_FILE = "sparse_llm_model.json"
 MODELS_EXTRA = 'pip install "sparse-llm[models]"'
-# dtype names accepted by the command line (bench, eval) and their torch dtypes
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class MissingPackageError(ImportError):
@@ -102,9 +101,7 @@ def list_models() -> dict[str, str]:
 
 def _spec(name: str) -> _EmbeddedModel:
     if name not in _MODELS:
-        close = difflib.get_close_matches(name, list(_MODELS), n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown embedded model {name!r}.{hint} Known models: {', '.join(_MODELS)}")
+        raise unknown_name("embedded model", name, _MODELS)
     return _MODELS[name]
 
 

@@ -17,9 +17,10 @@ def test_list_models_names_both_embedded_models():
 
 
 def test_unknown_model_suggests_close_names(tmp_path):
-    with pytest.raises(ValueError, match=r"'gemma3-270m'.*Known models: gemma3-270m, smollm2-135m"):
+    known = "Known embedded models: gemma3-270m, smollm2-135m"
+    with pytest.raises(ValueError, match=rf"Did you mean gemma3-270m\?.*{known}"):
         models.load("gemma3-27m", cache_dir=tmp_path)
-    with pytest.raises(ValueError, match="Known models"):
+    with pytest.raises(ValueError, match="Known embedded models"):
         models.model_path("llama")
 
 

@@ -12,7 +12,6 @@ applied once, by the Hugging Face patch, for every method (kvpress's ``BasePress
 
 from __future__ import annotations
 
-import difflib
 import logging
 import warnings
 from dataclasses import dataclass, field, fields
@@ -22,6 +21,7 @@ import torch
 
 from sparse_llm.backends.selection import first_real_key, key_blocks_with_real_keys
 from sparse_llm.kernels import BlockMask, block_sparse_attention, merge_attention
+from sparse_llm.names import unknown_name
 
 logger = logging.getLogger(__name__)
 
@@ -259,9 +259,7 @@ def list_methods() -> dict[str, str]:
 def get_method(name: str, **params) -> SparseMethod:
     """Instantiate a registered method; unknown names raise a ValueError listing the known ones."""
     if not isinstance(name, str) or name not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown method {name!r}.{hint} Known methods: {', '.join(sorted(_REGISTRY))}")
+        raise unknown_name("method", name, sorted(_REGISTRY))
     cls = _REGISTRY[name]
     for old, new in cls.renamed_params.items():
         if old in params:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from sparse_llm.kernels import BlockMask, block_sparse_attention
 from sparse_llm.measure import synchronize
-from sparse_llm.models import DTYPES
+from sparse_llm.names import DTYPES
 from sparse_llm.results import atomic_write_json, run_metadata
 
 if TYPE_CHECKING:

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from sparse_llm.backends import get_method
 from sparse_llm.bench.prefill import FLOOR, HF_BASELINES, bench_prefill
-from sparse_llm.models import DTYPES, load_any
+from sparse_llm.models import load_any
+from sparse_llm.names import DTYPES
 from sparse_llm.results import atomic_write_json, run_metadata
 
 

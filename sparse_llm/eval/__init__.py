@@ -1,15 +1,16 @@
 """Evaluations, each a module with ``add_arguments(parser)`` and ``run_from_args(args) -> int``.
 
 ``list_tasks()`` names them; ``task_module(name)`` imports one lazily (lm-eval and datasets are
-optional, so nothing heavy is imported until a task runs). Shared pieces: ``haystack`` (offline long
-texts, needle prompts) and :mod:`sparse_llm.results` (result files, resume).
+optional, so nothing heavy is imported until a task runs). Shared pieces: ``haystack`` (needle prompts),
+:mod:`sparse_llm.texts` (offline long texts) and :mod:`sparse_llm.results` (result files, resume).
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from types import ModuleType
+
+from sparse_llm.names import unknown_name
 
 _TASKS = {
     "niah": ("sparse_llm.eval.niah", "needle-in-a-haystack grid (context length x depth), heatmap"),
@@ -28,7 +29,5 @@ def list_tasks() -> dict[str, str]:
 def task_module(name: str) -> ModuleType:
     """The module of evaluation ``name``; unknown names raise a ValueError with close matches."""
     if name not in _TASKS:
-        close = difflib.get_close_matches(str(name), list(_TASKS), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown evaluation {name!r}.{hint} Known: {', '.join(_TASKS)}")
+        raise unknown_name("evaluation", name, _TASKS)
     return importlib.import_module(_TASKS[name][0])

@@ -19,7 +19,8 @@ import torch
 
 import sparse_llm
 from sparse_llm.measure import measure_peak, synchronize
-from sparse_llm.models import DTYPES, load_any
+from sparse_llm.models import load_any
+from sparse_llm.names import DTYPES
 from sparse_llm.patches.compat import cache_kwarg
 from sparse_llm.results import config_hash
 

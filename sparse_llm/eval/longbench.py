@@ -17,7 +17,6 @@ plus ``result.json`` per folder, so the official ``eval.py`` can rescore them.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -44,6 +43,7 @@ from sparse_llm.eval.longbench_data import (
     task_spec,
 )
 from sparse_llm.models import load_any
+from sparse_llm.names import unknown_name
 from sparse_llm.results import ResultsStore, atomic_write_json, atomic_write_text
 
 # Default max_length: the model's context, capped at 32K (LongBench prompts are mostly shorter; the
@@ -56,12 +56,8 @@ def _check_tasks(tasks, longbench_e: bool) -> tuple[str, ...]:
     valid = E_TASKS if longbench_e else TASKS
     for task in tasks:
         if task not in valid:
-            close = difflib.get_close_matches(str(task), valid, n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            if task in TASKS:
-                hint = " LongBench-E has no such dataset."
-            kind = "LongBench-E" if longbench_e else "LongBench"
-            raise ValueError(f"unknown {kind} task {task!r}.{hint} Known: {', '.join(valid)}")
+            hint = "LongBench-E has no such dataset." if task in TASKS else None
+            raise unknown_name("LongBench-E task" if longbench_e else "LongBench task", task, valid, hint)
     return tuple(dict.fromkeys(tasks))
 
 

@@ -18,13 +18,13 @@ from torch import Tensor
 from sparse_llm.kernels.block_mask import BlockMask
 from sparse_llm.kernels.merge import merge_attention
 from sparse_llm.kernels.reference import reference_attention
+from sparse_llm.names import DTYPES
 
 __all__ = ["BlockMask", "block_sparse_attention", "forward_only", "merge_attention", "reference_attention"]
 
 logger = logging.getLogger(__name__)
 
 IMPLS = ("auto", "triton", "cpu", "reference")
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_MAX_HEAD_DIM = 256
 _warned: set[str] = set()
 
@@ -50,8 +50,8 @@ def _validate(q, k, v, block_mask, scale, causal, softcap, sliding_window, key_p
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; allowed: float16, bfloat16, float32")
+        if t.dtype not in DTYPES.values():
+            raise TypeError(f"{name} has dtype {t.dtype}; allowed: {', '.join(DTYPES)}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D ([B, H, T, D]), got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
