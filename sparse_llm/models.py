@@ -11,10 +11,12 @@ else ``$XDG_CACHE_HOME/sparse_llm/models``, else ``~/.cache/sparse_llm/models``.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -222,6 +224,44 @@ def load(
     return model, tokenizer
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def check_model(name: str, shapes: bool = True) -> None:
+    """Raise unless ``name`` can be a model for :func:`load_any`; loads nothing.
+
+    Accepted: an embedded model, a shape-only model (if ``shapes``), a folder with a ``config.json``, or
+    a hub id (``org/name``, checked when loaded). A missing folder raises ``FileNotFoundError``; a
+    shape-only model when ``shapes`` is False, or a name close to a known one ("gemma3-27m"), raises
+    ``ValueError``.
+    """
+    from sparse_llm.model_shapes import list_shapes
+
+    name = str(name)
+    known = [*list_models(), *(list_shapes() if shapes else ())]
+    if name in known:
+        return
+    if name in list_shapes():
+        raise ValueError(
+            f"{name} is a shape-only model (random weights, no tokenizer): for `sparse-llm bench`"
+        )
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
+        return
+    kinds = f"embedded models: {', '.join(list_models())}" + (
+        f"; shape-only: {', '.join(list_shapes())}" if shapes else ""
+    )
+    if path.exists():
+        raise FileNotFoundError(f"{path} is a file, not a model folder")
+    if name.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(name):
+        raise FileNotFoundError(f"model folder {name} not found ({kinds}; or a hub id org/name)")
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.75)
+    if close and "/" not in name:
+        raise ValueError(f"unknown model {name!r}. Did you mean {', '.join(map(repr, close))}? ({kinds})")
+
+
 def load_any(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """An embedded model by name, else a Hugging Face model path or hub name: ``(model, tokenizer)``.
 
@@ -230,6 +270,7 @@ def load_any(name: str, device: str | torch.device = "cpu", dtype: torch.dtype =
     """
     from sparse_llm.model_shapes import build_shape_model, list_shapes
 
+    check_model(name)
     if name in list_models():
         return load(name, device=device, dtype=dtype)
     if name in list_shapes():

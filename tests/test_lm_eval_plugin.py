@@ -1,16 +1,19 @@
 """The lm-eval model type ``sparse-llm`` on small local tasks, offline, with a tiny random Llama on disk.
 
 Two task YAMLs over generated JSONL (a multiple-choice task, so ``_model_call``, and a generation task,
-so ``_model_generate``) are evaluated with the ``sdpa`` baseline, ``dense`` and a sparse ``streaming``.
+so ``_model_generate``) are evaluated with the ``sdpa`` baseline, ``dense`` and a sparse ``streaming``,
+from Python and through ``sparse-llm eval lm-eval``, which is lm-eval's own command line.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,18 +21,32 @@ import torch
 lm_eval = pytest.importorskip("lm_eval", reason="needs lm-eval (the eval extra)")
 
 from conftest import CONFIGS  # noqa: E402
+from lm_eval.__main__ import cli_evaluate  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
+from lm_eval.utils import sanitize_model_name  # noqa: E402
 from tiny_tokenizer import train_tokenizer  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-import sparse_llm.eval  # noqa: E402
 from sparse_llm import cli, models  # noqa: E402
 from sparse_llm.eval import lm_eval_plugin as plugin  # noqa: E402
 
 WORDS = "river stone lamp garden silver paper window orange quiet forest bridge candle".split()
 STREAMING = "method=streaming,sink_tokens=16,local_tokens=32,block_size=16"
 MC, GEN = "sparse_llm_tiny_mc", "sparse_llm_tiny_gen"
+# A chat template whose role markers show up in the logged prompts (--apply_chat_template).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+class LocalTaskManager(TaskManager):
+    """lm-eval's TaskManager without indexing lm-eval's own ~15k tasks (16 s per run here): the tests
+    use only local task folders, and the command line has no flag for it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "include_defaults": False})
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,8 +65,15 @@ def _docs(n: int = 4) -> list[dict]:
     for i in range(n):
         key = rng.choice(WORDS)
         context = " ".join(rng.choice(WORDS) for _ in range(120)) + f". The key is {key}."
-        docs.append({"context": context, "question": "What is the key?", "choices": WORDS[:4],
-                     "label": i % 4, "answer": key})  # fmt: skip
+        docs.append(
+            {
+                "context": context,
+                "question": "What is the key?",
+                "choices": WORDS[:4],
+                "label": i % 4,
+                "answer": key,
+            }
+        )
     return docs
 
 
@@ -63,6 +87,7 @@ def tiny_dir(tmp_path_factory):
     config.vocab_size = len(tokenizer)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -95,6 +120,26 @@ def datasets_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
 
 
+@pytest.fixture
+def local_tasks_only(monkeypatch):
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTaskManager)  # read by lm-eval's CLI at run time
+
+
+@pytest.fixture
+def tiny_embedded(tiny_dir, monkeypatch):
+    """An embedded model name, ``tiny-embedded``, whose built checkpoint is ``tiny_dir``."""
+    monkeypatch.setattr(models, "_MODELS", {**models._MODELS, "tiny-embedded": models._MODELS["gemma3-270m"]})
+    monkeypatch.setattr(models, "model_path", lambda name, cache_dir=None: tiny_dir)
+    monkeypatch.setattr(models, "_is_built", lambda path: True)
+    return "tiny-embedded"
+
+
+def _one(pattern: str) -> Path:
+    found = glob.glob(pattern)
+    assert len(found) == 1, (pattern, found)
+    return Path(found[0])
+
+
 def _evaluate(tiny_dir, task_dir, method_args: str):
     lm = get_model("sparse-llm").create_from_arg_string(
         f"pretrained={tiny_dir},{method_args}", {"batch_size": 1, "device": "cpu"}
@@ -118,8 +163,10 @@ def _generations(results) -> list[str]:
 
 
 def test_plugin_runs_local_tasks_through_the_sparse_method(tiny_dir, task_dir):
-    runs = {name: _evaluate(tiny_dir, task_dir, args) for name, args in
-            [("sdpa", "method=sdpa"), ("dense", "method=dense"), ("streaming", STREAMING)]}  # fmt: skip
+    runs = {
+        name: _evaluate(tiny_dir, task_dir, args)
+        for name, args in [("sdpa", "method=sdpa"), ("dense", "method=dense"), ("streaming", STREAMING)]
+    }
     for lm, results, _ in runs.values():
         assert 0.0 <= results["results"][MC]["acc,none"] <= 1.0
         assert 0.0 <= results["results"][GEN]["exact_match,none"] <= 1.0
@@ -142,53 +189,209 @@ def test_plugin_runs_local_tasks_through_the_sparse_method(tiny_dir, task_dir):
     assert _generations(runs["dense"][1]) == _generations(runs["sdpa"][1])
 
 
-def test_cli_resolves_embedded_name_and_writes_results(tiny_dir, task_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sparse_llm.eval, "_TASKS", {"lm-eval": sparse_llm.eval._TASKS["lm-eval"]})
-    monkeypatch.setattr(models, "_MODELS", {**models._MODELS, "tiny-embedded": models._MODELS["gemma3-270m"]})
-    monkeypatch.setattr(models, "model_path", lambda name, cache_dir=None: tiny_dir)
-    monkeypatch.setattr(models, "_is_built", lambda path: True)
-    out = tmp_path / "lm-eval.json"
-    code = cli.main([
-        "eval", "lm-eval", "--tasks", MC, "--model-args", f"pretrained=tiny-embedded,{STREAMING}",
-        "--include-path", str(task_dir), "--only-include-path", "--limit", "2", "--device", "cpu",
-        "--output", str(out),
-    ])  # fmt: skip
+def test_cli_is_lm_evals_command_line(tiny_dir, tiny_embedded, task_dir, tmp_path, local_tasks_only, capsys):
+    """lm-eval's flags reach lm-eval and its own files come out; an embedded name becomes its checkpoint."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    code = cli.main(
+        [
+            "eval",
+            "lm-eval",
+            "--model",
+            "sparse-llm",
+            "--model_args",
+            f"pretrained={tiny_embedded},{STREAMING}",
+            "--tasks",
+            f"{MC},{GEN}",
+            "--include_path",
+            str(task_dir),
+            "--limit",
+            "2",
+            "--device",
+            "cpu",
+            "--output_path",
+            str(out),
+            "--log_samples",
+            "--use_cache",
+            str(cache),
+            "--seed",
+            "7",
+            "--apply_chat_template",
+        ]
+    )
     assert code == 0
-    record = json.loads(out.read_text())
-    assert record["config"]["model_args"]["pretrained"] == str(tiny_dir)
-    assert record["config"]["model_args"]["local_tokens"] == 32
-    assert set(record["lm_eval"]["results"][MC]) >= {"acc,none", "acc_stderr,none"}
-    assert record["lm_eval"]["n-samples"][MC]["effective"] == 2 and "samples" not in record["lm_eval"]
-    assert 0 < record["density"] < 0.8
-    assert record["versions"]["sparse_llm"] and record["machine"]["device"].startswith("cpu")
-    assert MC in capsys.readouterr().out  # the table
-    with pytest.raises(FileExistsError):
-        plugin.run_lm_eval(plugin.LmEvalConfig(tasks=(MC,), include_path=str(task_dir)), out)
+    folder = out / sanitize_model_name(str(tiny_dir))  # lm-eval's layout: <output_path>/<model>/
+    results = json.loads(_one(f"{folder}/results_*.json").read_text())
+    config = results["config"]
+    assert config["model"] == "sparse-llm" and config["model_args"]["pretrained"] == str(tiny_dir)
+    assert config["model_args"]["local_tokens"] == 32 and config["limit"] == 2
+    assert [config[k] for k in ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")] == [7] * 4
+    assert config["use_cache"] == str(cache) and Path(f"{cache}_rank0.db").is_file()
+    assert results["chat_template"] == CHAT_TEMPLATE
+    assert {results["n-samples"][t]["effective"] for t in (MC, GEN)} == {2}
+    info = config["sparse_llm"]
+    assert info["method"] == "streaming" and info["params"]["local_tokens"] == 32
+    assert 0 < info["density"] < 0.8 and info["forwards"] >= 2
+    for task in (MC, GEN):
+        lines = _one(f"{folder}/samples_{task}_*.jsonl").read_text().splitlines()
+        assert len(lines) == 2
+        prompt = json.loads(lines[0])["arguments"]["gen_args_0"]["arg_0"]
+        assert prompt.startswith("<|user|>") and prompt.endswith("<|assistant|>")  # the chat template
+    assert MC in capsys.readouterr().out  # lm-eval's table
 
 
-def test_longbench_local_jsonl_through_lm_eval(tiny_dir, tmp_path):
+def test_cli_output_matches_stock_lm_eval_with_the_hf_model(
+    tiny_dir, task_dir, tmp_path, local_tasks_only, monkeypatch
+):
+    """Same files and keys as lm-eval's own command line with its ``hf`` model, and with the ``sdpa``
+    baseline (the unpatched model) the same log-likelihoods; ``--model sparse-llm`` is the default."""
+    common = [
+        "--tasks",
+        MC,
+        "--include_path",
+        str(task_dir),
+        "--limit",
+        "2",
+        "--device",
+        "cpu",
+        "--log_samples",
+    ]
+    ours, stock = tmp_path / "ours", tmp_path / "stock"
+    assert (
+        cli.main(
+            [
+                "eval",
+                "lm-eval",
+                "--model_args",
+                f"pretrained={tiny_dir},method=sdpa",
+                "--output_path",
+                str(ours),
+                *common,
+            ]
+        )
+        == 0
+    )
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "lm-eval",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={tiny_dir}",
+            "--output_path",
+            str(stock),
+            *common,
+        ],
+    )
+    cli_evaluate()
+
+    def files(root):  # without the timestamps
+        return sorted(str(p.relative_to(root)).split("_20")[0] for p in root.rglob("*") if p.is_file())
+
+    model = sanitize_model_name(str(tiny_dir))
+    assert files(ours) == files(stock) == [f"{model}/results", f"{model}/samples_{MC}"]
+    mine, theirs = (json.loads(next(root.rglob("results_*.json")).read_text()) for root in (ours, stock))
+    assert set(mine) == set(theirs) and set(mine["config"]) == set(theirs["config"]) | {"sparse_llm"}
+    assert mine["config"]["model"] == "sparse-llm" and theirs["config"]["model"] == "hf"
+    assert mine["results"][MC]["acc,none"] == theirs["results"][MC]["acc,none"]
+
+    def loglikelihoods(root):
+        lines = next(root.rglob("samples_*.jsonl")).read_text().splitlines()
+        return [float(resp[0][0]) for doc in map(json.loads, lines) for resp in doc["resps"]]  # saved as text
+
+    assert len(loglikelihoods(ours)) == 8 and loglikelihoods(ours) == loglikelihoods(stock)
+
+
+def test_longbench_local_jsonl_through_the_cli(tiny_dir, tmp_path, local_tasks_only):
     from test_eval_longbench import write_fixture
 
     data = write_fixture(tmp_path / "data", ["trec", "passage_retrieval_en"], n=2)
     write_fixture(data, ["trec"], longbench_e=True)
-    config = plugin.LmEvalConfig(
-        tasks=("longbench_local", "longbench_local_trec_e"), model_args={"pretrained": str(tiny_dir)},
-        longbench_data=str(data), include_defaults=False, limit=2, gen_kwargs="max_gen_toks=4",
-        log_samples=True,
-    )  # fmt: skip
-    record = plugin.run_lm_eval(config)
-    results = record["lm_eval"]["results"]
-    assert set(results) == {"longbench_local", "longbench_local_trec", "longbench_local_passage_retrieval_en",
-                            "longbench_local_trec_e"}  # fmt: skip
+    out = tmp_path / "out"
+    # our hyphenated spellings of lm-eval's flags work too
+    code = cli.main(
+        [
+            "eval",
+            "lm-eval",
+            "--model-args",
+            f"pretrained={tiny_dir}",
+            "--longbench-data",
+            str(data),
+            "--tasks",
+            "longbench_local,longbench_local_trec_e",
+            "--limit",
+            "2",
+            "--gen-kwargs",
+            "max_gen_toks=4",
+            "--log-samples",
+            "--output-path",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    folder = out / sanitize_model_name(str(tiny_dir))
+    record = json.loads(_one(f"{folder}/results_*.json").read_text())
+    results = record["results"]
+    assert set(results) == {
+        "longbench_local",
+        "longbench_local_trec",
+        "longbench_local_passage_retrieval_en",
+        "longbench_local_trec_e",
+    }
     assert 0.0 <= results["longbench_local_trec"]["classification_score,none"] <= 1.0
     assert 0.0 <= results["longbench_local_passage_retrieval_en"]["retrieval_score,none"] <= 1.0
     assert 0.0 <= results["longbench_local"]["score,none"] <= 1.0
     # The stock lm-eval prompt, filled from the official fields (input -> question).
-    doc = record["lm_eval"]["samples"]["longbench_local_trec"][0]
-    prompt = doc["arguments"][0][0]
+    doc = json.loads(_one(f"{folder}/samples_longbench_local_trec_2*.jsonl").read_text().splitlines()[0])
+    prompt = doc["arguments"]["gen_args_0"]["arg_0"]
     assert prompt.startswith("Please determine the type of the question below.")
     assert prompt.endswith(doc["doc"]["input"]) and doc["doc"]["context"] in prompt
-    assert record["density"] == 1.0  # method=dense by default
+    assert record["config"]["sparse_llm"]["density"] == 1.0  # method=dense by default
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        pytest.param(["--tasks", "t"], ["--tasks", "t", "--model", "sparse-llm"], id="default-model"),
+        pytest.param(
+            ["run", "--tasks", "t", "--model", "hf"], ["run", "--tasks", "t", "--model", "hf"], id="hf"
+        ),
+        pytest.param(["--tasks=t", "-M", "hf"], ["--tasks=t", "-M", "hf"], id="short-model"),
+        pytest.param(
+            ["--config", "c.yaml", "--tasks", "t"], ["--config", "c.yaml", "--tasks", "t"], id="config"
+        ),
+        pytest.param(["ls", "tasks"], ["ls", "tasks"], id="ls"),
+        pytest.param(["--help"], ["--help"], id="help"),
+        pytest.param(
+            ["--model-args", "pretrained=tiny-embedded,method=dhsa", "--log-samples", "--tasks", "t"],
+            [
+                "--model_args",
+                "pretrained=TINY,method=dhsa",
+                "--log_samples",
+                "--tasks",
+                "t",
+                "--model",
+                "sparse-llm",
+            ],
+            id="hyphens-and-embedded-name",
+        ),
+        pytest.param(
+            ["-a", "method=dense", "pretrained=tiny-embedded", "--tasks", "t", "-M", "sparse-llm"],
+            ["-a", "method=dense", "pretrained=TINY", "--tasks", "t", "-M", "sparse-llm"],
+            id="space-separated-model-args",
+        ),
+        pytest.param(
+            ['--model_args={"pretrained": "tiny-embedded"}', "--tasks", "t", "--model", "sparse-llm"],
+            ['--model_args={"pretrained": "TINY"}', "--tasks", "t", "--model", "sparse-llm"],
+            id="json-model-args",
+        ),
+    ],
+)
+def test_stock_argv(argv, expected, tiny_dir, tiny_embedded):
+    assert plugin.stock_argv(argv) == [token.replace("TINY", str(tiny_dir)) for token in expected]
 
 
 @pytest.mark.parametrize(
@@ -206,15 +409,6 @@ def test_bad_method_arguments_fail_before_loading(model_args, error, match):
         get_model("sparse-llm").create_from_arg_string(f"pretrained=/nonexistent,{model_args}", {})
 
 
-def test_config_checks():
-    with pytest.raises(ValueError, match="no lm-eval task"):
-        plugin.LmEvalConfig(tasks=())
-    with pytest.raises(FileNotFoundError, match="include path"):
-        plugin.LmEvalConfig(tasks=("x",), include_path="/nonexistent")
-    with pytest.raises(ValueError, match="include_path"):
-        plugin.LmEvalConfig(tasks=("x",), include_defaults=False)
-
-
 def test_importing_sparse_llm_does_not_import_lm_eval():
     code = "import sys, sparse_llm, sparse_llm.eval.longbench; sys.exit('lm_eval' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
@@ -224,36 +418,55 @@ _RANK_SCRIPT = """
 import json, os, sys
 import torch
 torch.set_num_threads(1)
+import lm_eval.tasks
+from sparse_llm import cli
 from sparse_llm.eval import lm_eval_plugin as plugin
 
-tiny, tasks, task, out, folder = sys.argv[1:6]
+class LocalTaskManager(lm_eval.tasks.TaskManager):  # as in the test module: local task folders only
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "include_defaults": False})
+
+lm_eval.tasks.TaskManager = LocalTaskManager
 calls = []
 model_call = plugin.SparseLLM._model_call
 plugin.SparseLLM._model_call = lambda self, *a, **k: calls.append(1) or model_call(self, *a, **k)
-config = plugin.LmEvalConfig(
-    tasks=(task,), model_args=f"pretrained={tiny},{sys.argv[6]}", include_path=tasks,
-    include_defaults=False, device="cpu", log_samples=True,
-)
-record = plugin.run_lm_eval(config, out)
-rank = int(os.environ["RANK"])
-with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
-    json.dump({"calls": len(calls), "returned": record is not None}, f)
+folder, argv = sys.argv[1], sys.argv[2:]
+code = cli.main(argv)
+with open(os.path.join(folder, f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"calls": len(calls), "code": code}, f)
 """
 
 
 def test_data_parallel_on_cpu_with_two_processes(tiny_dir, task_dir, tmp_path):
-    """`torchrun` with 2 CPU processes (as `accelerate launch --cpu --num_processes 2`): each process
-    evaluates half of the requests, rank 0 gathers and writes, and the scores equal a single process's."""
+    """`torchrun` with 2 CPU processes (as `accelerate launch --cpu --num_processes 2`) running
+    `sparse-llm eval lm-eval`: each process evaluates half of the requests, rank 0 gathers and writes,
+    and the scores equal a single process's."""
     script = tmp_path / "rank.py"
     script.write_text(_RANK_SCRIPT)
-    out = tmp_path / "dp.json"
+    out = tmp_path / "out"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd = [*launcher, str(script), str(tiny_dir), str(task_dir), MC, str(out), str(tmp_path), STREAMING]
+    argv = [
+        "eval",
+        "lm-eval",
+        "--model_args",
+        f"pretrained={tiny_dir},{STREAMING}",
+        "--tasks",
+        MC,
+        "--include_path",
+        str(task_dir),
+        "--device",
+        "cpu",
+        "--log_samples",
+        "--output_path",
+        str(out),
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1"}  # what `accelerate launch --cpu` sets
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run(
+        [*launcher, str(script), str(tmp_path), *argv], capture_output=True, text=True, timeout=600, env=env
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["returned"] for r in ranks] == [True, False]  # only rank 0 returns and writes
+    assert [r["code"] for r in ranks] == [0, 0]
 
     lm = get_model("sparse-llm").create_from_arg_string(
         f"pretrained={tiny_dir},{STREAMING}", {"batch_size": 1, "device": "cpu"}
@@ -265,10 +478,14 @@ def test_data_parallel_on_cpu_with_two_processes(tiny_dir, task_dir, tmp_path):
     assert all(0 < r["calls"] < single_calls for r in ranks), (ranks, single_calls)
     assert single_calls <= sum(r["calls"] for r in ranks) <= single_calls + 1
 
-    record = json.loads(out.read_text())
-    assert record["lm_eval"]["n-samples"][MC]["effective"] == 4
-    assert record["lm_eval"]["results"][MC]["acc,none"] == single["results"][MC]["acc,none"]
-    by_doc = {d["doc_id"]: d["resps"] for d in record["lm_eval"]["samples"][MC]}
+    folder = out / sanitize_model_name(str(tiny_dir))  # written once, by rank 0
+    record = json.loads(_one(f"{folder}/results_*.json").read_text())
+    assert record["n-samples"][MC]["effective"] == 4
+    assert record["results"][MC]["acc,none"] == single["results"][MC]["acc,none"]
+    by_doc = {}
+    for line in _one(f"{folder}/samples_{MC}_*.jsonl").read_text().splitlines():
+        doc = json.loads(line)
+        by_doc[doc["doc_id"]] = [float(resp[0][0]) for resp in doc["resps"]]  # saved as text
+    assert sorted(by_doc) == sorted(doc["doc_id"] for doc in single["samples"][MC])
     for doc in single["samples"][MC]:
-        got = [resp[0][0] for resp in by_doc[doc["doc_id"]]]
-        assert got == pytest.approx([resp[0][0] for resp in doc["resps"]], abs=1e-4)
+        assert by_doc[doc["doc_id"]] == pytest.approx([resp[0][0] for resp in doc["resps"]], abs=1e-4)

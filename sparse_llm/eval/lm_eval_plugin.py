@@ -12,37 +12,37 @@ own, unchanged. In ``model_args``:
 - everything else goes to ``HFLM`` (``batch_size``, ``dtype``, ``max_length``, ``parallelize``, ...);
 - ``pretrained`` may name an embedded model (``gemma3-270m``), resolved to its built local checkpoint.
 
-From Python::
+``sparse-llm eval lm-eval ARGS`` is lm-eval's own command line (:func:`main`): ``lm-eval ARGS`` with this
+model type registered, lm-eval's flags and output files. From Python::
 
     import lm_eval
-    import sparse_llm.eval.lm_eval_plugin  # registers "sparse-llm"
+    from sparse_llm.eval.lm_eval_plugin import resolve_pretrained  # importing it registers "sparse-llm"
 
-    lm_eval.simple_evaluate(model="sparse-llm", model_args="pretrained=gemma3-270m,method=streaming",
-                            tasks=["niah_single_1"], metadata={"max_seq_lengths": [4096]})
+    path = resolve_pretrained("gemma3-270m")
+    lm_eval.simple_evaluate(model="sparse-llm", model_args=f"pretrained={path},method=streaming",
+                            tasks=["niah_single_1"], metadata={"max_seq_lengths": [4096], "pretrained": path})
 
-or :func:`run_lm_eval` / ``sparse-llm eval lm-eval``, which also resolve the embedded name in the task
-metadata (RULER reads its tokenizer from ``metadata["pretrained"]``) and write a results file.
+(RULER reads its tokenizer from ``metadata["pretrained"]``; the command line puts the resolved path
+there itself.) lm-eval's ``results["config"]`` gets a ``sparse_llm`` entry: the method, its
+parameters and the mean prefill density measured during the run.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import logging
+import re
+import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 try:
     import lm_eval
+    from lm_eval.__main__ import cli_evaluate
     from lm_eval.api.registry import register_model
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-    from lm_eval.utils import handle_non_serializable, simple_parse_args_string
 except ImportError as err:  # a ModuleNotFoundError, so that `sparse-llm eval` lists the task as unavailable
     raise ModuleNotFoundError(
         f'the lm-eval plugin needs lm-eval: pip install "sparse-llm[eval]" ({err})'
@@ -52,7 +52,7 @@ import sparse_llm
 from sparse_llm.eval import common
 from sparse_llm.eval.longbench import PrefillDensity
 from sparse_llm.eval.longbench_data import E_TASKS, HOW_TO_GET, TASKS
-from sparse_llm.results import atomic_write_json, atomic_write_text, run_metadata
+from sparse_llm.results import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +60,14 @@ MODEL_TYPE = "sparse-llm"
 
 
 def resolve_pretrained(pretrained: str) -> str:
-    """The local checkpoint of an embedded model name (built on first use); other names unchanged."""
+    """The local checkpoint of an embedded model name (built on first use); other names unchanged.
+
+    A missing local folder or a misspelt embedded name raises here (:func:`sparse_llm.models.check_model`),
+    before lm-eval asks the hub for it.
+    """
     from sparse_llm import models
 
+    models.check_model(pretrained, shapes=False)
     if pretrained not in models.list_models():
         return pretrained
     return str(models.ensure_built(pretrained))
@@ -123,9 +128,10 @@ def write_lm_eval_tasks(data_dir: str | Path, folder: str | Path, longbench_e: b
             f"no LongBench{'-E' if longbench_e else ''} JSONL files in {data_dir}; {HOW_TO_GET}"
         )
     group = (
-        f"group: longbench_local{suffix}\ntask:\n" + "".join(f"  - {n}\n" for n in names)
+        f"group: longbench_local{suffix}\ntask:\n"
+        + "".join(f"  - {n}\n" for n in names)
         + "aggregate_metric_list:\n  - metric: score\n    weight_by_size: false\nmetadata:\n  version: 1.0\n"
-    )  # fmt: skip
+    )
     atomic_write_text(folder / f"longbench_local{suffix}.yaml", group)
     return names
 
@@ -141,6 +147,7 @@ class SparseLLM(HFLM):
     def __init__(self, pretrained="gemma3-270m", method: str = "dense", **kwargs):
         params, kwargs = split_method_args(method, kwargs)  # HFLM would pass them on to from_pretrained
         self.method = None if method == common.BASELINE else sparse_llm.get_method(method, **params)
+        self.method_name, self.method_params = method, params
         if isinstance(pretrained, str):
             pretrained = resolve_pretrained(pretrained)
         super().__init__(pretrained=pretrained, **kwargs)
@@ -177,46 +184,117 @@ class SparseLLM(HFLM):
             self.densities.append(probe.density)
         return out
 
+    def get_model_info(self) -> dict:
+        """``HFLM``'s model info plus ``sparse_llm``: method, parameters and the run's mean prefill
+        density (this process's share under data parallelism; None for ``sdpa``), into lm-eval's
+        ``results["config"]``."""
+        density = sum(self.densities) / len(self.densities) if self.densities else None
+        return {
+            **super().get_model_info(),
+            "sparse_llm": {
+                "version": sparse_llm.__version__,
+                "method": self.method_name,
+                "params": self.method_params,
+                "density": density,
+                "forwards": len(self.densities),
+            },
+        }
 
-@dataclass
-class LmEvalConfig:
-    """One ``lm_eval.simple_evaluate`` run through the ``sparse-llm`` model type.
 
-    ``model_args`` as lm-eval takes them (``"pretrained=...,method=..."`` or a dict); ``include_path``
-    adds a folder of task YAMLs (``include_defaults=False`` then skips indexing lm-eval's own ~10k
-    tasks, which takes seconds); ``longbench_data``, a folder of the official LongBench JSONL files,
-    adds the tasks ``longbench_local_<task>[_e]`` and groups ``longbench_local[_e]`` over them (see
-    :func:`write_lm_eval_tasks`); ``metadata`` goes to the tasks (RULER: ``max_seq_lengths``).
+# ------------------------------------------------------------------ `sparse-llm eval lm-eval`
+
+_SUBCOMMANDS = ("run", "ls", "validate")  # lm-eval's; without one, lm-eval runs `run`
+_PRETRAINED = re.compile(r"(^|,)pretrained=([^,]*)")
+
+
+def _resolve_model_args(value: str) -> str:
+    """One ``--model_args`` value (``k=v,k=v`` or JSON) with an embedded ``pretrained`` resolved."""
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        if isinstance(parsed.get("pretrained"), str):
+            parsed["pretrained"] = resolve_pretrained(parsed["pretrained"])
+        return json.dumps(parsed)
+    return _PRETRAINED.sub(lambda m: m.group(1) + "pretrained=" + resolve_pretrained(m.group(2)), value)
+
+
+def stock_argv(argv: list[str]) -> list[str]:
+    """``argv`` as lm-eval's own command line takes it.
+
+    - ``--model sparse-llm`` is added to a run that names no ``--model`` (lm-eval's default is ``hf``)
+      and no ``--config``;
+    - an embedded model name in ``--model_args pretrained=...`` becomes its built checkpoint, so the
+      model and the task metadata (RULER's tokenizer) both get the path;
+    - our hyphenated spellings are accepted: ``--model-args`` is ``--model_args``, and so on.
     """
+    out, in_model_args = [], False
+    for token in argv:
+        if token.startswith("--") and len(token) > 2:
+            name, eq, value = token.partition("=")
+            token = "--" + name[2:].replace("-", "_") + eq + value
+        if token.startswith("-"):
+            in_model_args = token in ("--model_args", "-a")
+            if token.startswith("--model_args="):
+                token = "--model_args=" + _resolve_model_args(token.partition("=")[2])
+        elif in_model_args and not {"-h", "--help"} & set(argv):
+            token = _resolve_model_args(token)
+        out.append(token)
+    is_run = not out or out[0] not in _SUBCOMMANDS or out[0] == "run"
+    named = any(
+        t in ("--model", "-M", "--config", "-C") or t.startswith(("--model=", "--config=")) for t in out
+    )
+    if is_run and not named and any(t in ("--tasks", "-t") or t.startswith("--tasks=") for t in out):
+        out += ["--model", MODEL_TYPE]
+    return out
 
-    tasks: tuple[str, ...]
-    model_args: str | dict = "pretrained=gemma3-270m,method=dense"
-    limit: int | float | None = None
-    num_fewshot: int | None = None
-    batch_size: int | str = 1
-    device: str | None = None
-    include_path: str | None = None
-    include_defaults: bool = True
-    longbench_data: str | None = None
-    apply_chat_template: bool = False
-    gen_kwargs: str | None = None
-    metadata: dict = field(default_factory=dict)
-    log_samples: bool = False
 
-    def __post_init__(self):
-        self.tasks = tuple(self.tasks)
-        if not self.tasks:
-            raise ValueError("no lm-eval task given; use e.g. --tasks niah_single_1,longbench_trec")
-        if self.limit is not None and (isinstance(self.limit, bool) or self.limit <= 0):
-            raise ValueError(f"limit must be a positive number of samples or fraction, got {self.limit!r}")
-        if self.include_path is not None and not Path(self.include_path).is_dir():
-            raise FileNotFoundError(f"include path {self.include_path} is not a folder of task YAMLs")
-        if self.longbench_data is not None and not Path(self.longbench_data).is_dir():
-            raise FileNotFoundError(f"LongBench data folder {self.longbench_data} not found; {HOW_TO_GET}")
-        if not self.include_defaults and self.include_path is None and self.longbench_data is None:
-            raise ValueError(
-                "include_defaults=False needs an include_path (or longbench_data) with the tasks"
-            )
+def _pop_longbench_data(argv: list[str]) -> tuple[list[str], str | None]:
+    """``argv`` without ``--longbench_data DIR`` (or ``--longbench-data``), and DIR."""
+    for i, token in enumerate(argv):
+        name, eq, value = token.partition("=")
+        if name in ("--longbench_data", "--longbench-data"):
+            if eq:
+                return argv[:i] + argv[i + 1 :], value
+            if i + 1 == len(argv):
+                raise ValueError("--longbench-data needs a folder of the official LongBench JSONL files")
+            return argv[:i] + argv[i + 2 :], argv[i + 1]
+    return argv, None
+
+
+def main(argv: list[str]) -> int:
+    """``sparse-llm eval lm-eval ARGS``: lm-eval's own command line (``lm-eval ARGS``, see ``lm-eval run
+    --help``) with the ``sparse-llm`` model type registered and :func:`stock_argv`'s conveniences.
+
+    One flag of ours: ``--longbench-data DIR`` adds the tasks ``longbench_local_<task>[_e]`` and the
+    groups ``longbench_local[_e]`` over the official JSONL files in DIR (:func:`write_lm_eval_tasks`),
+    as lm-eval's ``--include_path``; to combine them with other task folders, write them with
+    :func:`write_lm_eval_tasks` into that folder instead.
+    """
+    argv, longbench_data = _pop_longbench_data(list(argv))
+    argv = stock_argv(argv)
+    with contextlib.ExitStack() as stack:
+        if longbench_data is not None:
+            if any(t == "--include_path" or t.startswith("--include_path=") for t in argv):
+                raise ValueError(
+                    "--longbench-data and --include_path together: write the LongBench tasks into your "
+                    "task folder with sparse_llm.eval.lm_eval_plugin.write_lm_eval_tasks(data_dir, folder)"
+                )
+            if not Path(longbench_data).is_dir():
+                raise FileNotFoundError(f"LongBench data folder {longbench_data} not found; {HOW_TO_GET}")
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="sparse-llm-tasks-"))
+            found = [_local_longbench(longbench_data, folder, e) for e in (False, True)]
+            if not any(found):
+                raise FileNotFoundError(f"no LongBench JSONL files in {longbench_data}; {HOW_TO_GET}")
+            argv += ["--include_path", folder]
+        saved = sys.argv
+        sys.argv = ["lm-eval", *argv]
+        try:
+            cli_evaluate()
+        finally:
+            sys.argv = saved
+    return 0
 
 
 def _local_longbench(data_dir: str, folder: str, longbench_e: bool) -> list[str]:
@@ -224,105 +302,3 @@ def _local_longbench(data_dir: str, folder: str, longbench_e: bool) -> list[str]
         return write_lm_eval_tasks(data_dir, folder, longbench_e)
     except FileNotFoundError:  # no files of this variant
         return []
-
-
-def run_lm_eval(config: LmEvalConfig, output: str | Path | None = None) -> dict | None:
-    """Evaluate; returns (and writes to ``output`` if given) ``{"config", "lm_eval", "density", ...}``.
-
-    ``lm_eval`` holds lm-eval's results (``results``, ``groups``, ``configs``, ``versions``, ``n-shot``;
-    ``samples`` only with ``log_samples``); ``density`` is the mean prefill density of the sparse
-    method (None for ``sdpa``). Under a multi-process launch only rank 0 returns and writes; the other
-    ranks return None.
-    """
-    if output is not None and Path(output).exists():
-        raise FileExistsError(f"{output} exists; choose another output file or remove it")
-    args = (
-        dict(config.model_args)
-        if isinstance(config.model_args, dict)
-        else simple_parse_args_string(config.model_args)
-    )
-    args["pretrained"] = resolve_pretrained(args.get("pretrained", "gemma3-270m"))
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")  # HFLM's default is cuda
-    lm = SparseLLM.create_from_arg_obj(args, {"batch_size": config.batch_size, "device": device})
-    with tempfile.TemporaryDirectory(prefix="sparse-llm-tasks-") as generated:
-        include = [config.include_path] if config.include_path else []
-        if config.longbench_data is not None:
-            include.append(generated)
-            found = [_local_longbench(config.longbench_data, generated, e) for e in (False, True)]
-            if not any(found):
-                raise FileNotFoundError(f"no LongBench JSONL files in {config.longbench_data}; {HOW_TO_GET}")
-        task_manager = TaskManager(
-            include_path=include or None, include_defaults=config.include_defaults,
-            metadata={**args, **config.metadata},
-        )  # fmt: skip
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=list(config.tasks), limit=config.limit, num_fewshot=config.num_fewshot,
-            task_manager=task_manager, apply_chat_template=config.apply_chat_template,
-            gen_kwargs=config.gen_kwargs, log_samples=config.log_samples,
-        )  # fmt: skip
-    if results is None:  # not rank 0
-        return None
-    results = json.loads(json.dumps(dict(results), default=handle_non_serializable))
-    if not config.log_samples:
-        results.pop("samples", None)
-    record = {
-        "config": {**dataclasses.asdict(config), "model_args": args},
-        "lm_eval": results,
-        "density": sum(lm.densities) / len(lm.densities) if lm.densities else None,
-        **run_metadata(lm.device),
-    }
-    if output is not None:
-        atomic_write_json(output, record)
-    return record
-
-
-def _limit(text: str) -> int | float:
-    value = float(text)
-    return int(value) if value.is_integer() and value >= 1 else value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tasks", type=common.comma_list, required=True, help="lm-eval task or group names")
-    parser.add_argument(
-        "--model-args", default="pretrained=gemma3-270m,method=dense",
-        help="pretrained=<embedded name or HF path>,method=<method or sdpa>,<method parameters>,<HFLM args>",
-    )  # fmt: skip
-    parser.add_argument("--limit", type=_limit, default=None, help="samples per task (or a fraction < 1)")
-    parser.add_argument("--num-fewshot", type=int, default=None)
-    parser.add_argument("--batch-size", default="1", help="an int, or 'auto'")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--include-path", default=None, help="extra folder of task YAMLs")
-    parser.add_argument(
-        "--only-include-path", action="store_true", help="do not index lm-eval's own tasks (faster start)"
-    )
-    parser.add_argument(
-        "--longbench-data", default=None,
-        help="folder of the official LongBench JSONL files: adds the tasks longbench_local_<task>[_e] "
-        "and the groups longbench_local[_e]",
-    )  # fmt: skip
-    parser.add_argument("--apply-chat-template", action="store_true")
-    parser.add_argument("--gen-kwargs", default=None, help="e.g. max_gen_toks=64,temperature=0")
-    parser.add_argument(
-        "--metadata", type=json.loads, default={}, help="JSON, e.g. '{\"max_seq_lengths\": [4096]}'"
-    )
-    parser.add_argument("--log-samples", action="store_true", help="keep per-sample records in the output")
-    parser.add_argument("--output", default=None, help="results JSON (default: results/lm-eval-<hash>.json)")
-
-
-def run_from_args(args) -> int:
-    batch_size = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
-    config = LmEvalConfig(
-        tasks=args.tasks, model_args=args.model_args, limit=args.limit, num_fewshot=args.num_fewshot,
-        batch_size=batch_size, device=args.device, include_path=args.include_path,
-        include_defaults=not args.only_include_path, longbench_data=args.longbench_data,
-        apply_chat_template=args.apply_chat_template,
-        gen_kwargs=args.gen_kwargs, metadata=args.metadata, log_samples=args.log_samples,
-    )  # fmt: skip
-    output = args.output or common.default_out("lm-eval", dataclasses.asdict(config)) + ".json"
-    record = run_lm_eval(config, output)
-    if record is not None:
-        from lm_eval.utils import make_table
-
-        print(make_table(record["lm_eval"]))
-        logger.info("results written to %s", output)
-    return 0
