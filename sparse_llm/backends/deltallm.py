@@ -40,7 +40,7 @@ from sparse_llm.backends.base import (
     register_method,
     require_positive,
 )
-from sparse_llm.backends.selection import first_real_key
+from sparse_llm.backends.selection import first_real_key, real_keys
 from sparse_llm.kernels import BlockMask
 
 
@@ -109,9 +109,7 @@ class DeltaLLM(SparseMethod):
 def _delta_positions(key_padding_mask: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor:
     """bool ``[B, Tk]``: real keys that have a real predecessor (where a delta is defined)."""
     b, _, kv_len, _ = k.shape
-    real = torch.ones(b, kv_len, dtype=torch.bool, device=k.device)
-    if key_padding_mask is not None:
-        real = key_padding_mask.to(k.device)
+    real = real_keys(key_padding_mask, b, kv_len, k.device)
     prev = torch.nn.functional.pad(real[:, :-1], (1, 0), value=False)
     return real & prev
 
@@ -132,9 +130,7 @@ def held_keys(
     """
     kf = k.float()
     b, h, kv_len, d = kf.shape
-    real = torch.ones(b, kv_len, dtype=torch.bool, device=k.device)
-    if key_padding_mask is not None:
-        real = key_padding_mask.to(k.device)
+    real = real_keys(key_padding_mask, b, kv_len, k.device)
     weight = real[:, None, :, None].float()
     count = weight.sum(2).clamp_min(1.0)
     mean = (kf * weight).sum(2) / count

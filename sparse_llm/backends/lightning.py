@@ -42,7 +42,7 @@ from sparse_llm.backends.base import (
     register_method,
     require_positive,
 )
-from sparse_llm.backends.selection import first_real_key
+from sparse_llm.backends.selection import first_real_key, real_keys
 from sparse_llm.kernels import BlockMask
 
 FAR_KEYS = ("taylor", "none")
@@ -124,9 +124,7 @@ def taylor_far_field(q, k, v, *, scale, block_size, sink_tokens, local_tokens, o
     root = scale**0.5  # q~ . k~ = scale * q . k
     qs = q.float().view(b, hkv, g, q_len, d) * root
     ks = k.float() * root
-    real = torch.ones(b, kv_len, dtype=torch.bool, device=dev)
-    if key_padding_mask is not None:
-        real = key_padding_mask.to(dev)
+    real = real_keys(key_padding_mask, b, kv_len, dev)
     start = first_real_key(key_padding_mask)
     start = torch.zeros(b, dtype=torch.long, device=dev) if start is None else start.to(dev)
     block = torch.arange(kv_len, device=dev) // bs

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sparse_llm.backends.base import LayerCall, SparseMethod, get_method, register_method
+from sparse_llm.backends.selection import real_keys
 from sparse_llm.kernels import BlockMask
 
 _KEY_CHUNK = 128  # keys per covariance GEMM: bounds the [chunk, D (D + 1) / 2] outer products
@@ -97,9 +98,7 @@ def local_linear_attention(q, k, v, mask: BlockMask, call: LayerCall, *, ridge: 
     (b, hq, q_len, d), (_, hkv, kv_len, dv) = q.shape, v.shape
     g, dev = hq // hkv, q.device
     qf, kf, vf = q.float().view(b, hkv, g, q_len, d), k.float(), v.float()
-    real = torch.ones(b, kv_len, dtype=torch.bool, device=dev)
-    if call.key_padding_mask is not None:
-        real = call.key_padding_mask.to(dev)
+    real = real_keys(call.key_padding_mask, b, kv_len, dev)
     # C and z are shift-invariant: centring keys and queries on the real keys' mean keeps the
     # second moments small, so sum p k k^T - k_bar k_bar^T does not cancel large terms.
     center = (kf * real[:, None, :, None]).sum(2) / real.sum(1).clamp_min(1)[:, None, None]

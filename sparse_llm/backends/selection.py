@@ -5,6 +5,13 @@ from __future__ import annotations
 import torch
 
 
+def real_keys(key_padding_mask: torch.Tensor | None, batch: int, kv_len: int, device) -> torch.Tensor:
+    """bool ``[B, Tk]``, True = real key: ``key_padding_mask`` on ``device``, or all True without one."""
+    if key_padding_mask is None:
+        return torch.ones(batch, kv_len, dtype=torch.bool, device=device)
+    return key_padding_mask.to(device)
+
+
 def first_real_key(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
     """Index of the first real (non-padding) key per batch row, ``[B]``; None without padding.
 
