@@ -8,7 +8,7 @@ Writes a JSON (rewritten after each method, so a partial run keeps what finished
 
     python scripts/quality_approx.py [--tokens 4096] [--depths 0.1,0.5,0.9] [--methods dense,lla]
 
-Slow on a 2-core CPU: lightning's order-2 state and LLA's per-query covariance cost ~D^3 and
+Slow on CPU: lightning's order-2 state and LLA's per-query covariance cost ~D^3 and
 ~selected * D^2 per query with D = 256 (see their module docstrings); the JSON stores each method's time.
 """
 

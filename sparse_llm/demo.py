@@ -34,7 +34,7 @@ from sparse_llm.texts import REPEAT_FILLER, load_haystack_text
 logger = logging.getLogger(__name__)
 
 # The 270M/135M embedded models retrieve the passkey from the repeated filler at 4K tokens, but not
-# reliably from essays beyond ~1K tokens (measured with sdpa), so the demo defaults to the filler.
+# reliably from essays beyond ~1K tokens even with sdpa, so the demo defaults to the filler.
 HAYSTACKS = {"repeat": lambda: REPEAT_FILLER, "essays": load_haystack_text}
 
 

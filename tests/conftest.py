@@ -76,9 +76,8 @@ def family(request) -> str:
 
 @pytest.fixture
 def one_thread():
-    """One intra-op thread for tiny tensors. On a busy 2-core machine, OpenMP's spin-waiting made
-    tiny-tensor tests ~10x slower with two threads (4m49s vs 28s for test_approx_backends.py); the
-    previous count is restored."""
+    """One intra-op thread for tiny tensors: they gain nothing from threads, and where cores are
+    shared OpenMP's spin-waiting dominates each tiny op. The previous count is restored."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

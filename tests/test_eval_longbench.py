@@ -71,8 +71,8 @@ def write_fixture(folder, tasks, n: int = 2, longbench_e: bool = False, n_words:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    # A tiny model gains nothing from threads, and on a loaded 2-core machine OpenMP's spinning
-    # threads make each op ~20x slower; restored afterwards for the other tests.
+    # A tiny model gains nothing from threads, and where cores are shared OpenMP's spinning threads
+    # dominate each tiny op; restored afterwards for the other tests.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

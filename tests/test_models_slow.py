@@ -1,7 +1,7 @@
 """The embedded models load, answer a factual prompt, reuse their cache, and agree across attentions.
 
-Slow: the first run builds each model's cache (~65 s for gemma3-270m, ~25 s for smollm2-135m on a
-2-core CPU); later runs load it in seconds.
+Slow: the first run builds each model's cache (about a minute per model on a small CPU); later runs
+load it in seconds.
 """
 
 from __future__ import annotations

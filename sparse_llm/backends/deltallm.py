@@ -1,8 +1,8 @@
 """``deltallm``: exact sink + local attention, delta-thresholded ("held") keys everywhere else.
 
-DeltaLLM (Qi, Gao, Ren, Chen, arXiv 2507.19608; no official code, implemented from the paper and the
-issue's formulation) exploits temporal sparsity: consecutive keys of a head change little, so only
-large changes are propagated. Per key channel, a key is replaced by a *held* key that moves only when
+DeltaLLM (Qi, Gao, Ren, Chen, arXiv 2507.19608; no official code, implemented from the paper)
+exploits temporal sparsity: consecutive keys of a head change little, so only large changes are
+propagated. Per key channel, a key is replaced by a *held* key that moves only when
 the key has drifted more than a threshold from it (the delta-network rule of Gao et al.'s DeltaRNN)::
 
     K~_0 = K_0,    K~_t = K_t   where |K_t - K~_{t-1}| > theta * sigma,   else K~_{t-1}

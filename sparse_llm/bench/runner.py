@@ -3,8 +3,8 @@
 A fresh subprocess per configuration keeps one run's allocations out of the next one's memory peak
 (CPU peaks are resident-set sizes, which only a new process resets). With ``rounds`` > 1 the whole
 list of configurations runs that many times in turn and each configuration's times are pooled, so
-a machine whose speed drifts over the minutes of a run (measured here: the same configuration 15 %
-apart half an hour later) shifts every method alike instead of whichever ran during the slow spell.
+a machine whose speed drifts over the minutes of a run (shared or throttled machines do) shifts
+every method alike instead of whichever ran during the slow spell.
 Results are one JSON report with the machine and versions, and a markdown table with speedups over
 ``sdpa`` and the Amdahl bound ``sdpa / floor``.
 """

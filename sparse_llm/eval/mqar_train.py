@@ -40,15 +40,15 @@ class TinyTrainConfig:
     effect was not measured apart from the curriculum's.
 
     Training: ``stages`` is a curriculum of ``(steps, settings)``: each stage takes its ``(T, N)``
-    settings in turn, one fresh batch of ``batch_size`` sequences per AdamW step. The default first
-    learns recall on short, cheap sequences (measured here: accuracy sits at chance, 1/N, for ~3000
-    steps, then jumps) and then adapts it to longer ones. Learning rate ``lr`` after ``warmup_steps``
-    of linear warm-up, cosine-decayed to 10% over all steps; ``max_minutes`` stops early (the schedule
-    is not shortened). ``num_threads`` sets torch's CPU threads while training (restored after; None
-    leaves them): on a CPU shared with other processes, 1 thread avoids OpenMP workers waiting on
-    each other and was several times faster per step. Every ``eval_every`` steps the accuracy on
-    ``eval_examples`` held-out sequences of ``eval_setting`` is logged; ``stop_accuracy`` stops
-    training once it is reached there (only in the last stage).
+    settings in turn, one fresh batch of ``batch_size`` sequences per AdamW step. The default first learns
+    recall on short, cheap sequences (accuracy sits at chance, 1/N, for thousands of steps before it
+    jumps, so those steps should be cheap) and then adapts it to longer ones. Learning rate ``lr`` after
+    ``warmup_steps`` of linear warm-up, cosine-decayed to 10% over all steps; ``max_minutes`` stops early
+    (the schedule is not shortened). ``num_threads`` sets torch's CPU threads while training (restored
+    after; None leaves them): on a CPU shared with other processes, 1 thread avoids OpenMP workers waiting
+    on each other. Every ``eval_every`` steps the accuracy on ``eval_examples`` held-out sequences of
+    ``eval_setting`` is logged; ``stop_accuracy`` stops training once it is reached there (only in the
+    last stage).
     """
 
     vocab_size: int = 256

@@ -23,8 +23,8 @@ Results are written straight into the output's memory. Everything is computed in
 On CPU each call goes to ATen's fused flash-attention kernel
 (``aten::_scaled_dot_product_flash_attention_for_cpu``, which returns the LSE, takes strided K/V and a
 broadcast mask, and maps GQA heads itself). With softcap, on other devices, or if the op is missing, a
-matmul/exp version chunked over keys is used. Few, large ops matter on a busy 2-core machine: each op is
-an OpenMP parallel region that may wait a scheduler tick for its second thread (docs/benchmarks.md).
+matmul/exp version chunked over keys is used. Few, large ops matter where cores are shared: each op is
+an OpenMP parallel region that may wait a scheduler tick for its other threads (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -284,7 +284,7 @@ def gather_attention(
 
     def workspace(name: str, n_blocks: int) -> Tensor:
         """[n_blocks, bk, d] fp32 reused by every gather of this call: a fresh large tensor per
-        segment costs more in first-touch page faults than the copy itself (10x, measured)."""
+        segment would cost more in first-touch page faults than the copy into it."""
         if name not in buffers or buffers[name].shape[0] < n_blocks:
             buffers[name] = torch.empty(n_blocks, bk, d, device=dev)
         return buffers[name][:n_blocks]

@@ -23,8 +23,6 @@ from torch import Tensor
 from sparse_llm.kernels.block_mask import BlockMask
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 def _configs() -> list[triton.Config]:
