@@ -67,10 +67,16 @@ def main() -> None:
         raise ValueError(f"the code text gave only {ids.shape[1]} tokens")
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.exists() else {}
-    report.update({
-        "model": "gemma3-270m", "dtype": "float32", "tokens": args.tokens, "budget": budget,
-        "text": {"transformers": transformers.__version__, "files": list(FILES)}, **run_metadata("cpu"),
-    })  # fmt: skip
+    report.update(
+        {
+            "model": "gemma3-270m",
+            "dtype": "float32",
+            "tokens": args.tokens,
+            "budget": budget,
+            "text": {"transformers": transformers.__version__, "files": list(FILES)},
+            **run_metadata("cpu"),
+        }
+    )
     report.setdefault("methods", {})
     for name in args.methods.split(","):
         params = method_params(name, budget, extra) if name != "dense" else {}
@@ -80,9 +86,13 @@ def main() -> None:
             ppl, ppl_tail = perplexity(model, ids)
             density = sparse_llm.attention_stats(model)["density"]
         report["methods"][key] = {
-            "method": name, "params": params, "perplexity": ppl, "perplexity_second_half": ppl_tail,
-            "density": density, "seconds": time.perf_counter() - start,
-        }  # fmt: skip
+            "method": name,
+            "params": params,
+            "perplexity": ppl,
+            "perplexity_second_half": ppl_tail,
+            "density": density,
+            "seconds": time.perf_counter() - start,
+        }
         atomic_write_json(out, report)
         logging.info("%s: density %.3f, ppl %.3f (second half %.3f)", key, density, ppl, ppl_tail)
 

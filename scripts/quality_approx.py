@@ -46,9 +46,12 @@ def retrieve(model, tokenizer, ids: torch.Tensor, max_new_tokens: int = 12) -> s
     first = out.logits[:, -1:].argmax(-1)
     prompt = torch.cat([ids, first], dim=1)
     generated = model.generate(
-        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens - 1, do_sample=False,
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=max_new_tokens - 1,
+        do_sample=False,
         **{cache_kwarg(model): getattr(out, cache_kwarg(model))},
-    )  # fmt: skip
+    )
     return tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
 
 
@@ -76,9 +79,13 @@ def main() -> None:
         for d in depths
     ]
     report = {
-        "model": "gemma3-270m", "dtype": "float32", "tokens": args.tokens, "threads": torch.get_num_threads(),
-        "methods": {}, **run_metadata("cpu"),
-    }  # fmt: skip
+        "model": "gemma3-270m",
+        "dtype": "float32",
+        "tokens": args.tokens,
+        "threads": torch.get_num_threads(),
+        "methods": {},
+        **run_metadata("cpu"),
+    }
     for name, method in methods.items():
         start = time.perf_counter()
         with sparse_llm.sparse_attention(model, method):
@@ -87,11 +94,16 @@ def main() -> None:
             delta = dict(getattr(method, "last_delta_sparsity", {}))
             answers = [retrieve(model, tokenizer, n.input_ids) for n in needles]
         row = {
-            "params": method.params(), "perplexity": ppl, "perplexity_second_half": ppl_tail,
-            "density": density, "needle": {f"{n.depth:g}": {"answer": a, "correct": score_answer(a, n.answer)}
-                                           for n, a in zip(needles, answers, strict=True)},
+            "params": method.params(),
+            "perplexity": ppl,
+            "perplexity_second_half": ppl_tail,
+            "density": density,
+            "needle": {
+                f"{n.depth:g}": {"answer": a, "correct": score_answer(a, n.answer)}
+                for n, a in zip(needles, answers, strict=True)
+            },
             "seconds": time.perf_counter() - start,
-        }  # fmt: skip
+        }
         if delta:
             row["delta_sparsity"] = delta
         report["methods"][name] = row

@@ -17,36 +17,69 @@ from sparse_llm.names import unknown_name
 logger = logging.getLogger(__name__)
 
 _LLAMA3_ROPE = {
-    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
-}  # fmt: skip
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 SHAPES: dict[str, tuple[str, str, dict]] = {
     "llama-3.2-1b-shape": (
         "meta-llama/Llama-3.2-1B shape (16 layers, 32/8 heads, head dim 64, 128K context), random weights",
         "llama",
-        dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-             num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-             rope_parameters=_LLAMA3_ROPE, tie_word_embeddings=True, rms_norm_eps=1e-5),
+        dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            max_position_embeddings=131072,
+            rope_parameters=_LLAMA3_ROPE,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-5,
+        ),
     ),
     "gemma2-2b-shape": (
         "google/gemma-2-2b shape (26 layers alternating 4K-window/global, 8/4 heads, head dim 256, "
         "softcap 50), random weights",
         "gemma2",
-        dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-             num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
-             sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-             query_pre_attn_scalar=256),
+        dict(
+            vocab_size=256000,
+            hidden_size=2304,
+            intermediate_size=9216,
+            num_hidden_layers=26,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            max_position_embeddings=8192,
+            sliding_window=4096,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            query_pre_attn_scalar=256,
+        ),
     ),
     "bitnet-2b-shape": (
         "microsoft/bitnet-b1.58-2B-4T shape (30 layers, 20/5 heads, head dim 128, relu2 MLP), "
         "random weights (not ternary-quantized)",
         "bitnet",
-        dict(vocab_size=128256, hidden_size=2560, intermediate_size=6912, num_hidden_layers=30,
-             num_attention_heads=20, num_key_value_heads=5, head_dim=128, max_position_embeddings=4096,
-             hidden_act="relu2", rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+        dict(
+            vocab_size=128256,
+            hidden_size=2560,
+            intermediate_size=6912,
+            num_hidden_layers=30,
+            num_attention_heads=20,
+            num_key_value_heads=5,
+            head_dim=128,
+            max_position_embeddings=4096,
+            hidden_act="relu2",
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        ),
     ),
-}  # fmt: skip
+}
 
 
 def list_shapes() -> dict[str, str]:
@@ -65,9 +98,13 @@ def shape_config(name: str, **overrides):
 
 
 def build_shape_model(
-    name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
+    name: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
     **overrides,
-):  # fmt: skip
+):
     """A random-weight model of shape ``name`` in eval mode (seeded: the same weights every time).
 
     Weights are drawn directly on ``device`` in ``dtype`` (normal, std = the config's

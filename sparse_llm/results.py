@@ -47,9 +47,12 @@ def device_name(device: str | torch.device = "cpu") -> str:
 def _git_hash() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-            capture_output=True, text=True, timeout=5,
-        )  # fmt: skip
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -62,12 +65,16 @@ def run_metadata(device: str | torch.device = "cpu") -> dict:
     import sparse_llm
 
     return {
-        "versions": {"sparse_llm": sparse_llm.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version()},
+        "versions": {
+            "sparse_llm": sparse_llm.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
         "git": _git_hash(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": device_name(device)},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }  # fmt: skip
+    }
 
 
 def config_hash(config: dict) -> str:

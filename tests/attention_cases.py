@@ -71,9 +71,13 @@ def build(case: Case, device: str | torch.device = "cpu") -> tuple[torch.Tensor,
         mask = BlockMask.causal(**geo, batch=mb, heads=heads, sliding_window=window)
     elif case.mask == "sink":
         mask = BlockMask.sink_window(
-            **geo, sink_tokens=case.block_k, local_tokens=2 * case.block_k, batch=mb, heads=heads,
+            **geo,
+            sink_tokens=case.block_k,
+            local_tokens=2 * case.block_k,
+            batch=mb,
+            heads=heads,
             sliding_window=window,
-        )  # fmt: skip
+        )
     else:
         dense = torch.rand(mb, heads, n_q, n_k, generator=gen) < 0.5
         if case.mask == "empty_rows":
@@ -97,8 +101,16 @@ def build(case: Case, device: str | torch.device = "cpu") -> tuple[torch.Tensor,
 
 
 def case_id(case: Case) -> str:
-    parts = [f"tq{case.tq}-tk{case.tk}", f"h{case.hq}-{case.hkv}", f"d{case.d}", f"b{case.b}",
-             f"bq{case.block_q}-bk{case.block_k}", case.mask, f"mh{case.mask_heads}", case.dtype]  # fmt: skip
+    parts = [
+        f"tq{case.tq}-tk{case.tk}",
+        f"h{case.hq}-{case.hkv}",
+        f"d{case.d}",
+        f"b{case.b}",
+        f"bq{case.block_q}-bk{case.block_k}",
+        case.mask,
+        f"mh{case.mask_heads}",
+        case.dtype,
+    ]
     parts += ["mb1"] if case.mask_batch == 1 else []
     parts += [f"cap{case.softcap:g}"] if case.softcap else []
     parts += [f"win{case.window}"] if case.window else []

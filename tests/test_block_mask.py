@@ -163,9 +163,12 @@ def _rows(*idx):
 def _mask(part_idx, part_num, full_idx=(0,), full_num=0, **geo):
     geo = {"block_q": 16, "block_k": 16, "q_len": 16, "kv_len": 64, **geo}
     return BlockMask(
-        torch.tensor([[[part_num]]], dtype=torch.int32), _rows(*part_idx),
-        torch.tensor([[[full_num]]], dtype=torch.int32), _rows(*full_idx), **geo,
-    )  # fmt: skip
+        torch.tensor([[[part_num]]], dtype=torch.int32),
+        _rows(*part_idx),
+        torch.tensor([[[full_num]]], dtype=torch.int32),
+        _rows(*full_idx),
+        **geo,
+    )
 
 
 @pytest.mark.parametrize(
@@ -231,8 +234,16 @@ def test_direct_construction_checks_dtypes_and_shapes():
             64,
         )
     with pytest.raises(ValueError, match="expected \\(1, 1, 4\\)"):
-        BlockMask(good.kv_num_blocks[..., :3], good.kv_indices[..., :3, :], good.full_kv_num_blocks,
-                  good.full_kv_indices, 16, 16, 64, 64)  # fmt: skip
+        BlockMask(
+            good.kv_num_blocks[..., :3],
+            good.kv_indices[..., :3, :],
+            good.full_kv_num_blocks,
+            good.full_kv_indices,
+            16,
+            16,
+            64,
+            64,
+        )
 
 
 class _CountTorchCalls(TorchFunctionMode):

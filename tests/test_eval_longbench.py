@@ -53,8 +53,15 @@ def _example(task: str, rng: random.Random, n_words: int, length: int) -> dict:
     elif task == "lcc":
         context = "".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(n_words // 8))
         answers = ["    return x + 1"]
-    return {"input": question, "context": context, "answers": answers, "length": length,
-            "all_classes": classes, "dataset": task, "_id": f"{task}-{rng.random():.6f}"}  # fmt: skip
+    return {
+        "input": question,
+        "context": context,
+        "answers": answers,
+        "length": length,
+        "all_classes": classes,
+        "dataset": task,
+        "_id": f"{task}-{rng.random():.6f}",
+    }
 
 
 def write_fixture(folder, tasks, n: int = 2, longbench_e: bool = False, n_words: int = 60):
@@ -197,11 +204,28 @@ SHIPPED_SHA256 = {
     "LICENSE": "bf7f05f274d65931bdf14f060b6855f1c359b8424eb74fd3091d25de89d700c3",
 }
 OFFICIAL_MAXLEN = {
-    "narrativeqa": 128, "qasper": 128, "multifieldqa_en": 64, "multifieldqa_zh": 64, "hotpotqa": 32,
-    "2wikimqa": 32, "musique": 32, "dureader": 128, "gov_report": 512, "qmsum": 512, "multi_news": 512,
-    "vcsum": 512, "trec": 64, "triviaqa": 32, "samsum": 128, "lsht": 64, "passage_count": 32,
-    "passage_retrieval_en": 32, "passage_retrieval_zh": 32, "lcc": 64, "repobench-p": 64,
-}  # fmt: skip
+    "narrativeqa": 128,
+    "qasper": 128,
+    "multifieldqa_en": 64,
+    "multifieldqa_zh": 64,
+    "hotpotqa": 32,
+    "2wikimqa": 32,
+    "musique": 32,
+    "dureader": 128,
+    "gov_report": 512,
+    "qmsum": 512,
+    "multi_news": 512,
+    "vcsum": 512,
+    "trec": 64,
+    "triviaqa": 32,
+    "samsum": 128,
+    "lsht": 64,
+    "passage_count": 32,
+    "passage_retrieval_en": 32,
+    "passage_retrieval_zh": 32,
+    "lcc": 64,
+    "repobench-p": 64,
+}
 SHIPPED = Path(lbd.__file__).parent / "data" / "longbench"
 
 
@@ -239,9 +263,15 @@ def test_rendered_prompt_is_the_official_template_filled_with_the_record():
     prompts = _official("dataset2prompt.json")
     for task in lbd.TASKS:
         record = {  # the fields of an official JSONL line; a context with braces is not a template
-            "input": f"Q {task}?", "context": "C {x} {{y}} " + task, "answers": ["a"], "length": 9,
-            "dataset": task, "language": "en", "all_classes": None, "_id": "0",
-        }  # fmt: skip
+            "input": f"Q {task}?",
+            "context": "C {x} {{y}} " + task,
+            "answers": ["a"],
+            "length": 9,
+            "dataset": task,
+            "language": "en",
+            "all_classes": None,
+            "_id": "0",
+        }
         rendered = lbd.render_prompt(lbd.task_spec(task), record)
         assert rendered == prompts[task].format(**record), task
         filled = prompts[task].replace("{context}", record["context"]).replace("{input}", record["input"])
@@ -288,7 +318,7 @@ def test_metric_table_matches_lm_eval_process_results():
             None,
             1.0,
             id="rouge-exact",
-        ),  # fmt: skip
+        ),
         pytest.param("gov_report", "", ["a summary"], None, 0.0, id="rouge-empty"),
         pytest.param("trec", "\nLocation\nHuman", ["Location"], CLASSES, 1.0, id="classification-first-line"),
         pytest.param(
@@ -387,8 +417,18 @@ def test_config_defaults_to_all_tasks():
 def test_missing_data_dir_exits_2_with_how_to_get_it(tmp_path, capsys, monkeypatch):
     # Only this evaluation in the CLI, so the test does not depend on the other evaluations' modules.
     monkeypatch.setattr(sparse_llm.eval, "_TASKS", {"longbench": sparse_llm.eval._TASKS["longbench"]})
-    code = cli.main(["eval", "longbench", "--data-dir", str(tmp_path / "nowhere"), "--tasks", "trec",
-                     "--out", str(tmp_path / "out")])  # fmt: skip
+    code = cli.main(
+        [
+            "eval",
+            "longbench",
+            "--data-dir",
+            str(tmp_path / "nowhere"),
+            "--tasks",
+            "trec",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "trec.jsonl" in err and "data.zip" in err and "--data-dir" in err
@@ -462,10 +502,14 @@ def test_run_writes_pred_layout_scores_and_resumes(tiny, tmp_path, monkeypatch):
     model, tokenizer = tiny
     data = write_fixture(tmp_path / "data", FIXTURE_TASKS, n=2, n_words=200)
     config = lb.LongBenchConfig(
-        model="tiny-llama", tasks=FIXTURE_TASKS, methods=("sdpa", "streaming"), data_dir=str(data),
+        model="tiny-llama",
+        tasks=FIXTURE_TASKS,
+        methods=("sdpa", "streaming"),
+        data_dir=str(data),
         method_params={"streaming": {"sink_tokens": 16, "local_tokens": 32, "block_size": 16}},
-        max_length=160, max_new_tokens=4,
-    )  # fmt: skip
+        max_length=160,
+        max_new_tokens=4,
+    )
     out = tmp_path / "run"
     calls = _count_generate(model, monkeypatch)
     scores = lb.run_longbench(config, out, model=model, tokenizer=tokenizer)
@@ -554,9 +598,14 @@ def test_longbench_e_writes_pred_e_and_length_buckets(tiny, tmp_path):
     model, tokenizer = tiny
     data = write_fixture(tmp_path / "data", ["trec", "passage_retrieval_en"], longbench_e=True)
     config = lb.LongBenchConfig(
-        model="tiny", tasks=("trec", "passage_retrieval_en"), longbench_e=True, methods=("dense",),
-        data_dir=str(data), max_length=128, max_new_tokens=4,
-    )  # fmt: skip
+        model="tiny",
+        tasks=("trec", "passage_retrieval_en"),
+        longbench_e=True,
+        methods=("dense",),
+        data_dir=str(data),
+        max_length=128,
+        max_new_tokens=4,
+    )
     scores = lb.run_longbench(config, tmp_path / "run", model=model, tokenizer=tokenizer)
     row = scores["longbench_e"]["dense"]
     assert set(row) == {"trec", "passage_retrieval_en", "avg"}
@@ -578,9 +627,13 @@ def test_longbench_e_writes_pred_e_and_length_buckets(tiny, tmp_path):
 def test_official_answer_lengths_and_exact_answers_score_100(tiny, tmp_path, monkeypatch):
     model, tokenizer = tiny
     data = write_fixture(tmp_path / "data", FIXTURE_TASKS, n=2)
-    right = {"narrativeqa": "A silver lamp.", "gov_report": "the stone bridge crosses the quiet river",
-             "trec": " Location\nQuestion: why?", "passage_retrieval_en": "Paragraph 3",
-             "lcc": "    return x + 1"}  # fmt: skip
+    right = {
+        "narrativeqa": "A silver lamp.",
+        "gov_report": "the stone bridge crosses the quiet river",
+        "trec": " Location\nQuestion: why?",
+        "passage_retrieval_en": "Paragraph 3",
+        "lcc": "    return x + 1",
+    }
     seen = []
 
     def answer(model, tokenizer, ids, task, max_gen):

@@ -49,9 +49,14 @@ def model_dir(tiny, tmp_path_factory):
 
 def grid_config(**overrides) -> niah.NiahConfig:
     kwargs = dict(
-        model="tiny", methods=("sdpa", "streaming"), method_params={"streaming": STREAMING},
-        lengths=LENGTHS, depths=DEPTHS, haystack="repeat", max_new_tokens=4,
-    )  # fmt: skip
+        model="tiny",
+        methods=("sdpa", "streaming"),
+        method_params={"streaming": STREAMING},
+        lengths=LENGTHS,
+        depths=DEPTHS,
+        haystack="repeat",
+        max_new_tokens=4,
+    )
     kwargs.update(overrides)
     return niah.NiahConfig(**kwargs)
 
@@ -164,8 +169,15 @@ def test_default_lengths_follow_the_model_context():
 def write_folder(folder, cells, methods=("sdpa", "dhsa"), lengths=(1024, 2048), depths=(0.0, 0.5, 1.0)):
     """A hand-written niah results folder: ``cells`` maps (method, length, depth) -> exact match."""
     folder.mkdir()
-    config = {"task": "niah", "model": "m", "needle": "passkey", "haystack": "repeat",
-              "methods": list(methods), "lengths": list(lengths), "depths": list(depths)}  # fmt: skip
+    config = {
+        "task": "niah",
+        "model": "m",
+        "needle": "passkey",
+        "haystack": "repeat",
+        "methods": list(methods),
+        "lengths": list(lengths),
+        "depths": list(depths),
+    }
     (folder / "config.json").write_text(json.dumps(config))
     lines = [
         json.dumps(
@@ -178,7 +190,7 @@ def write_folder(folder, cells, methods=("sdpa", "dhsa"), lengths=(1024, 2048), 
                 "exact_match": ok,
                 "rouge1_recall": float(ok),
             }
-        )  # fmt: skip
+        )
         for (m, n, d), ok in cells.items()
     ]
     (folder / "samples.jsonl").write_text("\n".join(lines) + '\n{"id": "torn')
@@ -213,8 +225,11 @@ def test_heatmap_from_a_hand_written_folder(tmp_path):
     # Green cells outnumber red ones 6:2: the areas follow.
     assert 2 < pixels["green"] / pixels["red"] < 4.5, pixels
 
-    write_folder(tmp_path / "all", {("sdpa", n, d): True for n in (1024, 2048) for d in (0.0, 0.5, 1.0)},
-                 methods=("sdpa",))  # fmt: skip
+    write_folder(
+        tmp_path / "all",
+        {("sdpa", n, d): True for n in (1024, 2048) for d in (0.0, 0.5, 1.0)},
+        methods=("sdpa",),
+    )
     pixels = colour_pixels(plots.plot_niah(tmp_path / "all"))
     # (a few grey-ish pixels come from anti-aliased edges, not from cells)
     assert pixels["green"] > 500 and pixels["red"] == 0 and pixels["grey"] < 0.01 * pixels["green"], pixels
@@ -261,7 +276,7 @@ def test_cli_runs_and_replots(model_dir, tmp_path, capsys):
             ("--needle-text", "X is 9.", "--question", "X?", "--answer", "8"),
             "does not occur",
             id="custom-needle-without-answer",
-        ),  # fmt: skip
+        ),
         pytest.param(("--plot-only",), "needs --out", id="plot-only-without-out"),
     ],
 )

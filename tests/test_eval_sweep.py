@@ -54,15 +54,20 @@ def model_dir(tiny, tmp_path_factory):
 
 
 def task(**overrides) -> NiahConfig:
-    kwargs = dict(model="tiny", methods=("sdpa",), lengths=LENGTHS, depths=DEPTHS, haystack="repeat",
-                  max_new_tokens=1)  # fmt: skip
+    kwargs = dict(
+        model="tiny", methods=("sdpa",), lengths=LENGTHS, depths=DEPTHS, haystack="repeat", max_new_tokens=1
+    )
     return NiahConfig(**{**kwargs, **overrides})
 
 
 def sweep_config(**overrides) -> sweep.SweepConfig:
     """The tiny run's sweep; ``block_topk`` and ``streaming`` get small windows when they run."""
-    kwargs = {"niah": task(), "methods": ("sdpa", "dense", "block_topk", "streaming"),
-              "budgets": ("1/4", 64, "1/8"), **overrides}  # fmt: skip
+    kwargs = {
+        "niah": task(),
+        "methods": ("sdpa", "dense", "block_topk", "streaming"),
+        "budgets": ("1/4", 64, "1/8"),
+        **overrides,
+    }
     small = {"block_topk": SMALL, "streaming": STREAMING}
     kwargs.setdefault("method_params", {m: small[m] for m in kwargs["methods"] if m in small})
     return sweep.SweepConfig(**kwargs)
@@ -128,10 +133,12 @@ def ids(points):
 
 def test_points_sweep_budgets_of_methods_with_a_budget_field():
     config = sweep.SweepConfig(
-        niah=task(lengths=(1024, 4096)), methods=("sdpa", "dense", "block_topk", "dhsa"),
-        budgets=("1/8", 1024), method_params={"dhsa": {"dense_tail_blocks": 1}},
+        niah=task(lengths=(1024, 4096)),
+        methods=("sdpa", "dense", "block_topk", "dhsa"),
+        budgets=("1/8", 1024),
+        method_params={"dhsa": {"dense_tail_blocks": 1}},
         grid={"dhsa": {"chunk_size": [32, 64]}},
-    )  # fmt: skip
+    )
     points, skipped = config.points((1024, 4096))
     dhsa = "L{}-dhsa[budget={},chunk_size={},dense_tail_blocks=1]"
     expected = []
@@ -141,9 +148,11 @@ def test_points_sweep_budgets_of_methods_with_a_budget_field():
     assert ids(points) == expected
     # Budgets below a method's sink + local window (block_topk: 64 + 512, dhsa: 128 + 128): skipped.
     assert [s["id"] for s in skipped] == [
-        "L1024-block_topk[budget=128]", dhsa.format(1024, 128, 32), dhsa.format(1024, 128, 64),
+        "L1024-block_topk[budget=128]",
+        dhsa.format(1024, 128, 32),
+        dhsa.format(1024, 128, 64),
         "L4096-block_topk[budget=512]",
-    ]  # fmt: skip
+    ]
     assert all("must cover sink_tokens + local_tokens" in s["reason"] for s in skipped)
     point = points[-1]
     assert (point.budget, point.budget_spec, point.length) == (1024, "1024", 4096)
@@ -158,9 +167,11 @@ def test_streaming_spends_the_budget_on_its_window():
 
 def test_points_budget_in_params_is_not_swept_and_duplicates_run_once():
     config = sweep.SweepConfig(
-        niah=task(lengths=(4096,)), methods=("block_topk", "dhsa"), budgets=("1/8", 512, 1024),
+        niah=task(lengths=(4096,)),
+        methods=("block_topk", "dhsa"),
+        budgets=("1/8", 512, 1024),
         method_params={"block_topk": {"budget": 2048}},
-    )  # fmt: skip
+    )
     points, skipped = config.points((4096,))
     assert ids(points) == ["L4096-block_topk[budget=2048]"] + [
         f"L4096-dhsa[budget={b}]" for b in (512, 1024)
@@ -176,9 +187,11 @@ def test_points_with_params_for_budget(monkeypatch):
 
     monkeypatch.setattr(Streaming, "params_for_budget", classmethod(params_for_budget), raising=False)
     config = sweep.SweepConfig(
-        niah=task(lengths=(1024,)), methods=("streaming",), budgets=("1/8", 512, 64),
+        niah=task(lengths=(1024,)),
+        methods=("streaming",),
+        budgets=("1/8", 512, 64),
         method_params={"streaming": {"sink_tokens": 64}},
-    )  # fmt: skip
+    )
     points, skipped = config.points((1024,))
     assert [(p.budget, p.params["local_tokens"]) for p in points] == [(128, 64), (512, 448)]
     assert [s["budget"] for s in skipped] == [64]
@@ -187,9 +200,11 @@ def test_points_with_params_for_budget(monkeypatch):
 
 def test_points_grid_is_a_cartesian_product():
     config = sweep.SweepConfig(
-        niah=task(lengths=(2048,)), methods=("streaming",), budgets=("1/4",),
+        niah=task(lengths=(2048,)),
+        methods=("streaming",),
+        budgets=("1/4",),
         grid={"streaming": {"sink_tokens": [32, 64], "local_tokens": [128, 256, 512]}},
-    )  # fmt: skip
+    )
     points, _ = config.points((2048,))
     assert [(p.params["sink_tokens"], p.params["local_tokens"]) for p in points] == [
         (s, w) for s in (32, 64) for w in (128, 256, 512)
@@ -210,13 +225,13 @@ def test_points_grid_is_a_cartesian_product():
             {"method_params": {"block_topk": {"block_size": 33}}},
             "no setting of block_topk",
             id="bad-fixed-param",
-        ),  # fmt: skip
+        ),
         pytest.param({"budgets": ("1/8", "2/1")}, "bad budget", id="bad-budget"),
         pytest.param(
             {"method_params": {"dense": {"block_size": 32}}, "grid": {"dense": {"block_size": [16]}}},
             "not in both",
             id="param-twice",
-        ),  # fmt: skip
+        ),
         pytest.param({"methods": ()}, "no method given", id="no-methods"),
     ],
 )
@@ -240,8 +255,12 @@ def test_run_writes_one_record_per_point_results_and_plots(calls, tmp_path, capl
     expected = []
     for n, quarter in ((192, 48), (256, 64)):
         budgets = (quarter, 64) if quarter != 64 else (64,)
-        expected += [f"L{n}-sdpa", f"L{n}-dense", *(f"L{n}-" + block.format(b) for b in budgets),
-                     f"L{n}-{streaming}"]  # fmt: skip
+        expected += [
+            f"L{n}-sdpa",
+            f"L{n}-dense",
+            *(f"L{n}-" + block.format(b) for b in budgets),
+            f"L{n}-{streaming}",
+        ]
     assert [r["id"] for r in records] == expected
     assert len(calls) == len(expected) * len(DEPTHS)  # one prefill per point and depth
     skipped = [f"L{n}-" + block.format(32) for n in LENGTHS]
@@ -324,8 +343,9 @@ def test_density_is_what_attention_stats_reports(tiny, calls, tmp_path):
     (record,) = read_records(tmp_path / "run")
     expected = []
     for depth in DEPTHS:
-        p = build_needle_prompt(tokenizer, context_tokens=256, depth=depth, needle="passkey",
-                                haystack=REPEAT_FILLER)  # fmt: skip
+        p = build_needle_prompt(
+            tokenizer, context_tokens=256, depth=depth, needle="passkey", haystack=REPEAT_FILLER
+        )
         with sparse_llm.sparse_attention(model, "block_topk", **SMALL, budget=64), torch.inference_mode():
             model(p.input_ids, use_cache=True, logits_to_keep=1)
             expected.append(sparse_llm.attention_stats(model)["density"])
@@ -339,11 +359,16 @@ def test_density_is_what_attention_stats_reports(tiny, calls, tmp_path):
 def hand_rows():
     """``(method, budget, density, prefill_s, accuracy)`` at 1024 tokens (dense: the reference at 2048)."""
     return {
-        1024: [("sdpa", None, None, 1.0, 0.8), ("dense", None, 1.0, 1.25, 0.8),
-               ("block_topk", 128, 0.2, 0.25, 0.4), ("block_topk", 256, 0.4, 0.4, 0.8),
-               ("block_topk", 512, 0.7, 0.8, 1.0), ("streaming", None, 0.3, 0.2, 0.6)],
+        1024: [
+            ("sdpa", None, None, 1.0, 0.8),
+            ("dense", None, 1.0, 1.25, 0.8),
+            ("block_topk", 128, 0.2, 0.25, 0.4),
+            ("block_topk", 256, 0.4, 0.4, 0.8),
+            ("block_topk", 512, 0.7, 0.8, 1.0),
+            ("streaming", None, 0.3, 0.2, 0.6),
+        ],
         2048: [("dense", None, 1.0, 2.0, 0.5), ("block_topk", 256, 0.2, 0.5, 0.25)],
-    }  # fmt: skip
+    }
 
 
 def hand_folder(folder):
@@ -357,8 +382,14 @@ def hand_folder(folder):
             records.append({**record, "accuracy": accuracy, "accuracy_far": accuracy})
     scores = sweep.summarize(records, points, [])
     folder.mkdir()
-    config = {"task": "sweep", "model": "m", "needle": "passkey", "haystack": "repeat", "depths": [0.5],
-              "methods": ["sdpa", "dense", "block_topk", "streaming"]}  # fmt: skip
+    config = {
+        "task": "sweep",
+        "model": "m",
+        "needle": "passkey",
+        "haystack": "repeat",
+        "depths": [0.5],
+        "methods": ["sdpa", "dense", "block_topk", "streaming"],
+    }
     (folder / "results.json").write_text(json.dumps({"config": config, "scores": scores}))
     return scores
 
@@ -372,13 +403,18 @@ def test_frontier_markers_and_pareto_sets(tmp_path):
     assert match["block_topk"]["density"] == 0.4
     assert match["dense"]["density"] == 1.0 and match["streaming"] is None
     assert info["pareto_density"] == [
-        "L1024-block_topk[budget=128]", "L1024-streaming", "L1024-block_topk[budget=256]",
+        "L1024-block_topk[budget=128]",
+        "L1024-streaming",
+        "L1024-block_topk[budget=256]",
         "L1024-block_topk[budget=512]",
-    ]  # fmt: skip
+    ]
     rows = {r["id"]: r for r in scores["rows"]}
     assert rows["L1024-streaming"]["speedup"] == 5.0 and rows["L1024-dense"]["speedup"] == 0.8
-    assert info["pareto_speedup"] == ["L1024-streaming", "L1024-block_topk[budget=256]",
-                                      "L1024-block_topk[budget=512]"]  # fmt: skip
+    assert info["pareto_speedup"] == [
+        "L1024-streaming",
+        "L1024-block_topk[budget=256]",
+        "L1024-block_topk[budget=512]",
+    ]
     # Without sdpa: the full-density point is the reference, and there is no speedup.
     info = scores["by_length"]["2048"]
     assert info["reference"]["id"] == "L2048-dense" and info["sdpa_prefill_s"] is None
@@ -420,9 +456,26 @@ def test_cli_help(capsys):
 
 def test_cli_runs_resumes_and_replots(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ("--model", model_dir, "--haystack", "repeat", "--methods", "sdpa,block_topk", "--budgets",
-            "1/4,64", "--method-params", json.dumps({"block_topk": SMALL}), "--lengths", "192",
-            "--depths", "0.5", "--max-new-tokens", "2", "--out", out)  # fmt: skip
+    args = (
+        "--model",
+        model_dir,
+        "--haystack",
+        "repeat",
+        "--methods",
+        "sdpa,block_topk",
+        "--budgets",
+        "1/4,64",
+        "--method-params",
+        json.dumps({"block_topk": SMALL}),
+        "--lengths",
+        "192",
+        "--depths",
+        "0.5",
+        "--max-new-tokens",
+        "2",
+        "--out",
+        out,
+    )
     assert cli(*args) == 0
     stdout = capsys.readouterr().out
     assert "| length | method | budget |" in stdout and "| 192 | sdpa | - | - |" in stdout

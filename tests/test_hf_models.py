@@ -149,8 +149,14 @@ def test_context_manager_restores_on_error_and_nesting():
 
 # "auto" puts everything on the CPU here; the explicit map offloads layer 1 to disk, so accelerate's
 # hooks load its weights during the forward (the sharded setting, without a second device).
-OFFLOAD_MAP = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
-               "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}  # fmt: skip
+OFFLOAD_MAP = {
+    "model.embed_tokens": "cpu",
+    "model.rotary_emb": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.norm": "cpu",
+    "lm_head": "cpu",
+}
 
 
 @pytest.mark.parametrize("device_map", ["auto", OFFLOAD_MAP], ids=["auto", "disk-offload"])

@@ -130,8 +130,14 @@ def split_mask(mask: BlockMask, seed: int) -> tuple[BlockMask, BlockMask]:
     """Two disjoint masks whose union is ``mask``, each block assigned at random."""
     dense = mask.to_dense()
     side = torch.rand(dense.shape, generator=torch.Generator().manual_seed(seed)) < 0.5
-    geo = dict(block_q=mask.block_q, block_k=mask.block_k, q_len=mask.q_len, kv_len=mask.kv_len,
-               causal=mask.is_causal, sliding_window=mask.sliding_window)  # fmt: skip
+    geo = dict(
+        block_q=mask.block_q,
+        block_k=mask.block_k,
+        q_len=mask.q_len,
+        kv_len=mask.kv_len,
+        causal=mask.is_causal,
+        sliding_window=mask.sliding_window,
+    )
     return BlockMask.from_dense(dense & side, **geo), BlockMask.from_dense(dense & ~side, **geo)
 
 

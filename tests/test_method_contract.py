@@ -172,8 +172,9 @@ def test_generate_on_a_padded_batch_with_dense_and_sparse_decode(name, variant):
     ids = random_ids(2, SEQ, seed=10)
     attention_mask = torch.ones_like(ids)
     attention_mask[1, :37] = 0  # not a whole number of blocks
-    gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
-               return_dict_in_generate=True)  # fmt: skip
+    gen = dict(
+        max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     for decode in ("dense", "sparse"):
         with sparse_llm.sparse_attention(model, name, **sparse_setting(name), decode=decode), torch.no_grad():
             out = model.generate(ids, attention_mask=attention_mask, **gen)

@@ -71,8 +71,12 @@ def interpreted(tmp_path_factory) -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
     proc = subprocess.run(
         [sys.executable, "-c", RUNNER, str(folder / "inputs.pt"), str(folder / "outputs.pt")],
-        env=env, cwd=root, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"interpreted run failed:\n{proc.stderr[-4000:]}"
     return {"inputs": inputs, "outputs": torch.load(folder / "outputs.pt", weights_only=False)}
 

@@ -181,13 +181,21 @@ class BudgetedMethod(SparseMethod):
             self.__dict__["_warned_budget"] = True
             logger.warning(
                 "%s: budget %d >= context length %d, so every key is kept (exact attention); "
-                "lower the budget to sparsify", self.name, self.budget, k.shape[2],
-            )  # fmt: skip
+                "lower the budget to sparsify",
+                self.name,
+                self.budget,
+                k.shape[2],
+            )
         forced = BlockMask.sink_window(
-            q_len=q.shape[2], kv_len=k.shape[2], block_q=self.block_size, block_k=self.block_size,
-            sink_tokens=self.sink_tokens, local_tokens=self.local_tokens, device=q.device,
+            q_len=q.shape[2],
+            kv_len=k.shape[2],
+            block_q=self.block_size,
+            block_k=self.block_size,
+            sink_tokens=self.sink_tokens,
+            local_tokens=self.local_tokens,
+            device=q.device,
             kv_start=first_real_key(call.key_padding_mask),
-        ).to_dense()  # fmt: skip
+        ).to_dense()
         real = key_blocks_with_real_keys(call.key_padding_mask, k.shape[2], self.block_size)
         # The local window of a padded row's first query blocks would reach into its padding.
         return forced if real is None else forced & real[:, None, None, :]
@@ -206,9 +214,13 @@ class BudgetedMethod(SparseMethod):
                 selected = selected.expand(real.shape[0], *selected.shape[1:]).clone()
                 selected[:, :, -self.dense_tail_blocks :] = real[:, None, None, :]
         return BlockMask.from_dense(
-            selected, block_q=self.block_size, block_k=self.block_size, q_len=q.shape[2],
-            kv_len=k.shape[2], sliding_window=call.sliding_window,
-        )  # fmt: skip
+            selected,
+            block_q=self.block_size,
+            block_k=self.block_size,
+            q_len=q.shape[2],
+            kv_len=k.shape[2],
+            sliding_window=call.sliding_window,
+        )
 
     def mask_from_scores(
         self, scores: torch.Tensor, q: torch.Tensor, k: torch.Tensor, call: LayerCall
@@ -219,18 +231,30 @@ class BudgetedMethod(SparseMethod):
         forced = self.forced_blocks(q, k, call)
         scores = scores.float().masked_fill(forced, float("inf"))
         ranked = BlockMask.from_topk(
-            scores, self.budget_blocks, block_q=self.block_size, block_k=self.block_size,
-            q_len=q.shape[2], kv_len=k.shape[2], sliding_window=call.sliding_window,
-        ).to_dense()  # fmt: skip
+            scores,
+            self.budget_blocks,
+            block_q=self.block_size,
+            block_k=self.block_size,
+            q_len=q.shape[2],
+            kv_len=k.shape[2],
+            sliding_window=call.sliding_window,
+        ).to_dense()
         return self.mask_from_blocks(ranked & (scores > float("-inf")), q, k, call)
 
 
 def exact_attention(q, k, v, mask: BlockMask, call: LayerCall, return_lse: bool = False):
     """The shared kernel over ``mask`` with the layer's scale, softcap, window and padding."""
     return block_sparse_attention(
-        q, k, v, mask, scale=call.scale, softcap=call.softcap, sliding_window=call.sliding_window,
-        key_padding_mask=call.key_padding_mask, return_lse=return_lse,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        mask,
+        scale=call.scale,
+        softcap=call.softcap,
+        sliding_window=call.sliding_window,
+        key_padding_mask=call.key_padding_mask,
+        return_lse=return_lse,
+    )
 
 
 def require_positive(**values: int) -> None:

@@ -86,10 +86,16 @@ class DeltaLLM(SparseMethod):
     def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
         """The exactly attended blocks: sinks plus the local window (as ``streaming``)."""
         return BlockMask.sink_window(
-            q_len=q.shape[2], kv_len=k.shape[2], block_q=self.block_size, block_k=self.block_size,
-            sink_tokens=self.sink_tokens, local_tokens=self.window(k.shape[2]), device=q.device,
-            sliding_window=call.sliding_window, kv_start=first_real_key(call.key_padding_mask),
-        )  # fmt: skip
+            q_len=q.shape[2],
+            kv_len=k.shape[2],
+            block_q=self.block_size,
+            block_k=self.block_size,
+            sink_tokens=self.sink_tokens,
+            local_tokens=self.window(k.shape[2]),
+            device=q.device,
+            sliding_window=call.sliding_window,
+            kv_start=first_real_key(call.key_padding_mask),
+        )
 
     def far_field(self, q, k, v, mask: BlockMask, call: LayerCall):
         """Kernel attention with held keys over the blocks ``mask`` leaves out (computed densely, so
@@ -100,9 +106,13 @@ class DeltaLLM(SparseMethod):
             zero = (~changed & counted[:, None, :, None]).sum() / (counted.sum() * k.shape[1] * k.shape[3])
             self.last_delta_sparsity[call.layer_idx] = float(zero)
         far = BlockMask.from_dense(
-            ~mask.to_dense(), block_q=mask.block_q, block_k=mask.block_k, q_len=mask.q_len,
-            kv_len=mask.kv_len, sliding_window=call.sliding_window,
-        )  # fmt: skip
+            ~mask.to_dense(),
+            block_q=mask.block_q,
+            block_k=mask.block_k,
+            q_len=mask.q_len,
+            kv_len=mask.kv_len,
+            sliding_window=call.sliding_window,
+        )
         return exact_attention(q, held.to(k.dtype), v, far, call, return_lse=True)
 
 
@@ -150,8 +160,9 @@ def held_keys(
     return held, changed
 
 
-def deltallm_reference(q, k, v, *, theta, scale, sink_tokens, local_tokens, block_size, softcap=None,
-                       key_padding_mask=None):  # fmt: skip
+def deltallm_reference(
+    q, k, v, *, theta, scale, sink_tokens, local_tokens, block_size, softcap=None, key_padding_mask=None
+):
     """Slow, obviously right DeltaLLM for tests: a Python loop for the held keys, dense scores.
 
     q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]`` (fp64 for a ground truth); returns ``[B, Hq, Tq, D]``
@@ -185,11 +196,14 @@ def deltallm_reference(q, k, v, *, theta, scale, sink_tokens, local_tokens, bloc
     near = element_mask(exact, **heads)  # [B|1, Hkv, 1, Tq, Tk]
     allowed = element_mask(BlockMask.causal(**geo), **heads)
     qg = q.unflatten(1, (hkv, hq // hkv))
-    scores = torch.where(
-        near,
-        torch.einsum("bhgqd,bhkd->bhgqk", qg, k),
-        torch.einsum("bhgqd,bhkd->bhgqk", qg, held),
-    ) * scale  # fmt: skip
+    scores = (
+        torch.where(
+            near,
+            torch.einsum("bhgqd,bhkd->bhgqk", qg, k),
+            torch.einsum("bhgqd,bhkd->bhgqk", qg, held),
+        )
+        * scale
+    )
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)

@@ -83,10 +83,16 @@ class Lightning(SparseMethod):
     def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
         """The exactly attended blocks: sinks plus the local window (as ``streaming``)."""
         return BlockMask.sink_window(
-            q_len=q.shape[2], kv_len=k.shape[2], block_q=self.block_size, block_k=self.block_size,
-            sink_tokens=self.sink_tokens, local_tokens=self.local_tokens, device=q.device,
-            sliding_window=call.sliding_window, kv_start=first_real_key(call.key_padding_mask),
-        )  # fmt: skip
+            q_len=q.shape[2],
+            kv_len=k.shape[2],
+            block_q=self.block_size,
+            block_k=self.block_size,
+            sink_tokens=self.sink_tokens,
+            local_tokens=self.local_tokens,
+            device=q.device,
+            sliding_window=call.sliding_window,
+            kv_start=first_real_key(call.key_padding_mask),
+        )
 
     def far_field(self, q, k, v, mask: BlockMask, call: LayerCall):
         """The Taylor far field over every causal, real key outside the sink and local blocks."""
@@ -95,8 +101,15 @@ class Lightning(SparseMethod):
         if call.sliding_window is not None:
             raise NotImplementedError("lightning's far field has no sliding window (the patch runs it dense)")
         return taylor_far_field(
-            q, k, v, scale=call.scale, softcap=call.softcap, key_padding_mask=call.key_padding_mask,
-            block_size=self.block_size, sink_tokens=self.sink_tokens, local_tokens=self.local_tokens,
+            q,
+            k,
+            v,
+            scale=call.scale,
+            softcap=call.softcap,
+            key_padding_mask=call.key_padding_mask,
+            block_size=self.block_size,
+            sink_tokens=self.sink_tokens,
+            local_tokens=self.local_tokens,
             order=self.taylor_order,
         )
 
@@ -110,8 +123,9 @@ def _square_features(x: torch.Tensor) -> torch.Tensor:
     return x[..., i] * x[..., j] * weight
 
 
-def taylor_far_field(q, k, v, *, scale, block_size, sink_tokens, local_tokens, order=2, softcap=None,
-                     key_padding_mask=None):  # fmt: skip
+def taylor_far_field(
+    q, k, v, *, scale, block_size, sink_tokens, local_tokens, order=2, softcap=None, key_padding_mask=None
+):
     """The far field of :class:`Lightning` as ``(out [B, Hq, Tq, D] fp32, lse [B, Hq, Tq] fp32)``.
 
     q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]``; ``key_padding_mask`` ``[B, Tk]`` bool (True = real).
@@ -197,8 +211,20 @@ def taylor_far_field(q, k, v, *, scale, block_size, sink_tokens, local_tokens, o
     return out.flatten(1, 2), lse.flatten(1, 2)
 
 
-def lightning_reference(q, k, v, *, scale, block_size, sink_tokens, local_tokens, order=2, far_field=True,
-                        softcap=None, key_padding_mask=None):  # fmt: skip
+def lightning_reference(
+    q,
+    k,
+    v,
+    *,
+    scale,
+    block_size,
+    sink_tokens,
+    local_tokens,
+    order=2,
+    far_field=True,
+    softcap=None,
+    key_padding_mask=None,
+):
     """Slow, obviously right :class:`Lightning` for tests: every far weight written out, ``Tq x Tk``.
 
     q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]`` (fp64 for a ground truth); returns ``[B, Hq, Tq, D]``.

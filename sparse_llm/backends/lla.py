@@ -159,8 +159,9 @@ def local_linear_attention(q, k, v, mask: BlockMask, call: LayerCall, *, ridge: 
     return out.flatten(1, 2).to(q.dtype)
 
 
-def lla_reference(q, k, v, mask: BlockMask, *, scale, ridge, softcap=None, sliding_window=None,
-                  key_padding_mask=None):  # fmt: skip
+def lla_reference(
+    q, k, v, mask: BlockMask, *, scale, ridge, softcap=None, sliding_window=None, key_padding_mask=None
+):
     """Slow, obviously right LLA for tests: dense ``Tq x Tk x D`` tensors and ``torch.linalg.solve``.
 
     Same arguments as :func:`local_linear_attention` (fp64 inputs for a ground truth).
@@ -169,9 +170,13 @@ def lla_reference(q, k, v, mask: BlockMask, *, scale, ridge, softcap=None, slidi
 
     (_, hq, _, d), hkv = q.shape, k.shape[1]
     allowed = element_mask(
-        mask, num_q_heads=hq, num_kv_heads=hkv, sliding_window=sliding_window,
-        key_padding_mask=key_padding_mask, device=q.device,
-    )  # fmt: skip
+        mask,
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        sliding_window=sliding_window,
+        key_padding_mask=key_padding_mask,
+        device=q.device,
+    )
     qg = q.unflatten(1, (hkv, hq // hkv))
     scores = torch.einsum("bhgqd,bhkd->bhgqk", qg, k) * scale
     if softcap is not None:

@@ -70,9 +70,14 @@ def window_mask(length: int, block: int, density: float, device) -> BlockMask:
 
     def make(width: int) -> BlockMask:
         return BlockMask.sink_window(
-            q_len=length, kv_len=length, block_q=block, block_k=block, sink_tokens=block,
-            local_tokens=width, device=device,
-        )  # fmt: skip
+            q_len=length,
+            kv_len=length,
+            block_q=block,
+            block_k=block,
+            sink_tokens=block,
+            local_tokens=width,
+            device=device,
+        )
 
     lo, hi = block, -(-length // block) * block  # density grows with the width: bisect on blocks
     while hi - lo > block:
@@ -145,9 +150,14 @@ def to_flex_block_mask(mask: BlockMask) -> FlexBlockMask:
         return F.pad(idx, (0, n_k - idx.shape[-1]))
 
     return FlexBlockMask.from_kv_blocks(
-        mask.kv_num_blocks, pad(mask.kv_indices), mask.full_kv_num_blocks, pad(mask.full_kv_indices),
-        BLOCK_SIZE=(mask.block_q, mask.block_k), mask_mod=causal, seq_lengths=(mask.q_len, mask.kv_len),
-    )  # fmt: skip
+        mask.kv_num_blocks,
+        pad(mask.kv_indices),
+        mask.full_kv_num_blocks,
+        pad(mask.full_kv_indices),
+        BLOCK_SIZE=(mask.block_q, mask.block_k),
+        mask_mod=causal,
+        seq_lengths=(mask.q_len, mask.kv_len),
+    )
 
 
 def _flex(q, k, v, mask: BlockMask):
@@ -164,11 +174,17 @@ def _row(config, length, pattern, mask, name, times, dense_s) -> dict:
     # Attended (query, key) pairs of the causal triangle, times heads: 4 flops each (QK^T and PV).
     flops = 4 * config.q_heads * config.head_dim * density * length * (length + 1) / 2
     return {
-        "length": length, "pattern": pattern, "impl": name, "density": density,
-        "median_ms": median * 1e3, "spread_ms": (max(times) - min(times)) * 1e3,
-        "speedup_vs_dense": dense_s / median, "ideal": 1 / density,
-        "fraction_of_ideal": dense_s / median * density, "tflops": flops / median / 1e12,
-    }  # fmt: skip
+        "length": length,
+        "pattern": pattern,
+        "impl": name,
+        "density": density,
+        "median_ms": median * 1e3,
+        "spread_ms": (max(times) - min(times)) * 1e3,
+        "speedup_vs_dense": dense_s / median,
+        "ideal": 1 / density,
+        "fraction_of_ideal": dense_s / median * density,
+        "tflops": flops / median / 1e12,
+    }
 
 
 def run_kernel_bench(config: KernelBenchConfig, out=None, progress: bool = False) -> dict:
@@ -183,8 +199,9 @@ def run_kernel_bench(config: KernelBenchConfig, out=None, progress: bool = False
     for length in config.lengths:
         shapes = ((config.q_heads, length), (config.kv_heads, length), (config.kv_heads, length))
         q, k, v = (torch.randn(1, h, t, config.head_dim, generator=gen).to(device, dtype) for h, t in shapes)
-        dense = BlockMask.causal(q_len=length, kv_len=length, block_q=config.block_size,
-                                 block_k=config.block_size, device=device)  # fmt: skip
+        dense = BlockMask.causal(
+            q_len=length, kv_len=length, block_q=config.block_size, block_k=config.block_size, device=device
+        )
         dense_times = _time(_ours(q, k, v, dense), config.repeats, device)
         dense_s = statistics.median(dense_times)
         rows.append(_row(config, length, "causal", dense, "ours", dense_times, dense_s))
@@ -199,8 +216,9 @@ def run_kernel_bench(config: KernelBenchConfig, out=None, progress: bool = False
                 if config.flex:
                     impls["flex"] = _flex(q, k, v, mask)
                 for name, fn in impls.items():
-                    rows.append(_row(config, length, pattern, mask, name, _time(fn, config.repeats, device),
-                                     dense_s))  # fmt: skip
+                    rows.append(
+                        _row(config, length, pattern, mask, name, _time(fn, config.repeats, device), dense_s)
+                    )
                 bar.update()
     bar.close()
     report = {"config": asdict(config), **run_metadata(device), "results": rows}

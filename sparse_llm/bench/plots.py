@@ -40,8 +40,13 @@ def plot_prefill(report_path: str | Path) -> Path:
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["length"])
         left.plot([r["length"] for r in mine], [r["median_s"] for r in mine], "o-", label=method)
-    left.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="prefill s (median)",
-             title="prefill latency")  # fmt: skip
+    left.set(
+        xscale="log",
+        yscale="log",
+        xlabel="prompt tokens",
+        ylabel="prefill s (median)",
+        title="prefill latency",
+    )
     left.legend(fontsize=8)
 
     # The sparse layers' own attention time (selection included, from the split run) against our
@@ -54,8 +59,12 @@ def plot_prefill(report_path: str | Path) -> Path:
     for r in sparse:
         right.scatter(r["density"], dense[r["length"]] / layer_s(r), label=f"{r['method']} @ {r['length']}")
     _ideal_line(right, [r["density"] for r in sparse] or [0.1])
-    right.set(xlabel="attention density (sparse layers)", ylabel="attention speedup over our dense",
-              title="sparse layers' attention (selection included) vs density", ylim=(0, None))  # fmt: skip
+    right.set(
+        xlabel="attention density (sparse layers)",
+        ylabel="attention speedup over our dense",
+        title="sparse layers' attention (selection included) vs density",
+        ylim=(0, None),
+    )
     right.legend(fontsize=7)
     machine = report.get("machine", {}).get("device", "")
     fig.suptitle(f"{report['config'].get('model', '')} on {machine}", fontsize=10)
@@ -72,13 +81,20 @@ def plot_kernel(report_path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.5), squeeze=False)
     for ax, length in zip(axes[0], lengths, strict=True):
         for key in dict.fromkeys((r["pattern"], r["impl"]) for r in rows if r["length"] == length):
-            mine = sorted((r for r in rows if (r["pattern"], r["impl"]) == key and r["length"] == length),
-                          key=lambda r: r["density"])  # fmt: skip
-            ax.plot([r["density"] for r in mine], [r["speedup_vs_dense"] for r in mine], "o-",
-                    label=f"{key[1]} ({key[0]})")  # fmt: skip
+            mine = sorted(
+                (r for r in rows if (r["pattern"], r["impl"]) == key and r["length"] == length),
+                key=lambda r: r["density"],
+            )
+            ax.plot(
+                [r["density"] for r in mine],
+                [r["speedup_vs_dense"] for r in mine],
+                "o-",
+                label=f"{key[1]} ({key[0]})",
+            )
         _ideal_line(ax, [r["density"] for r in rows] or [0.1])
-        ax.set(xlabel="density", ylabel="speedup over our dense kernel", title=f"{length} tokens",
-               ylim=(0, None))  # fmt: skip
+        ax.set(
+            xlabel="density", ylabel="speedup over our dense kernel", title=f"{length} tokens", ylim=(0, None)
+        )
         ax.legend(fontsize=8)
     fig.suptitle(f"block-sparse kernel on {report.get('machine', {}).get('device', '')}", fontsize=10)
     return _save(plt, fig, path)

@@ -87,8 +87,15 @@ def run_bench(
     show = sys.stderr.isatty() if progress is None else progress
     results: dict[tuple[int, str], dict] = {}
     for r, length, method in tqdm(runs, desc="bench", unit="config", disable=not show):
-        cmd = [sys.executable, "-m", "sparse_llm.bench.runner", json.dumps(asdict(config)), method,
-               str(length), str(int(r == 0))]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "sparse_llm.bench.runner",
+            json.dumps(asdict(config)),
+            method,
+            str(length),
+            str(int(r == 0)),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:

@@ -80,9 +80,13 @@ def applied(model, spec: MethodSpec) -> Iterator[None]:
 def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id=None) -> torch.Tensor:
     """Greedy continuation ids ``[B, <= max_new_tokens]`` of ``input_ids`` ``[B, T]``."""
     out = model.generate(
-        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-        do_sample=False, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
-    )  # fmt: skip
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+    )
     return out[:, input_ids.shape[1] :]
 
 
@@ -92,13 +96,17 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_methods: str =
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument(
-        "--methods", type=comma_list, default=comma_list(default_methods),
+        "--methods",
+        type=comma_list,
+        default=comma_list(default_methods),
         help="comma-separated registered methods; 'sdpa' is the unpatched model",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--method-params", type=json.loads, default={},
+        "--method-params",
+        type=json.loads,
+        default={},
         help='JSON per method, e.g. \'{"dhsa": {"budget": 1024}}\'',
-    )  # fmt: skip
+    )
     parser.add_argument("--out", default=None, help="results folder (default: results/<task>-<config hash>)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -158,7 +166,10 @@ def prefill_and_generate(
     name = cache_kwarg(model)
     prompt = torch.cat([input_ids, first], dim=1)
     generated = model.generate(
-        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens - 1,
-        do_sample=False, **{name: getattr(out, name)},
-    )  # fmt: skip
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=max_new_tokens - 1,
+        do_sample=False,
+        **{name: getattr(out, name)},
+    )
     return Generation(generated[:, input_ids.shape[1] :], prefill_s, density, peak)

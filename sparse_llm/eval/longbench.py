@@ -134,9 +134,15 @@ def generate_answer(model, tokenizer, ids: list[int], task: str, max_gen: int) -
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     processors = LogitsProcessorList([probe] if probe else [])
     out = model.generate(
-        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_gen, do_sample=False,
-        num_beams=1, pad_token_id=pad, logits_processor=processors, **kwargs,
-    )  # fmt: skip
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_gen,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad,
+        logits_processor=processors,
+        **kwargs,
+    )
     answer = tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
     return answer, probe.density if probe else None
 
@@ -232,9 +238,14 @@ def _sample_id(task: str, index: int, label: str, config: LongBenchConfig) -> st
 
 
 def run_longbench(
-    config: LongBenchConfig, out: str | Path | None = None, *, resume: bool = False, progress: bool = False,
-    model=None, tokenizer=None,
-) -> dict:  # fmt: skip
+    config: LongBenchConfig,
+    out: str | Path | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = False,
+    model=None,
+    tokenizer=None,
+) -> dict:
     """Run ``config``; returns the ``scores`` written to ``<out>/results.json``.
 
     ``model``/``tokenizer`` may be passed already loaded (then ``config.model`` only names the
@@ -270,12 +281,22 @@ def run_longbench(
                     with common.applied(model, spec):
                         pred, density = generate_answer(model, tokenizer, prompt_ids, task, max_gen[task])
                     answers, classes = example["answers"], example.get("all_classes")
-                    store.add({
-                        "id": _sample_id(task, i, spec.label, config), "task": task, "method": spec.label,
-                        "_id": example.get("_id"), "pred": pred, "answers": answers, "all_classes": classes,
-                        "length": example["length"], "prompt_tokens": len(prompt_ids), "truncated": truncated,
-                        "density": density, "score": score_prediction(task, pred, answers, classes),
-                    })  # fmt: skip
+                    store.add(
+                        {
+                            "id": _sample_id(task, i, spec.label, config),
+                            "task": task,
+                            "method": spec.label,
+                            "_id": example.get("_id"),
+                            "pred": pred,
+                            "answers": answers,
+                            "all_classes": classes,
+                            "length": example["length"],
+                            "prompt_tokens": len(prompt_ids),
+                            "truncated": truncated,
+                            "density": density,
+                            "score": score_prediction(task, pred, answers, classes),
+                        }
+                    )
                     bar.update(1)
     return _write_outputs(store, config, datasets, [s.label for s in specs], provenance)
 
@@ -295,10 +316,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args) -> int:
     config = LongBenchConfig(
-        model=args.model, tasks=args.tasks, longbench_e=args.longbench_e, methods=args.methods,
-        method_params=args.method_params, data_dir=args.data_dir, max_length=args.max_length,
-        limit=args.limit, max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
-    )  # fmt: skip
+        model=args.model,
+        tasks=args.tasks,
+        longbench_e=args.longbench_e,
+        methods=args.methods,
+        method_params=args.method_params,
+        data_dir=args.data_dir,
+        max_length=args.max_length,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+        dtype=args.dtype,
+    )
     scores = run_longbench(config, args.out, resume=args.resume, progress=common.show_progress(args))
     print(markdown(scores["longbench_e" if config.longbench_e else "longbench"], config.longbench_e), end="")
     return 0

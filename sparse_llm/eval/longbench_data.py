@@ -49,20 +49,51 @@ from sparse_llm.eval.haystack import encode
 logger = logging.getLogger(__name__)
 
 TASKS = (
-    "narrativeqa", "qasper", "multifieldqa_en", "multifieldqa_zh", "hotpotqa", "2wikimqa", "musique",
-    "dureader", "gov_report", "qmsum", "multi_news", "vcsum", "trec", "triviaqa", "samsum", "lsht",
-    "passage_count", "passage_retrieval_en", "passage_retrieval_zh", "lcc", "repobench-p",
-)  # fmt: skip
+    "narrativeqa",
+    "qasper",
+    "multifieldqa_en",
+    "multifieldqa_zh",
+    "hotpotqa",
+    "2wikimqa",
+    "musique",
+    "dureader",
+    "gov_report",
+    "qmsum",
+    "multi_news",
+    "vcsum",
+    "trec",
+    "triviaqa",
+    "samsum",
+    "lsht",
+    "passage_count",
+    "passage_retrieval_en",
+    "passage_retrieval_zh",
+    "lcc",
+    "repobench-p",
+)
 E_TASKS = (
-    "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "gov_report", "multi_news", "trec", "triviaqa",
-    "samsum", "passage_count", "passage_retrieval_en", "lcc", "repobench-p",
-)  # fmt: skip
+    "qasper",
+    "multifieldqa_en",
+    "hotpotqa",
+    "2wikimqa",
+    "gov_report",
+    "multi_news",
+    "trec",
+    "triviaqa",
+    "samsum",
+    "passage_count",
+    "passage_retrieval_en",
+    "lcc",
+    "repobench-p",
+)
 NO_CHAT = frozenset({"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"})
 FIRST_LINE = frozenset({"trec", "triviaqa", "samsum", "lsht"})
 # Official eval.py's dataset2metric; the functions live in lm_eval.tasks.longbench.metrics.
 METRICS = {
-    **dict.fromkeys(("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique",
-                     "triviaqa"), "qa_f1_score"),
+    **dict.fromkeys(
+        ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique", "triviaqa"),
+        "qa_f1_score",
+    ),
     "multifieldqa_zh": "qa_f1_zh_score",
     **dict.fromkeys(("dureader", "vcsum"), "rouge_zh_score"),
     **dict.fromkeys(("gov_report", "qmsum", "multi_news", "samsum"), "rouge_score"),
@@ -71,7 +102,7 @@ METRICS = {
     "passage_retrieval_en": "retrieval_score",
     "passage_retrieval_zh": "retrieval_zh_score",
     **dict.fromkeys(("lcc", "repobench-p"), "code_sim_score"),
-}  # fmt: skip
+}
 BUCKETS = ("0-4k", "4-8k", "8k+")
 HUB_REPO = "THUDM/LongBench"
 HOW_TO_GET = (
@@ -88,9 +119,12 @@ SOURCE_FILE = "source.json"  # beside the unpacked hub data: the dataset revisio
 # Distributions the scores depend on: lm-eval's metrics, the libraries they and code_sim_score import,
 # and Levenshtein, which fuzzywuzzy uses when installed (otherwise difflib, whose ratios differ).
 METRIC_DISTRIBUTIONS = {
-    "lm_eval": ("lm_eval",), "jieba": ("jieba",), "rouge": ("rouge",), "fuzzywuzzy": ("fuzzywuzzy",),
+    "lm_eval": ("lm_eval",),
+    "jieba": ("jieba",),
+    "rouge": ("rouge",),
+    "fuzzywuzzy": ("fuzzywuzzy",),
     "Levenshtein": ("Levenshtein", "python-Levenshtein"),
-}  # fmt: skip
+}
 
 
 def config_file(name: str):

@@ -248,9 +248,22 @@ def _run_llm(config: MQARConfig, store_args: dict, progress: bool) -> tuple[Resu
                     )
                     text = tokenizer.decode(ids[0], skip_special_tokens=True)
                     correct = int(first_number(text) == str(p.value))
-                    store.add(_record(spec, budget, t, n, f"{p.example}-{p.query}", example=p.example,
-                                      query=p.query, key=p.key, value=p.value, answer=text,
-                                      correct=correct, queries=1))  # fmt: skip
+                    store.add(
+                        _record(
+                            spec,
+                            budget,
+                            t,
+                            n,
+                            f"{p.example}-{p.query}",
+                            example=p.example,
+                            query=p.query,
+                            key=p.key,
+                            value=p.value,
+                            answer=text,
+                            correct=correct,
+                            queries=1,
+                        )
+                    )
     bar.close()
     return store, cells, None
 

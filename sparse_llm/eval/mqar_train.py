@@ -87,8 +87,18 @@ class TinyTrainConfig:
             ) from None
         if not self.stages or any(k < 1 or not st for k, st in self.stages):
             raise ValueError(f"stages need >= 1 step and >= 1 (T, N) setting each, got {self.stages!r}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "batch_size", "log_every", "eval_every", "eval_examples"):  # fmt: skip
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "batch_size",
+            "log_every",
+            "eval_every",
+            "eval_examples",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")

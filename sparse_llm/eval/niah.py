@@ -282,9 +282,13 @@ def run_niah(
     @functools.lru_cache(maxsize=1)  # the check below builds the first cell's prompt
     def prompt(length: int, depth: float):
         return build_needle_prompt(
-            tokenizer, context_tokens=length, depth=depth, needle=needle, haystack=text,
+            tokenizer,
+            context_tokens=length,
+            depth=depth,
+            needle=needle,
+            haystack=text,
             chat_template=config.chat_template,
-        )  # fmt: skip
+        )
 
     prompt(lengths[0], depths[0])  # the shortest length must hold intro, needle and question
     run_config = {"task": "niah", **asdict(config), "lengths": list(lengths), "depths": list(depths)}
@@ -314,13 +318,21 @@ def run_niah(
                         )
                     reply = tokenizer.decode(gen.ids[0], skip_special_tokens=True)
                     record = {
-                        "id": sample_id(length, depth, spec.name), "length": length, "depth": depth,
-                        "needle_depth": p.needle_depth, "needle_span": list(p.needle_span),
-                        "method": spec.name, "label": spec.label, "params": spec.params,
-                        "generated": reply, "answer": p.answer, "exact_match": score_answer(reply, p.answer),
+                        "id": sample_id(length, depth, spec.name),
+                        "length": length,
+                        "depth": depth,
+                        "needle_depth": p.needle_depth,
+                        "needle_span": list(p.needle_span),
+                        "method": spec.name,
+                        "label": spec.label,
+                        "params": spec.params,
+                        "generated": reply,
+                        "answer": p.answer,
+                        "exact_match": score_answer(reply, p.answer),
                         "rouge1_recall": rouge1_recall(p.answer, reply),
-                        "prefill_s": gen.prefill_s, "density": gen.density,
-                    }  # fmt: skip
+                        "prefill_s": gen.prefill_s,
+                        "density": gen.density,
+                    }
                     store.add(record)
                     logger.debug("%s: %r (correct: %s)", record["id"], reply, record["exact_match"])
                     bar.update()
@@ -385,14 +397,23 @@ def run_from_args(args) -> int:
         print(f"heatmap: {png}")
         return 0
     config = NiahConfig(
-        model=args.model, device=args.device, dtype=args.dtype, methods=args.methods,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        methods=args.methods,
         method_params=args.method_params,
-        lengths=_lengths(args.lengths) if args.lengths else None, max_length=args.max_length,
-        depths=_depths(args.depths) if args.depths else DEFAULT_DEPTHS, needle=args.needle,
-        needle_text=args.needle_text, question=args.question, answer=args.answer,
-        answer_prefix=args.answer_prefix, haystack=args.haystack, max_new_tokens=args.max_new_tokens,
+        lengths=_lengths(args.lengths) if args.lengths else None,
+        max_length=args.max_length,
+        depths=_depths(args.depths) if args.depths else DEFAULT_DEPTHS,
+        needle=args.needle,
+        needle_text=args.needle_text,
+        question=args.question,
+        answer=args.answer,
+        answer_prefix=args.answer_prefix,
+        haystack=args.haystack,
+        max_new_tokens=args.max_new_tokens,
         chat_template=args.chat_template,
-    )  # fmt: skip
+    )
     result = run_niah(config, out=args.out, resume=args.resume, progress=show_progress(args))
     print(markdown_table(result["scores"]))
     print(f"results: {result['folder']}  heatmap: {result['plot']}")

@@ -53,8 +53,10 @@ def niah_grid(folder: str | os.PathLike) -> dict:
         raise ValueError(f"{folder} holds a {config.get('task')!r} run, not a niah run")
     lengths, depths = list(config["lengths"]), [float(d) for d in config["depths"]]
     shape = (len(depths), len(lengths))
-    methods = {name: {"label": name, "exact": np.full(shape, np.nan), "rouge1": np.full(shape, np.nan)}
-               for name in config["methods"]}  # fmt: skip
+    methods = {
+        name: {"label": name, "exact": np.full(shape, np.nan), "rouge1": np.full(shape, np.nan)}
+        for name in config["methods"]
+    }
     for record in read_samples(folder):
         method = methods.get(record["method"])
         rows = [i for i, d in enumerate(depths) if math.isclose(d, record["depth"], abs_tol=1e-9)]
@@ -190,29 +192,66 @@ def plot_sweep(folder: str | os.PathLike) -> list[Path]:
         ax_d, ax_s = fig.subplots(1, 2)
         for key, ax, frontier in (("density", ax_d, "pareto_density"), ("speedup", ax_s, "pareto_speedup")):
             for method in dict.fromkeys(r["method"] for r in rows):
-                mine = sorted((r for r in rows if r["method"] == method and r.get(key) is not None),
-                              key=lambda r: r[key])  # fmt: skip
+                mine = sorted(
+                    (r for r in rows if r["method"] == method and r.get(key) is not None),
+                    key=lambda r: r[key],
+                )
                 if method == _BASELINE and key == "density":  # unpatched: no mask, no density
                     sdpa = next(r for r in rows if r["method"] == method)
                     ax.axhline(sdpa["accuracy"], ls=":", color="k", label="sdpa")
                 elif mine:
-                    ax.plot([r[key] for r in mine], [r["accuracy"] for r in mine], "o-",
-                            color=colors.get(method), label=method)  # fmt: skip
+                    ax.plot(
+                        [r[key] for r in mine],
+                        [r["accuracy"] for r in mine],
+                        "o-",
+                        color=colors.get(method),
+                        label=method,
+                    )
             front = [by_id[i] for i in info[frontier] if i in by_id]
             if front:
-                ax.step([r[key] for r in front], [r["accuracy"] for r in front], where="post",
-                        color="0.6", lw=4, alpha=0.4, zorder=0, label="Pareto frontier")  # fmt: skip
+                ax.step(
+                    [r[key] for r in front],
+                    [r["accuracy"] for r in front],
+                    where="post",
+                    color="0.6",
+                    lw=4,
+                    alpha=0.4,
+                    zorder=0,
+                    label="Pareto frontier",
+                )
         for method, m in info["matches_reference"].items():
             if m is not None:
-                ax_d.plot(m["density"], m["accuracy"], "*", ms=15, mec="k", color=colors.get(method),
-                          label=f"{method}: matches {info['reference']['method']}")  # fmt: skip
-        ax_d.set(xlabel="measured density", ylabel="accuracy (exact match)", xlim=(0, 1.02),
-                 ylim=(-0.03, 1.03), title="accuracy vs density")  # fmt: skip
-        ax_s.set(xlabel="prefill speedup over sdpa", ylabel="accuracy (exact match)",
-                 ylim=(-0.03, 1.03), title="accuracy vs speedup")  # fmt: skip
+                ax_d.plot(
+                    m["density"],
+                    m["accuracy"],
+                    "*",
+                    ms=15,
+                    mec="k",
+                    color=colors.get(method),
+                    label=f"{method}: matches {info['reference']['method']}",
+                )
+        ax_d.set(
+            xlabel="measured density",
+            ylabel="accuracy (exact match)",
+            xlim=(0, 1.02),
+            ylim=(-0.03, 1.03),
+            title="accuracy vs density",
+        )
+        ax_s.set(
+            xlabel="prefill speedup over sdpa",
+            ylabel="accuracy (exact match)",
+            ylim=(-0.03, 1.03),
+            title="accuracy vs speedup",
+        )
         if info["sdpa_prefill_s"] is None:
-            ax_s.text(0.5, 0.5, "sdpa not run at this length:\nno speedup", ha="center", va="center",
-                      transform=ax_s.transAxes)  # fmt: skip
+            ax_s.text(
+                0.5,
+                0.5,
+                "sdpa not run at this length:\nno speedup",
+                ha="center",
+                va="center",
+                transform=ax_s.transAxes,
+            )
         else:
             ax_s.axvline(1.0, ls=":", color="k", lw=0.8)
         handles = {}

@@ -230,8 +230,16 @@ class SweepConfig:
                         if name != BASELINE:
                             sparse_llm.get_method(name, **params)
                     except (TypeError, ValueError) as err:
-                        skipped.append({"id": point.id, "method": name, "params": params, "length": length,
-                                        "budget": budget, "reason": str(err)})  # fmt: skip
+                        skipped.append(
+                            {
+                                "id": point.id,
+                                "method": name,
+                                "params": params,
+                                "length": length,
+                                "budget": budget,
+                                "reason": str(err),
+                            }
+                        )
                         continue
                     points.append(point)
         for name in self.methods:
@@ -244,11 +252,16 @@ class SweepConfig:
         """The JSON-able configuration stored in the results folder (resume compares it)."""
         task = {k: v for k, v in asdict(self.niah).items() if k not in ("methods", "method_params")}
         return {
-            "task": "sweep", "sweep_task": "niah", **task, "lengths": list(lengths),
-            "depths": list(self.niah.depths), "methods": list(self.methods),
-            "method_params": self.method_params, "budgets": [format_budget(b) for b in self.budgets],
+            "task": "sweep",
+            "sweep_task": "niah",
+            **task,
+            "lengths": list(lengths),
+            "depths": list(self.niah.depths),
+            "methods": list(self.methods),
+            "method_params": self.method_params,
+            "budgets": [format_budget(b) for b in self.budgets],
             "grid": self.grid,
-        }  # fmt: skip
+        }
 
 
 # ---------------------------------------------------------------------------------------- runs
@@ -277,22 +290,37 @@ def run_point(model, tokenizer, point: Point, prompts: list, max_new_tokens: int
             )
         reply = tokenizer.decode(gen.ids[0], skip_special_tokens=True)
         start, end = p.needle_span
-        depths.append({
-            "depth": p.depth, "needle_depth": p.needle_depth, "needle_position": start,
-            "needle_span": [start, end], "outside_local": window is None or end <= point.length - window,
-            "generated": reply, "exact_match": score_answer(reply, p.answer),
-            "rouge1_recall": niah.rouge1_recall(p.answer, reply), "prefill_s": gen.prefill_s,
-            "density": gen.density,
-        })  # fmt: skip
+        depths.append(
+            {
+                "depth": p.depth,
+                "needle_depth": p.needle_depth,
+                "needle_position": start,
+                "needle_span": [start, end],
+                "outside_local": window is None or end <= point.length - window,
+                "generated": reply,
+                "exact_match": score_answer(reply, p.answer),
+                "rouge1_recall": niah.rouge1_recall(p.answer, reply),
+                "prefill_s": gen.prefill_s,
+                "density": gen.density,
+            }
+        )
     far = [d["exact_match"] for d in depths if d["outside_local"]]
     return {
-        "id": point.id, "method": point.method, "label": point.spec.label, "params": point.params,
-        "length": point.length, "budget": point.budget, "budget_spec": point.budget_spec,
-        "local_tokens": window, "accuracy": _mean(d["exact_match"] for d in depths),
-        "accuracy_far": _mean(far), "far_depths": len(far),
-        "density": _mean(d["density"] for d in depths), "prefill_s": _mean(d["prefill_s"] for d in depths),
+        "id": point.id,
+        "method": point.method,
+        "label": point.spec.label,
+        "params": point.params,
+        "length": point.length,
+        "budget": point.budget,
+        "budget_spec": point.budget_spec,
+        "local_tokens": window,
+        "accuracy": _mean(d["exact_match"] for d in depths),
+        "accuracy_far": _mean(far),
+        "far_depths": len(far),
+        "density": _mean(d["density"] for d in depths),
+        "prefill_s": _mean(d["prefill_s"] for d in depths),
         "depths": depths,
-    }  # fmt: skip
+    }
 
 
 def _pareto(rows: list[dict], key: str, larger_is_better: bool) -> list[str]:
@@ -331,10 +359,13 @@ def summarize(records: list[dict], points: list[Point], skipped: list[dict]) -> 
         ]
         for name in dict.fromkeys(others):
             ok = [
-                r for r in here
-                if r["method"] == name and r["density"] is not None and reference is not None
+                r
+                for r in here
+                if r["method"] == name
+                and r["density"] is not None
+                and reference is not None
                 and r["accuracy"] >= reference["accuracy"] - 1e-9
-            ]  # fmt: skip
+            ]
             best = min(ok, key=lambda r: (r["density"], -r["accuracy"]), default=None)
             matches[name] = best and {k: best[k] for k in ("id", "density", "accuracy", "budget", "params")}
         by_length[str(length)] = {
@@ -344,8 +375,13 @@ def summarize(records: list[dict], points: list[Point], skipped: list[dict]) -> 
             "pareto_density": _pareto(here, "density", larger_is_better=False),
             "pareto_speedup": _pareto(here, "speedup", larger_is_better=True),
         }
-    return {"points": len(rows), "points_total": len(points), "rows": rows, "by_length": by_length,
-            "skipped": skipped}  # fmt: skip
+    return {
+        "points": len(rows),
+        "points_total": len(points),
+        "rows": rows,
+        "by_length": by_length,
+        "skipped": skipped,
+    }
 
 
 def run_sweep(
@@ -383,8 +419,9 @@ def run_sweep(
         logger.warning("skipping %s: %s", s["id"], s["reason"])
     pending = [p for p in points if not store.done(p.id)]
     show = sys.stderr.isatty() if progress is None else progress
-    with tqdm(total=len(points), initial=len(points) - len(pending), desc="sweep", unit="point",
-              disable=not show) as bar:  # fmt: skip
+    with tqdm(
+        total=len(points), initial=len(points) - len(pending), desc="sweep", unit="point", disable=not show
+    ) as bar:
         for k, point in enumerate(pending):
             if k == 0:  # untimed warm-up of threads and allocator
                 with torch.inference_mode():
@@ -441,14 +478,16 @@ def add_arguments(parser) -> None:
             action.help += f" (default {DEFAULT_METHODS})"
     parser.add_argument("--task", choices=TASKS, default="niah", help="the swept task (default niah)")
     parser.add_argument(
-        "--budgets", default=DEFAULT_BUDGETS,
+        "--budgets",
+        default=DEFAULT_BUDGETS,
         help="tokens (512, 4k) or fractions of the length (1/8, 0.125; rounded up to whole blocks) "
         "for methods with a budget; '' for none (default %(default)s)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--grid", default="{}",
+        "--grid",
+        default="{}",
         help='JSON value lists per method, run as a product, e.g. \'{"dhsa": {"chunk_size": [32, 64]}}\'',
-    )  # fmt: skip
+    )
 
 
 def run_from_args(args) -> int:
@@ -464,17 +503,29 @@ def run_from_args(args) -> int:
     except json.JSONDecodeError as err:
         raise ValueError(f"--grid is not valid JSON ({err}): {args.grid!r}") from None
     task = niah.NiahConfig(
-        model=args.model, device=args.device, dtype=args.dtype, methods=(BASELINE,),
-        lengths=niah._lengths(args.lengths) if args.lengths else None, max_length=args.max_length,
-        depths=niah._depths(args.depths) if args.depths else niah.DEFAULT_DEPTHS, needle=args.needle,
-        needle_text=args.needle_text, question=args.question, answer=args.answer,
-        answer_prefix=args.answer_prefix, haystack=args.haystack, max_new_tokens=args.max_new_tokens,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        methods=(BASELINE,),
+        lengths=niah._lengths(args.lengths) if args.lengths else None,
+        max_length=args.max_length,
+        depths=niah._depths(args.depths) if args.depths else niah.DEFAULT_DEPTHS,
+        needle=args.needle,
+        needle_text=args.needle_text,
+        question=args.question,
+        answer=args.answer,
+        answer_prefix=args.answer_prefix,
+        haystack=args.haystack,
+        max_new_tokens=args.max_new_tokens,
         chat_template=args.chat_template,
-    )  # fmt: skip
+    )
     config = SweepConfig(
-        niah=task, methods=args.methods, method_params=args.method_params,
-        budgets=parse_budgets(args.budgets), grid=grid,
-    )  # fmt: skip
+        niah=task,
+        methods=args.methods,
+        method_params=args.method_params,
+        budgets=parse_budgets(args.budgets),
+        grid=grid,
+    )
     result = run_sweep(config, out=args.out, resume=args.resume, progress=show_progress(args))
     print(markdown_table(result["scores"]))
     print(f"results: {result['folder']}  plots: {' '.join(result['plots'])}")

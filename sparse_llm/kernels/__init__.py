@@ -181,20 +181,19 @@ def block_sparse_attention(
         logger.debug("block_mask geometry differs from the call's: treating every block as partial")
         block_mask = block_mask.as_partial()
     kwargs = dict(
-        scale=float(scale), causal=causal, softcap=softcap, sliding_window=sliding_window,
+        scale=float(scale),
+        causal=causal,
+        softcap=softcap,
+        sliding_window=sliding_window,
         key_padding_mask=key_padding_mask,
-    )  # fmt: skip
+    )
     if impl == "auto":
-        impl = (
-            "triton" if q.is_cuda and q.shape[-1] <= _TRITON_MAX_HEAD_DIM and _triton_kernel() else "cpu"
-        )
+        impl = "triton" if q.is_cuda and q.shape[-1] <= _TRITON_MAX_HEAD_DIM and _triton_kernel() else "cpu"
         logger.debug("block_sparse_attention: %s path for %s tensors", impl, q.device.type)
     if impl == "triton":
         # CUDA tensors, or any tensors under triton's own interpreter switch (tests).
         if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-            raise ValueError(
-                "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1); use 'cpu' or 'auto'"
-            )
+            raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1); use 'cpu' or 'auto'")
         if _triton_kernel() is None:
             raise ValueError("impl='triton' needs the `triton` package: pip install triton")
         if q.shape[-1] > _TRITON_MAX_HEAD_DIM:

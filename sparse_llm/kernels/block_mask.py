@@ -169,9 +169,14 @@ class BlockMask:
                 f"for q_len={q_len}, kv_len={kv_len}, block_q={block_q}, block_k={block_k}"
             )
         reach, full = block_geometry(
-            q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k,
-            causal=causal, sliding_window=sliding_window, device=block_matrix.device,
-        )  # fmt: skip
+            q_len=q_len,
+            kv_len=kv_len,
+            block_q=block_q,
+            block_k=block_k,
+            causal=causal,
+            sliding_window=sliding_window,
+            device=block_matrix.device,
+        )
         selected = block_matrix & reach
         num, idx = _rows_from_dense(selected & ~full)
         full_num, full_idx = _rows_from_dense(selected & full)
@@ -261,9 +266,13 @@ class BlockMask:
             raise TypeError("block_scores must be a floating tensor [B, H, nQ, nK]")
         _grid(q_len, kv_len, block_q, block_k, True, sliding_window)
         reach, _ = block_geometry(
-            q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k,
-            sliding_window=sliding_window, device=block_scores.device,
-        )  # fmt: skip
+            q_len=q_len,
+            kv_len=kv_len,
+            block_q=block_q,
+            block_k=block_k,
+            sliding_window=sliding_window,
+            device=block_scores.device,
+        )
         if tuple(block_scores.shape[2:]) != tuple(reach.shape):
             raise ValueError(
                 f"block_scores has shape {tuple(block_scores.shape)}, expected [B, H, *{tuple(reach.shape)}]"
@@ -313,9 +322,14 @@ class BlockMask:
     def reachable(self) -> Tensor:
         """bool [nQ, nK]: blocks the causal (window) geometry leaves at least one allowed pair in."""
         return block_geometry(
-            q_len=self.q_len, kv_len=self.kv_len, block_q=self.block_q, block_k=self.block_k,
-            causal=self.is_causal, sliding_window=self.sliding_window, device=self.device,
-        )[0]  # fmt: skip
+            q_len=self.q_len,
+            kv_len=self.kv_len,
+            block_q=self.block_q,
+            block_k=self.block_k,
+            causal=self.is_causal,
+            sliding_window=self.sliding_window,
+            device=self.device,
+        )[0]
 
     def density(self) -> float:
         """Selected blocks / reachable blocks, over all rows, in [0, 1] (``causal()`` gives 1.0)."""
@@ -327,20 +341,38 @@ class BlockMask:
         num, idx = _rows_from_dense(self.to_dense())
         empty = torch.zeros_like(self.full_kv_num_blocks)
         return BlockMask(
-            num, idx, empty, empty[..., None].clone(), self.block_q, self.block_k,
-            self.q_len, self.kv_len, self.is_causal, self.sliding_window,
-        )  # fmt: skip
+            num,
+            idx,
+            empty,
+            empty[..., None].clone(),
+            self.block_q,
+            self.block_k,
+            self.q_len,
+            self.kv_len,
+            self.is_causal,
+            self.sliding_window,
+        )
 
     def validate(self) -> BlockMask:
         """Check contents (counts in range, indices in range, ascending, no duplicates, partial and full
         disjoint, no unreachable block, full blocks truly full); raises ValueError, returns self."""
-        n_k, reach, full = self.num_kv_blocks, *block_geometry(
-            q_len=self.q_len, kv_len=self.kv_len, block_q=self.block_q, block_k=self.block_k,
-            causal=self.is_causal, sliding_window=self.sliding_window, device=self.device,
-        )  # fmt: skip
+        n_k, reach, full = (
+            self.num_kv_blocks,
+            *block_geometry(
+                q_len=self.q_len,
+                kv_len=self.kv_len,
+                block_q=self.block_q,
+                block_k=self.block_k,
+                causal=self.is_causal,
+                sliding_window=self.sliding_window,
+                device=self.device,
+            ),
+        )
         dense = []
-        for kind, num, idx in (("partial", self.kv_num_blocks, self.kv_indices),
-                               ("full", self.full_kv_num_blocks, self.full_kv_indices)):  # fmt: skip
+        for kind, num, idx in (
+            ("partial", self.kv_num_blocks, self.kv_indices),
+            ("full", self.full_kv_num_blocks, self.full_kv_indices),
+        ):
             if bool(((num < 0) | (num > idx.shape[-1])).any()):
                 raise ValueError(f"{kind} counts must lie in [0, {idx.shape[-1]}]")
             valid = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]

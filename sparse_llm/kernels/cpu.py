@@ -63,10 +63,16 @@ def _attend(qs, k, v, bias: Tensor | None, scale: float, softcap: float | None):
     op = _fused_op(qs.device, softcap)
     if op is None and length > step:  # matmul path: key chunks merged by LSE bound the scores tile
         parts = [
-            _attend(qs, k[:, :, s : s + step], v[:, :, s : s + step],
-                    None if bias is None else bias[..., s : s + step], scale, softcap)
+            _attend(
+                qs,
+                k[:, :, s : s + step],
+                v[:, :, s : s + step],
+                None if bias is None else bias[..., s : s + step],
+                scale,
+                softcap,
+            )
             for s in range(0, length, step)
-        ]  # fmt: skip
+        ]
         out, lse = parts[0]
         for o, lse_part in parts[1:]:
             out, lse = merge_attention(out, lse, o, lse_part)
@@ -168,9 +174,12 @@ def _dense_prefix(block_mask: BlockMask) -> int:
     """How many leading query blocks select every block the plain causal geometry reaches, in every
     row: all of them for ``dense`` on a global layer; the first ``budget`` blocks of a top-k method."""
     reach = block_geometry(
-        q_len=block_mask.q_len, kv_len=block_mask.kv_len, block_q=block_mask.block_q,
-        block_k=block_mask.block_k, device=block_mask.device,
-    )[0]  # fmt: skip
+        q_len=block_mask.q_len,
+        kv_len=block_mask.kv_len,
+        block_q=block_mask.block_q,
+        block_k=block_mask.block_k,
+        device=block_mask.device,
+    )[0]
     dense_rows = (block_mask.to_dense() | ~reach).all(-1).flatten(0, 1).all(0)  # [nQ]
     return int(dense_rows.int().cumprod(0).sum())
 
@@ -390,8 +399,9 @@ def gather_attention(
     alone = [True] * n_q
     if prefix > 1:  # leading dense rows: one causal call instead of one call per growing count
         rows = prefix * bq
-        o, o_lse = _causal_attention(q[:, :, :rows], k[:, :, : kv_len - q_len + rows],
-                                     v[:, :, : kv_len - q_len + rows], scale, op)  # fmt: skip
+        o, o_lse = _causal_attention(
+            q[:, :, :rows], k[:, :, : kv_len - q_len + rows], v[:, :, : kv_len - q_len + rows], scale, op
+        )
         o = o.float().unflatten(1, (hkv, g)).unflatten(3, (prefix, bq)).permute(3, 0, 1, 4, 2, 5)
         o_lse = o_lse.unflatten(1, (hkv, g)).unflatten(3, (prefix, bq)).permute(3, 0, 1, 4, 2)
         main.append((0, prefix, o, o_lse))  # tiles [prefix, B, Hkv, bq, G(, D)] like every piece

@@ -72,9 +72,14 @@ def reference_attention(
     b, hq, q_len, d = q.shape
     hkv = k.shape[1]
     mask = element_mask(
-        block_mask, num_q_heads=hq, num_kv_heads=hkv, causal=causal, sliding_window=sliding_window,
-        key_padding_mask=key_padding_mask, device=q.device,
-    )  # fmt: skip
+        block_mask,
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        causal=causal,
+        sliding_window=sliding_window,
+        key_padding_mask=key_padding_mask,
+        device=q.device,
+    )
     qg = q.unflatten(1, (hkv, hq // hkv))  # [B, Hkv, G, Tq, D]
     scores = torch.einsum("bhgqd,bhkd->bhgqk", qg, k) * scale
     if softcap is not None:

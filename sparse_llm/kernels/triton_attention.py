@@ -44,16 +44,42 @@ def _tanh(x):
 
 @triton.jit
 def _tile(
-    acc, m_i, l_i, q, k_ptr, v_ptr, kpm_ptr, key0, pos_q, offs_d, d_ok,
-    stride_kt, stride_kd, stride_vt, stride_vd, kv_len, scale, softcap, window,
-    BLOCK_N: tl.constexpr, COLS: tl.constexpr, PARTIAL: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr,
-):  # fmt: skip
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_ptr,
+    v_ptr,
+    kpm_ptr,
+    key0,
+    pos_q,
+    offs_d,
+    d_ok,
+    stride_kt,
+    stride_kd,
+    stride_vt,
+    stride_vd,
+    kv_len,
+    scale,
+    softcap,
+    window,
+    BLOCK_N: tl.constexpr,
+    COLS: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     cols = tl.arange(0, BLOCK_N)
     offs_n = key0 + cols
     col_ok = (cols < COLS) & (offs_n < kv_len)
-    k = tl.load(k_ptr + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
-                mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # fmt: skip
+    k = tl.load(
+        k_ptr + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+        mask=col_ok[None, :] & d_ok[:, None],
+        other=0.0,
+    )
     if UPCAST:
         qk = tl.dot(q, k.to(tl.float32), input_precision="ieee")
     else:
@@ -76,8 +102,11 @@ def _tile(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptr + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+    v = tl.load(
+        v_ptr + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+        mask=col_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     if UPCAST:
         pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
     else:
@@ -88,15 +117,66 @@ def _tile(
 @triton.autotune(configs=_configs(), key=["BLOCK_M", "BLOCK_N", "BLOCK_D", "UPCAST", "HAS_SOFTCAP"])
 @triton.jit
 def _block_sparse_fwd(
-    Q, K, V, Out, Lse, KPM, FullNum, FullIdx, PartNum, PartIdx,
-    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
-    s_pad_b, s_num_b, s_num_h, s_num_q, s_fi_b, s_fi_h, s_fi_q, s_pi_b, s_pi_h, s_pi_q,
-    num_q_heads, group, mask_head_div, q_len, kv_len, head_dim, scale, softcap, window,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, SUB_Q: tl.constexpr, SUB_K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PAD: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    KPM,
+    FullNum,
+    FullIdx,
+    PartNum,
+    PartIdx,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    skb,
+    skh,
+    skt,
+    skd,
+    svb,
+    svh,
+    svt,
+    svd,
+    sob,
+    soh,
+    sot,
+    sod,
+    s_pad_b,
+    s_num_b,
+    s_num_h,
+    s_num_q,
+    s_fi_b,
+    s_fi_h,
+    s_fi_q,
+    s_pi_b,
+    s_pi_h,
+    s_pi_q,
+    num_q_heads,
+    group,
+    mask_head_div,
+    q_len,
+    kv_len,
+    head_dim,
+    scale,
+    softcap,
+    window,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SUB_Q: tl.constexpr,
+    SUB_K: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_PAD: tl.constexpr,
     UPCAST: tl.constexpr,
-):  # fmt: skip
+):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_q_heads
@@ -132,27 +212,78 @@ def _block_sparse_fwd(
         blk = tl.load(full_row + i)
         for j in range(SUB_K):
             acc, m_i, l_i = _tile(
-                acc, m_i, l_i, q, k_ptr, v_ptr, kpm_ptr, blk * BLOCK_K + j * BLOCK_N, pos_q, offs_d, d_ok,
-                skt, skd, svt, svd, kv_len, scale, softcap, window,
-                BLOCK_N, COLS, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_PAD, UPCAST,
-            )  # fmt: skip
+                acc,
+                m_i,
+                l_i,
+                q,
+                k_ptr,
+                v_ptr,
+                kpm_ptr,
+                blk * BLOCK_K + j * BLOCK_N,
+                pos_q,
+                offs_d,
+                d_ok,
+                skt,
+                skd,
+                svt,
+                svd,
+                kv_len,
+                scale,
+                softcap,
+                window,
+                BLOCK_N,
+                COLS,
+                False,
+                CAUSAL,
+                HAS_WINDOW,
+                HAS_SOFTCAP,
+                HAS_PAD,
+                UPCAST,
+            )
     n_part = tl.load(PartNum + b * s_num_b + hm * s_num_h + n * s_num_q)
     part_row = PartIdx + b * s_pi_b + hm * s_pi_h + n * s_pi_q
     for i in range(0, n_part):
         blk = tl.load(part_row + i)
         for j in range(SUB_K):
             acc, m_i, l_i = _tile(
-                acc, m_i, l_i, q, k_ptr, v_ptr, kpm_ptr, blk * BLOCK_K + j * BLOCK_N, pos_q, offs_d, d_ok,
-                skt, skd, svt, svd, kv_len, scale, softcap, window,
-                BLOCK_N, COLS, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_PAD, UPCAST,
-            )  # fmt: skip
+                acc,
+                m_i,
+                l_i,
+                q,
+                k_ptr,
+                v_ptr,
+                kpm_ptr,
+                blk * BLOCK_K + j * BLOCK_N,
+                pos_q,
+                offs_d,
+                d_ok,
+                skt,
+                skd,
+                svt,
+                svd,
+                kv_len,
+                scale,
+                softcap,
+                window,
+                BLOCK_N,
+                COLS,
+                True,
+                CAUSAL,
+                HAS_WINDOW,
+                HAS_SOFTCAP,
+                HAS_PAD,
+                UPCAST,
+            )
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # empty row: acc = 0 -> out = 0
     lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     o_ptr = Out + b64 * sob + hq.to(tl.int64) * soh
-    tl.store(o_ptr + offs_m[:, None] * sot + offs_d[None, :] * sod, out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+    tl.store(
+        o_ptr + offs_m[:, None] * sot + offs_d[None, :] * sod,
+        out.to(Out.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
     tl.store(Lse + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=row_ok)
 
 
@@ -198,17 +329,52 @@ def triton_block_sparse_attention(
 
     grid = (block_mask.num_q_blocks * sub_q, b * hq)
     _block_sparse_fwd[grid](
-        q, k, v, out, lse, kpm, num_f, idx_f, num_p, idx_p,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        kpm,
+        num_f,
+        idx_f,
+        num_p,
+        idx_p,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
         0 if key_padding_mask is None else kpm.stride(0),
-        batch_stride(num_f), num_f.stride(1), num_f.stride(2),
-        batch_stride(idx_f), idx_f.stride(1), idx_f.stride(2),
-        batch_stride(idx_p), idx_p.stride(1), idx_p.stride(2),
-        hq, hq // hkv, hq // mh, q_len, kv_len, d, float(scale),
-        float(softcap or 1.0), int(sliding_window or 0),
-        BLOCK_Q=block_mask.block_q, BLOCK_K=block_mask.block_k, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=block_d, SUB_Q=sub_q, SUB_K=sub_k, ROWS=rows, COLS=cols, CAUSAL=causal,
-        HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
-        HAS_PAD=key_padding_mask is not None, UPCAST=upcast,
-    )  # fmt: skip
+        batch_stride(num_f),
+        num_f.stride(1),
+        num_f.stride(2),
+        batch_stride(idx_f),
+        idx_f.stride(1),
+        idx_f.stride(2),
+        batch_stride(idx_p),
+        idx_p.stride(1),
+        idx_p.stride(2),
+        hq,
+        hq // hkv,
+        hq // mh,
+        q_len,
+        kv_len,
+        d,
+        float(scale),
+        float(softcap or 1.0),
+        int(sliding_window or 0),
+        BLOCK_Q=block_mask.block_q,
+        BLOCK_K=block_mask.block_k,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        SUB_Q=sub_q,
+        SUB_K=sub_k,
+        ROWS=rows,
+        COLS=cols,
+        CAUSAL=causal,
+        HAS_WINDOW=sliding_window is not None,
+        HAS_SOFTCAP=softcap is not None,
+        HAS_PAD=key_padding_mask is not None,
+        UPCAST=upcast,
+    )
     return out.to(q.dtype), lse
