@@ -257,9 +257,8 @@ def check_model(name: str, shapes: bool = True) -> None:
         raise FileNotFoundError(f"{path} is a file, not a model folder")
     if name.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(name):
         raise FileNotFoundError(f"model folder {name} not found ({kinds}; or a hub id org/name)")
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.75)
-    if close and "/" not in name:
-        raise ValueError(f"unknown model {name!r}. Did you mean {', '.join(map(repr, close))}? ({kinds})")
+    if "/" not in name and difflib.get_close_matches(name, known, n=1, cutoff=0.75):  # a typo, not a hub id
+        raise unknown_name("model", name, known)
 
 
 def load_any(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

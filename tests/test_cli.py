@@ -78,7 +78,7 @@ CASES = [
     case("demo", "--context-tokens", "-5", match="positive integer, got -5", id="demo-negative-tokens"),
     case("demo", "--context-tokens", "4k", match="not an integer", id="demo-tokens-not-int"),
     # bench prefill
-    case("bench", "--model", "gemma3-27m", match="Did you mean 'gemma3-270m'", id="bench-misspelt-model"),
+    case("bench", "--model", "gemma3-27m", match="Did you mean gemma3-270m", id="bench-misspelt-model"),
     case("bench", "--model", "llama-3.2-1b-shap", match="llama-3.2-1b-shape", id="bench-misspelt-shape"),
     case("bench", "--model", "{tmp}/missing", match="not found", id="bench-missing-path"),
     case("bench", "--model", "./missing", match="not found", id="bench-missing-relative-path"),
@@ -128,9 +128,7 @@ CASES = [
     case("bench", "kernel", "--lengths", "0", match="length", id="kernel-zero-length"),
     # eval
     case("eval", "nope", match="invalid choice: 'nope'", id="eval-unknown-task"),
-    case(
-        "eval", "niah", "--model", "gemma3-27m", match="Did you mean 'gemma3-270m'", id="niah-misspelt-model"
-    ),
+    case("eval", "niah", "--model", "gemma3-27m", match="Did you mean gemma3-270m", id="niah-misspelt-model"),
     case("eval", "niah", "--model", "/nonexistent/model", match="not found", id="niah-missing-path"),
     case("eval", "niah", "--model", "llama-3.2-1b-shape", match="shape-only", id="niah-shape-model"),
     case("eval", "niah", "--device", "nope", match="unknown device", id="niah-bad-device"),
