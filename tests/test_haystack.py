@@ -106,7 +106,7 @@ def test_custom_needle(tokenizer):
     assert "The secret word is banana." in tokenizer.decode(prompt.input_ids[0])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("long_context_eval") is None, reason="needs sparse-llm[models]")
+@pytest.mark.skipif(importlib.util.find_spec("long_context_eval") is None, reason="needs its data")
 def test_default_haystack_is_the_essays(tokenizer):
     text = load_haystack_text()
     assert len(text) > 1_000_000
