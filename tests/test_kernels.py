@@ -206,7 +206,7 @@ def _inputs(hq=2, hkv=1, tq=8, tk=16, d=16, dtype=torch.float32, b=1):
 )
 def test_rejects_unsupported_dtypes(dtype):
     q, k, v, mask = _inputs()
-    with pytest.raises(TypeError, match="allowed: float16, bfloat16, float32"):
+    with pytest.raises(TypeError, match="allowed: float32, bfloat16, float16"):
         block_sparse_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask)
 
 

@@ -129,6 +129,25 @@ def forward_only(fn, *tensors: Tensor):
     return fn(*tensors)
 
 
+def _resolve_impl(impl: str, q: Tensor) -> str:
+    """The implementation that runs: "auto" picks Triton on CUDA, else the gather path ("cpu")."""
+    if impl == "auto":
+        impl = "triton" if q.is_cuda and q.shape[-1] <= _TRITON_MAX_HEAD_DIM and _triton_kernel() else "cpu"
+        logger.debug("block_sparse_attention: %s path for %s tensors", impl, q.device.type)
+    if impl == "triton":
+        # CUDA tensors, or any tensors under triton's own interpreter switch (tests).
+        if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1); use 'cpu' or 'auto'")
+        if _triton_kernel() is None:
+            raise ValueError("impl='triton' needs the `triton` package: pip install triton")
+        if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
+            _warn_once(
+                "head_dim", "head dim %d > %d: using the gather path", q.shape[-1], _TRITON_MAX_HEAD_DIM
+            )
+            return "cpu"
+    return impl
+
+
 def block_sparse_attention(
     q: Tensor,
     k: Tensor,
@@ -187,20 +206,7 @@ def block_sparse_attention(
         sliding_window=sliding_window,
         key_padding_mask=key_padding_mask,
     )
-    if impl == "auto":
-        impl = "triton" if q.is_cuda and q.shape[-1] <= _TRITON_MAX_HEAD_DIM and _triton_kernel() else "cpu"
-        logger.debug("block_sparse_attention: %s path for %s tensors", impl, q.device.type)
-    if impl == "triton":
-        # CUDA tensors, or any tensors under triton's own interpreter switch (tests).
-        if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-            raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1); use 'cpu' or 'auto'")
-        if _triton_kernel() is None:
-            raise ValueError("impl='triton' needs the `triton` package: pip install triton")
-        if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
-            _warn_once(
-                "head_dim", "head dim %d > %d: using the gather path", q.shape[-1], _TRITON_MAX_HEAD_DIM
-            )
-            impl = "cpu"
+    impl = _resolve_impl(impl, q)
     if impl in ("triton", "cpu"):
         if impl == "triton":
             kernel = _triton_kernel()

@@ -293,6 +293,31 @@ def _tile_sizes(block: int, cap: int) -> tuple[int, int, int]:
     return tile, max(block // tile, 1), min(block, tile)
 
 
+def _constants(q: Tensor, block_mask: BlockMask, causal, softcap, sliding_window, key_padding_mask) -> dict:
+    """The kernel's compile-time arguments: tile sizes (from the mask's blocks and D) and switches."""
+    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+    upcast = _INTERPRET or q.dtype == torch.float32
+    wide = block_d >= 256  # smaller tiles keep D=256 (fp32 above all) inside registers and SRAM
+    block_m, sub_q, rows = _tile_sizes(block_mask.block_q, 32 if wide and upcast else 64)
+    block_n, sub_k, cols = _tile_sizes(block_mask.block_k, 32 if wide else 64)
+    return dict(
+        BLOCK_Q=block_mask.block_q,
+        BLOCK_K=block_mask.block_k,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        SUB_Q=sub_q,
+        SUB_K=sub_k,
+        ROWS=rows,
+        COLS=cols,
+        CAUSAL=causal,
+        HAS_WINDOW=sliding_window is not None,
+        HAS_SOFTCAP=softcap is not None,
+        HAS_PAD=key_padding_mask is not None,
+        UPCAST=upcast,
+    )
+
+
 def triton_block_sparse_attention(
     q: Tensor,
     k: Tensor,
@@ -310,11 +335,7 @@ def triton_block_sparse_attention(
     b, hq, q_len, d = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     mb, mh = block_mask.kv_num_blocks.shape[:2]
-    block_d = max(16, triton.next_power_of_2(d))
-    upcast = _INTERPRET or q.dtype == torch.float32
-    wide = block_d >= 256  # smaller tiles keep D=256 (fp32 above all) inside registers and SRAM
-    block_m, sub_q, rows = _tile_sizes(block_mask.block_q, 32 if wide and upcast else 64)
-    block_n, sub_k, cols = _tile_sizes(block_mask.block_k, 32 if wide else 64)
+    constants = _constants(q, block_mask, causal, softcap, sliding_window, key_padding_mask)
 
     # The interpreter's fp32 -> bf16/fp16 cast truncates (its round-to-nearest mishandles mantissa
     # carries): under it the kernel stores fp32 and torch rounds. On GPU the store rounds to nearest.
@@ -327,7 +348,7 @@ def triton_block_sparse_attention(
     def batch_stride(t: Tensor) -> int:  # a batch-1 mask is shared by every batch row
         return 0 if mb == 1 else t.stride(0)
 
-    grid = (block_mask.num_q_blocks * sub_q, b * hq)
+    grid = (block_mask.num_q_blocks * constants["SUB_Q"], b * hq)
     _block_sparse_fwd[grid](
         q,
         k,
@@ -362,19 +383,6 @@ def triton_block_sparse_attention(
         float(scale),
         float(softcap or 1.0),
         int(sliding_window or 0),
-        BLOCK_Q=block_mask.block_q,
-        BLOCK_K=block_mask.block_k,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        SUB_Q=sub_q,
-        SUB_K=sub_k,
-        ROWS=rows,
-        COLS=cols,
-        CAUSAL=causal,
-        HAS_WINDOW=sliding_window is not None,
-        HAS_SOFTCAP=softcap is not None,
-        HAS_PAD=key_padding_mask is not None,
-        UPCAST=upcast,
+        **constants,
     )
     return out.to(q.dtype), lse
