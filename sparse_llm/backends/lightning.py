@@ -180,35 +180,44 @@ def taylor_far_field(
         if upto == 0:
             continue
         rows = slice(n * bs, min((n + 1) * bs, q_len))
-        qn = qs[:, :, :, rows]  # [B, Hkv, G, n, D]
-        count = z0[:, :, None, None]  # [B, 1, 1, 1]
-        has = count > 0
-        count = count.clamp_min(1.0)
-        u1 = qn @ z1[:, :, None, :, None]  # [B, Hkv, G, n, 1]: sum over far keys of q~ . (k~ - center)
-        mu = u1[..., 0] / count  # mean far score minus q~ . center
-        m = (qn @ center[:, :, None, :, None])[..., 0] + mu  # mean far score
-        slope = torch.ones_like(m)
-        if softcap is not None:
-            th = torch.tanh(m / softcap)
-            m, slope = softcap * th, 1 - th * th
-        # weight(u) = taylor(t (u - mu)) = a + coef * u (+ t^2/2 * u^2), with u = q~ . (k~ - center)
-        a, coef = 1 - slope * mu, slope
-        if order == 2:
-            a, coef = a + (slope * mu) ** 2 / 2, slope - slope * slope * mu
-        num = (qn @ s1[:, :, None]) * coef[..., None]  # [B, Hkv, G, n, Dv]
-        den = u1[..., 0] * coef
-        if order == 2:
-            fq = _square_features(qn)
-            half = slope * slope / 2
-            num += (fq @ s2[:, :, None]) * half[..., None]
-            den = den + (fq @ z2[:, :, None, :, None])[..., 0] * half
-        num += a[..., None] * s0[:, :, None, None, :]
-        den = den + a * count
-        # den >= count > 0 in exact arithmetic (mean weight 1 + t^2 var / 2); the clamp guards rounding.
-        den = den.clamp_min(torch.finfo(torch.float32).tiny)
-        out[:, :, :, rows] = torch.where(has[..., None], num / den[..., None], 0.0)
-        lse[:, :, :, rows] = torch.where(has, m + den.log(), float("-inf"))
+        state = (z0, s0, z1, s1, z2, s2)
+        out[:, :, :, rows], lse[:, :, :, rows] = _read_far_state(
+            qs[:, :, :, rows], center, state, order, softcap
+        )
     return out.flatten(1, 2), lse.flatten(1, 2)
+
+
+def _read_far_state(qn, center, state, order, softcap):
+    """The far field ``(out [B, Hkv, G, n, Dv], lse [B, Hkv, G, n])`` of the scaled queries ``qn``
+    ``[B, Hkv, G, n, D]`` of one query block, from the running sums ``state`` over its far keys."""
+    z0, s0, z1, s1, z2, s2 = state
+    count = z0[:, :, None, None]  # [B, 1, 1, 1]
+    has = count > 0
+    count = count.clamp_min(1.0)
+    u1 = qn @ z1[:, :, None, :, None]  # [B, Hkv, G, n, 1]: sum over far keys of q~ . (k~ - center)
+    mu = u1[..., 0] / count  # mean far score minus q~ . center
+    m = (qn @ center[:, :, None, :, None])[..., 0] + mu  # mean far score
+    slope = torch.ones_like(m)
+    if softcap is not None:
+        th = torch.tanh(m / softcap)
+        m, slope = softcap * th, 1 - th * th
+    # weight(u) = taylor(t (u - mu)) = a + coef * u (+ t^2/2 * u^2), with u = q~ . (k~ - center)
+    a, coef = 1 - slope * mu, slope
+    if order == 2:
+        a, coef = a + (slope * mu) ** 2 / 2, slope - slope * slope * mu
+    num = (qn @ s1[:, :, None]) * coef[..., None]  # [B, Hkv, G, n, Dv]
+    den = u1[..., 0] * coef
+    if order == 2:
+        fq = _square_features(qn)
+        half = slope * slope / 2
+        num += (fq @ s2[:, :, None]) * half[..., None]
+        den = den + (fq @ z2[:, :, None, :, None])[..., 0] * half
+    num += a[..., None] * s0[:, :, None, None, :]
+    den = den + a * count
+    # den >= count > 0 in exact arithmetic (mean weight 1 + t^2 var / 2); the clamp guards rounding.
+    den = den.clamp_min(torch.finfo(torch.float32).tiny)
+    out = torch.where(has[..., None], num / den[..., None], 0.0)
+    return out, torch.where(has, m + den.log(), float("-inf"))
 
 
 def lightning_reference(
