@@ -187,6 +187,34 @@ def train_tiny(config: TinyTrainConfig, progress: bool = False) -> tuple[torch.n
         torch.set_num_threads(threads)
 
 
+def _optimizer(model: torch.nn.Module, config: TinyTrainConfig):
+    """AdamW with weight decay on the matrices except embeddings, and the warm-up + cosine schedule."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.98),
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+
+
+def _train_step(model, optimizer, scheduler, config: TinyTrainConfig, step: int) -> float:
+    """One AdamW step on a fresh batch of the step's curriculum setting; returns the loss."""
+    t, n = config.setting(step)
+    inputs, labels = make_mqar(
+        config.batch_size, t, n, config.vocab_size, config.power_a, seed=config.seed * _SEED_STRIDE + step
+    )
+    logits, targets = label_logits(model, inputs, labels)
+    loss = F.cross_entropy(logits, targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
 def _train(config: TinyTrainConfig, progress: bool) -> tuple[torch.nn.Module, dict]:
     """The training loop of :func:`train_tiny`.
 
@@ -197,14 +225,7 @@ def _train(config: TinyTrainConfig, progress: bool) -> tuple[torch.nn.Module, di
     ``log_every`` steps) and the ``config``.
     """
     model = build_model(config).train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-        lr=config.lr,
-        betas=(0.9, 0.98),
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    optimizer, scheduler = _optimizer(model, config)
     # Held out: evaluation seeds start at EVAL_SEED; training batches use seed * 2**32 + step below it.
     held_out = make_mqar(
         config.eval_examples,
@@ -226,18 +247,7 @@ def _train(config: TinyTrainConfig, progress: bool) -> tuple[torch.nn.Module, di
     bar = tqdm(range(1, config.steps + 1), desc="train mqar", disable=not progress, unit="step")
     step = 0
     for step in bar:
-        t, n = config.setting(step)
-        inputs, labels = make_mqar(
-            config.batch_size, t, n, config.vocab_size, config.power_a, seed=config.seed * _SEED_STRIDE + step
-        )
-        logits, targets = label_logits(model, inputs, labels)
-        loss = F.cross_entropy(logits, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+        losses.append(_train_step(model, optimizer, scheduler, config, step))
         if step % config.log_every == 0:
             curve.append([step, sum(losses[-config.log_every :]) / config.log_every])
             bar.set_postfix(loss=f"{curve[-1][1]:.3f}")
