@@ -252,6 +252,31 @@ def markdown_table(scores: dict) -> str:
     return "\n".join(lines)
 
 
+def _run_cell(model, tokenizer, p, length: int, depth: float, spec, max_new_tokens: int) -> dict:
+    """One grid cell: greedy answer to the needle prompt ``p`` under ``spec``, scored, as a record."""
+    with applied(model, spec):
+        gen = prefill_and_generate(
+            model, p.input_ids.to(model.device), max_new_tokens, sparse=spec.name != BASELINE
+        )
+    reply = tokenizer.decode(gen.ids[0], skip_special_tokens=True)
+    return {
+        "id": sample_id(length, depth, spec.name),
+        "length": length,
+        "depth": depth,
+        "needle_depth": p.needle_depth,
+        "needle_span": list(p.needle_span),
+        "method": spec.name,
+        "label": spec.label,
+        "params": spec.params,
+        "generated": reply,
+        "answer": p.answer,
+        "exact_match": score_answer(reply, p.answer),
+        "rouge1_recall": rouge1_recall(p.answer, reply),
+        "prefill_s": gen.prefill_s,
+        "density": gen.density,
+    }
+
+
 def run_niah(
     config: NiahConfig, out: str | Path | None = None, resume: bool = False, progress: bool | None = None
 ) -> dict:
@@ -312,29 +337,11 @@ def run_niah(
                     warmed = True
                 for spec in pending:
                     bar.set_postfix_str(f"L={length} d={depth_key(depth)}% {spec.name}")
-                    with applied(model, spec):
-                        gen = prefill_and_generate(
-                            model, input_ids, config.max_new_tokens, sparse=spec.name != BASELINE
-                        )
-                    reply = tokenizer.decode(gen.ids[0], skip_special_tokens=True)
-                    record = {
-                        "id": sample_id(length, depth, spec.name),
-                        "length": length,
-                        "depth": depth,
-                        "needle_depth": p.needle_depth,
-                        "needle_span": list(p.needle_span),
-                        "method": spec.name,
-                        "label": spec.label,
-                        "params": spec.params,
-                        "generated": reply,
-                        "answer": p.answer,
-                        "exact_match": score_answer(reply, p.answer),
-                        "rouge1_recall": rouge1_recall(p.answer, reply),
-                        "prefill_s": gen.prefill_s,
-                        "density": gen.density,
-                    }
+                    record = _run_cell(model, tokenizer, p, length, depth, spec, config.max_new_tokens)
                     store.add(record)
-                    logger.debug("%s: %r (correct: %s)", record["id"], reply, record["exact_match"])
+                    logger.debug(
+                        "%s: %r (correct: %s)", record["id"], record["generated"], record["exact_match"]
+                    )
                     bar.update()
     scores = summarize(store.records(), lengths, depths, specs)
     store.write_results(scores, device=config.device)
