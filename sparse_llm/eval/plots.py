@@ -169,9 +169,6 @@ def plot_sweep(folder: str | os.PathLike) -> list[Path]:
     grey steps join the Pareto frontier; a star marks, per method, the smallest density at which it
     matches the reference accuracy (sdpa, else a full-density point). Uses matplotlib's Agg canvas.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     folder = Path(folder)
     path = folder / RESULTS_FILE
     if not path.is_file():
@@ -186,85 +183,98 @@ def plot_sweep(folder: str | os.PathLike) -> list[Path]:
     paths = []
     for length, info in scores["by_length"].items():
         rows = [r for r in scores["rows"] if str(r["length"]) == length]
-        by_id = {r["id"]: r for r in rows}
-        fig = Figure(figsize=(11.5, 4.2), layout="constrained")
-        FigureCanvasAgg(fig)
-        ax_d, ax_s = fig.subplots(1, 2)
-        for key, ax, frontier in (("density", ax_d, "pareto_density"), ("speedup", ax_s, "pareto_speedup")):
-            for method in dict.fromkeys(r["method"] for r in rows):
-                mine = sorted(
-                    (r for r in rows if r["method"] == method and r.get(key) is not None),
-                    key=lambda r: r[key],
-                )
-                if method == _BASELINE and key == "density":  # unpatched: no mask, no density
-                    sdpa = next(r for r in rows if r["method"] == method)
-                    ax.axhline(sdpa["accuracy"], ls=":", color="k", label="sdpa")
-                elif mine:
-                    ax.plot(
-                        [r[key] for r in mine],
-                        [r["accuracy"] for r in mine],
-                        "o-",
-                        color=colors.get(method),
-                        label=method,
-                    )
-            front = [by_id[i] for i in info[frontier] if i in by_id]
-            if front:
-                ax.step(
-                    [r[key] for r in front],
-                    [r["accuracy"] for r in front],
-                    where="post",
-                    color="0.6",
-                    lw=4,
-                    alpha=0.4,
-                    zorder=0,
-                    label="Pareto frontier",
-                )
-        for method, m in info["matches_reference"].items():
-            if m is not None:
-                ax_d.plot(
-                    m["density"],
-                    m["accuracy"],
-                    "*",
-                    ms=15,
-                    mec="k",
-                    color=colors.get(method),
-                    label=f"{method}: matches {info['reference']['method']}",
-                )
-        ax_d.set(
-            xlabel="measured density",
-            ylabel="accuracy (exact match)",
-            xlim=(0, 1.02),
-            ylim=(-0.03, 1.03),
-            title="accuracy vs density",
-        )
-        ax_s.set(
-            xlabel="prefill speedup over sdpa",
-            ylabel="accuracy (exact match)",
-            ylim=(-0.03, 1.03),
-            title="accuracy vs speedup",
-        )
-        if info["sdpa_prefill_s"] is None:
-            ax_s.text(
-                0.5,
-                0.5,
-                "sdpa not run at this length:\nno speedup",
-                ha="center",
-                va="center",
-                transform=ax_s.transAxes,
-            )
-        else:
-            ax_s.axvline(1.0, ls=":", color="k", lw=0.8)
-        handles = {}
-        for ax in (ax_d, ax_s):
-            for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
-                handles.setdefault(label, h)
-        fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize="small")
-        fig.suptitle(
-            f"sweep: {config.get('model')}, {_length_label(int(length))} tokens, needle "
-            f"{config.get('needle')}, haystack {Path(str(config.get('haystack'))).name}, "
-            f"{len(config.get('depths', []))} depths"
-        )
+        fig = _sweep_figure(rows, info, config, colors, int(length))
         out = folder / SWEEP_PNG.format(length=length)
         fig.savefig(out, dpi=110)
         paths.append(out)
     return paths
+
+
+def _sweep_figure(rows: list[dict], info: dict, config: dict, colors: dict, length: int):
+    """The figure of one length: accuracy vs density (left) and vs speedup (right)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11.5, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_d, ax_s = fig.subplots(1, 2)
+    _sweep_axes(ax_d, "density", rows, info["pareto_density"], colors)
+    _sweep_axes(ax_s, "speedup", rows, info["pareto_speedup"], colors)
+    for method, m in info["matches_reference"].items():
+        if m is not None:
+            ax_d.plot(
+                m["density"],
+                m["accuracy"],
+                "*",
+                ms=15,
+                mec="k",
+                color=colors.get(method),
+                label=f"{method}: matches {info['reference']['method']}",
+            )
+    ax_d.set(
+        xlabel="measured density",
+        ylabel="accuracy (exact match)",
+        xlim=(0, 1.02),
+        ylim=(-0.03, 1.03),
+        title="accuracy vs density",
+    )
+    ax_s.set(
+        xlabel="prefill speedup over sdpa",
+        ylabel="accuracy (exact match)",
+        ylim=(-0.03, 1.03),
+        title="accuracy vs speedup",
+    )
+    if info["sdpa_prefill_s"] is None:
+        ax_s.text(
+            0.5,
+            0.5,
+            "sdpa not run at this length:\nno speedup",
+            ha="center",
+            va="center",
+            transform=ax_s.transAxes,
+        )
+    else:
+        ax_s.axvline(1.0, ls=":", color="k", lw=0.8)
+    handles = {}
+    for ax in (ax_d, ax_s):
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize="small")
+    fig.suptitle(
+        f"sweep: {config.get('model')}, {_length_label(length)} tokens, needle "
+        f"{config.get('needle')}, haystack {Path(str(config.get('haystack'))).name}, "
+        f"{len(config.get('depths', []))} depths"
+    )
+    return fig
+
+
+def _sweep_axes(ax, key: str, rows: list[dict], frontier: list[str], colors: dict) -> None:
+    """Accuracy vs ``key`` ("density" or "speedup"): one line per method, the Pareto frontier's steps."""
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = sorted(
+            (r for r in rows if r["method"] == method and r.get(key) is not None), key=lambda r: r[key]
+        )
+        if method == _BASELINE and key == "density":  # unpatched: no mask, no density
+            sdpa = next(r for r in rows if r["method"] == method)
+            ax.axhline(sdpa["accuracy"], ls=":", color="k", label="sdpa")
+        elif mine:
+            ax.plot(
+                [r[key] for r in mine],
+                [r["accuracy"] for r in mine],
+                "o-",
+                color=colors.get(method),
+                label=method,
+            )
+    by_id = {r["id"]: r for r in rows}
+    front = [by_id[i] for i in frontier if i in by_id]
+    if front:
+        ax.step(
+            [r[key] for r in front],
+            [r["accuracy"] for r in front],
+            where="post",
+            color="0.6",
+            lw=4,
+            alpha=0.4,
+            zorder=0,
+            label="Pareto frontier",
+        )
