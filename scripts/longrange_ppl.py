@@ -16,13 +16,11 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import transformers
 
 import sparse_llm
-from sparse_llm.backends.base import _REGISTRY
 from sparse_llm.eval.perplexity import perplexity
 from sparse_llm.models import load
 from sparse_llm.results import atomic_write_json, run_metadata
@@ -38,7 +36,7 @@ def code_text() -> str:
 
 def method_params(name: str, budget: int, extra: dict) -> dict:
     """The budget for budgeted methods; streaming's window spends the same tokens (sink 64)."""
-    have = {f.name for f in fields(_REGISTRY[name])}
+    have = set(sparse_llm.get_method(name).params())
     params = {"budget": budget} if "budget" in have else {}
     if name == "streaming":
         params = {"sink_tokens": 64, "local_tokens": budget - 64}
