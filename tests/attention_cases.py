@@ -20,8 +20,7 @@ import torch
 
 from sparse_llm.kernels import BlockMask, reference_attention
 from sparse_llm.kernels.block_mask import block_geometry
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from sparse_llm.names import DTYPES
 
 
 @dataclass(frozen=True)
