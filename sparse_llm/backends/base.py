@@ -268,7 +268,9 @@ _REGISTRY: dict[str, type[SparseMethod]] = {}
 
 
 def register_method(cls: type[SparseMethod]) -> type[SparseMethod]:
-    """Class decorator: make a method available by its ``name``."""
+    """Class decorator: make a method available by its ``name`` (to :func:`get_method`, ``sparsify``,
+    the CLI and the contract tests). Works on a class defined anywhere: a ``SparseMethod`` dataclass
+    with ``name``, ``description`` and ``block_mask`` (plus ``far_field`` if it approximates)."""
     if not cls.name or cls.name in _REGISTRY:
         raise ValueError(f"method name {cls.name!r} is empty or already registered")
     _REGISTRY[cls.name] = cls
