@@ -222,7 +222,7 @@ CASES = [
 
 @pytest.mark.parametrize("argv, match", CASES)
 def test_bad_argument_exits_2_with_one_line(argv, match, paths, no_work, capsys, monkeypatch):
-    if HAS_LM_EVAL:  # lm-eval would index its own ~15k tasks first (16 s); the cases need only local ones
+    if HAS_LM_EVAL:  # lm-eval would index its own ~15k tasks first (seconds); the cases need only local ones
         import lm_eval.tasks
 
         class LocalTaskManager(lm_eval.tasks.TaskManager):

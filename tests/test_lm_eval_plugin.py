@@ -42,7 +42,7 @@ CHAT_TEMPLATE = (
 
 
 class LocalTaskManager(TaskManager):
-    """lm-eval's TaskManager without indexing lm-eval's own ~15k tasks (16 s per run here): the tests
+    """lm-eval's TaskManager without indexing lm-eval's own ~15k tasks (seconds per run): the tests
     use only local task folders, and the command line has no flag for it."""
 
     def __init__(self, *args, **kwargs):
