@@ -24,11 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from sparse_llm.backends.base import BudgetedMethod, LayerCall, register_method
-from sparse_llm.backends.selection import check_probes, probe_queries
+from sparse_llm.backends.selection import CAUSAL_CHUNKS, check_probes, probe_queries
 from sparse_llm.kernels import BlockMask
 
 MAX_SCORES = 2**25  # scores held at once while scoring (fp32 elements)
-CAUSAL_CHUNKS = 8  # query chunks per prompt, each scored against its visible keys
 
 
 @register_method

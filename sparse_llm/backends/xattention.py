@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_llm.backends.base import BudgetedMethod, LayerCall, register_method
-from sparse_llm.backends.selection import key_blocks_with_real_keys
+from sparse_llm.backends.selection import CAUSAL_CHUNKS, key_blocks_with_real_keys
 from sparse_llm.kernels import BlockMask
 from sparse_llm.kernels.block_mask import block_geometry
 
@@ -56,7 +56,9 @@ def antidiagonal_block_scores(
     last_q = (rows_all * s + s - 1).clamp(max=q_len - 1) + kv_len - q_len  # absolute position
     first_k = torch.arange(n_k * per, device=q.device) * s
     out = torch.zeros(b, hkv, g, n_q, n_k, device=q.device)
-    step = max(1, max_elements // (b * hq * per * per * n_k))  # query blocks per chunk
+    # Query blocks per chunk: bounded by max_elements, and ~8 chunks so that each chunk scores only
+    # the keys it can see (the causal upper triangle then costs ~1/16 of the square, not 1/2).
+    step = max(1, min(max_elements // (b * hq * per * per * n_k), -(-n_q // CAUSAL_CHUNKS)))
     for n0 in range(0, n_q, step):
         n1 = min(n0 + step, n_q)
         m1 = min(n_k, (min(n1 * block_size, q_len) - 1 + kv_len - q_len) // block_size + 1)
