@@ -158,9 +158,14 @@ def test_budget_cap_forced_blocks_and_dense_tail(case):
     call = LayerCall(0, 32**-0.5, key_padding_mask=padding)
     bs, budget = 32, 4 * 32
     method = get_method(
-        "flexprefill", gamma=0.99, budget=budget, sink_tokens=bs, local_tokens=bs, block_size=bs,
+        "flexprefill",
+        gamma=0.99,
+        budget=budget,
+        sink_tokens=bs,
+        local_tokens=bs,
+        block_size=bs,
         dense_tail_blocks=1,
-    )  # fmt: skip
+    )
     mask = method.block_mask(q, k, k, call).validate()
     dense = mask.to_dense()
     assert dense.shape[1] == q.shape[1]  # one row per query head
@@ -195,8 +200,10 @@ def test_padding_keys_are_never_selected_and_padded_batch_equals_single_runs(tau
     )
     batched = method.block_mask(q, k, k, LayerCall(0, 32**-0.5, key_padding_mask=padding)).to_dense()
     assert not batched[1, :, :, : pad // bs].any()
-    singles = [method.block_mask(x, y, y, LayerCall(0, 32**-0.5)).to_dense()[0] for x, y in
-               [(long_q, long_k), (short_q, short_k)]]  # fmt: skip
+    singles = [
+        method.block_mask(x, y, y, LayerCall(0, 32**-0.5)).to_dense()[0]
+        for x, y in [(long_q, long_k), (short_q, short_k)]
+    ]
     assert torch.equal(batched[0], singles[0])
     assert torch.equal(batched[1, :, pad // bs :, pad // bs :], singles[1])
 

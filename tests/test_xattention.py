@@ -134,7 +134,7 @@ def test_budget_caps_every_row_and_forced_blocks_are_kept():
     call = LayerCall(0, 0.25)
     forced = BlockMask.sink_window(
         q_len=200, kv_len=200, block_q=32, block_k=32, sink_tokens=32, local_tokens=32
-    ).to_dense()  # fmt: skip
+    ).to_dense()
     for threshold in (1.0, 0.9, 0.01):
         method = _method(threshold=threshold, budget=3 * 32, dense_tail_blocks=1)
         mask = method.block_mask(q, k, k, call).validate()

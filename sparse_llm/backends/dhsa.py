@@ -144,9 +144,13 @@ class DHSA(BudgetedMethod):
         bs, dev = self.block_size, q.device
         kv_start = first_real_key(call.key_padding_mask)
         starts = chunk_boundaries(
-            k, chunking=self.chunking, chunk_size=self.chunk_size, min_chunk=self.min_chunk,
-            max_chunk=self.max_chunk, kv_start=kv_start,
-        )  # fmt: skip
+            k,
+            chunking=self.chunking,
+            chunk_size=self.chunk_size,
+            min_chunk=self.min_chunk,
+            max_chunk=self.max_chunk,
+            kv_start=kv_start,
+        )
         chunk_id = starts.long().cumsum(-1) - 1  # [B, Tk]
         n_c = int(chunk_id.max()) + 1
         valid = (

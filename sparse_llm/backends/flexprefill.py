@@ -95,10 +95,17 @@ class FlexPrefill(BudgetedMethod):
         q_valid = None if pad is None else pad[:, -q_len:]
         q_means = block_means(q, bs, q_valid).view(b, hkv, hq // hkv, n_q, d)
         pooled = _softcap_((q_means @ k_means[:, :, None].transpose(-1, -2)).mul_(call.scale), call.softcap)
-        visible = block_geometry(
-            q_len=q_len, kv_len=kv_len, block_q=bs, block_k=bs, sliding_window=call.sliding_window,
-            device=q.device,
-        )[0] & real[:, None, None, :]  # fmt: skip
+        visible = (
+            block_geometry(
+                q_len=q_len,
+                kv_len=kv_len,
+                block_q=bs,
+                block_k=bs,
+                sliding_window=call.sliding_window,
+                device=q.device,
+            )[0]
+            & real[:, None, None, :]
+        )
         pooled = pooled.view(b, hq, n_q, n_k).masked_fill(~visible, NEG_INF).softmax(-1).nan_to_num_(0.0)
 
         aware = query_aware[:, :, None, None]
@@ -107,9 +114,14 @@ class FlexPrefill(BudgetedMethod):
         scores = torch.where(aware, pooled, vs_score).masked_fill(~selected, NEG_INF)
         scores = scores.masked_fill(forced, math.inf)
         kept = BlockMask.from_topk(
-            scores, self.budget_blocks, block_q=bs, block_k=bs, q_len=q_len, kv_len=kv_len,
+            scores,
+            self.budget_blocks,
+            block_q=bs,
+            block_k=bs,
+            q_len=q_len,
+            kv_len=kv_len,
             sliding_window=call.sliding_window,
-        ).to_dense()  # fmt: skip
+        ).to_dense()
         return self.mask_from_blocks(kept & (scores > NEG_INF), q, k, call)
 
 

@@ -35,6 +35,7 @@ from sparse_llm.backends.selection import (
     key_blocks_with_real_keys,
     prefer_late_ties,
     probe_queries,
+    real_keys,
 )
 from sparse_llm.kernels import BlockMask
 from sparse_llm.kernels.block_mask import block_geometry
@@ -142,24 +143,38 @@ class Routing(BudgetedMethod):
             n_real = torch.full((k.shape[0],), k.shape[2]) if real is None else real.sum(-1)
             n_c = n_real.double().sqrt().round().long()  # = round(math.sqrt(n)); never exactly .5
         scores = routed_block_scores(
-            q, k, call, block=self.block_size, n_clusters=n_c, top_clusters=self.top_clusters,
-            probes=self.probes, iterations=self.iterations, seed=self.seed,
-        )  # fmt: skip
+            q,
+            k,
+            call,
+            block=self.block_size,
+            n_clusters=n_c,
+            top_clusters=self.top_clusters,
+            probes=self.probes,
+            iterations=self.iterations,
+            seed=self.seed,
+        )
         return self.mask_from_scores(prefer_late_ties(scores), q, k, call)
 
 
 def routed_block_scores(
-    q: torch.Tensor, k: torch.Tensor, call: LayerCall, *, block: int, n_clusters: int | torch.Tensor,
-    top_clusters: int | None, probes: int, iterations: int, seed: int,
-) -> torch.Tensor:  # fmt: skip
+    q: torch.Tensor,
+    k: torch.Tensor,
+    call: LayerCall,
+    *,
+    block: int,
+    n_clusters: int | torch.Tensor,
+    top_clusters: int | None,
+    probes: int,
+    iterations: int,
+    seed: int,
+) -> torch.Tensor:
     """Routed-mass share of each key block, ``[B, Hq, nQ, nK]`` fp32 in [0, 1] (module docstring,
     steps 1-3); -inf for blocks never to select (unreachable, padding only, without routed keys under
     ``top_clusters``). q ``[B, Hq, Tq, D]``, k ``[B, Hkv, Tk, D]``; ``n_clusters`` an int or ``[B]``
     (each row gets at most as many clusters as it has real keys)."""
     (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
     n_k, dev = -(-kv_len // block), q.device
-    real = call.key_padding_mask
-    real = torch.ones(b, kv_len, dtype=torch.bool, device=dev) if real is None else real
+    real = real_keys(call.key_padding_mask, b, kv_len, dev)
     valid = real.repeat_interleave(hkv, 0)  # [B * Hkv, Tk]
     n_clusters = torch.as_tensor(n_clusters, device=dev).expand(b).repeat_interleave(hkv)
     centroids, assign = spherical_kmeans(k.flatten(0, 1), n_clusters, iterations, seed, valid)
@@ -178,9 +193,13 @@ def routed_block_scores(
     weight = torch.where(logits > float("-inf"), (logits - best).clamp_min(-80.0).exp(), 0.0)
     routed_mass = (weight @ mass.transpose(1, 2)).view(b, hq, -1, index.shape[1], n_k)  # [B, Hq, nQ, R, nK]
     reach = block_geometry(
-        q_len=q_len, kv_len=kv_len, block_q=block, block_k=block, sliding_window=call.sliding_window,
+        q_len=q_len,
+        kv_len=kv_len,
+        block_q=block,
+        block_k=block,
+        sliding_window=call.sliding_window,
         device=dev,
-    )[0]  # fmt: skip
+    )[0]
     share = routed_mass / (routed_mass * reach[:, None, :]).sum(-1, keepdim=True)
     scores = share.nan_to_num(0.0).amax(3).masked_fill(~reach, float("-inf"))  # max over representatives
     if top_clusters is not None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_llm.backends.base import BudgetedMethod, LayerCall, register_method
-from sparse_llm.backends.selection import CAUSAL_CHUNKS, key_blocks_with_real_keys
+from sparse_llm.backends.selection import CAUSAL_CHUNKS, key_blocks_with_real_keys, real_keys
 from sparse_llm.kernels import BlockMask
 from sparse_llm.kernels.block_mask import block_geometry
 
@@ -42,8 +42,7 @@ def antidiagonal_block_scores(
     (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
     g, s, per = hq // hkv, stride, block_size // stride
     n_q, n_k = -(-q_len // block_size), -(-kv_len // block_size)
-    real = call.key_padding_mask
-    real = torch.ones(b, kv_len, dtype=torch.bool, device=q.device) if real is None else real.bool()
+    real = real_keys(call.key_padding_mask, b, kv_len, q.device).bool()
     real = F.pad(real, (0, n_k * block_size - kv_len))
     kr = F.pad(k, (0, 0, 0, n_k * block_size - kv_len))
     if call.key_padding_mask is not None:
@@ -107,9 +106,13 @@ class XAttention(BudgetedMethod):
         n_k = scores.shape[-1]
         real = key_blocks_with_real_keys(call.key_padding_mask, kv_len, bs)
         valid = block_geometry(
-            q_len=q_len, kv_len=kv_len, block_q=bs, block_k=bs, sliding_window=call.sliding_window,
+            q_len=q_len,
+            kv_len=kv_len,
+            block_q=bs,
+            block_k=bs,
+            sliding_window=call.sliding_window,
             device=q.device,
-        )[0]  # fmt: skip
+        )[0]
         if real is not None:  # key blocks of padding only are never selected
             valid = valid & real[:, None, None, :]
         forced = self.forced_blocks(q, k, call) & valid
