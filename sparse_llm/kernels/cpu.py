@@ -5,7 +5,8 @@ Consecutive query blocks with the same block counts form a segment served by ONE
 ways to feed it, cheapest first:
 
 1. A mask covering the whole causal triangle (``dense`` on a global layer) is one fused call with
-   ``is_causal``, so the flash kernel skips the masked half itself (``_causal_attention``).
+   ``is_causal``, so the flash kernel skips the masked half itself (``_causal_attention``); so are the
+   leading query blocks that select every block they can see (the first ``budget`` of a top-k method).
 2. Where every query block's selected blocks are one or two contiguous runs whose starts move by a fixed
    stride (sliding windows: block_q / block_k blocks per query block; sinks: 0), each run of a segment
    is an ``as_strided`` view of K/V (no copy), and its mask is the causal/window rule built once for
@@ -20,6 +21,11 @@ segment's keys are few, full and partial blocks share one call (one mask over al
 run apart, and the second part (and a second view run) is merged by log-sum-exp into the output.
 Results are written straight into the output's memory. Everything is computed in fp32.
 
+The work is split in two. ``plan_gather`` reads only the BlockMask and the shapes and returns a
+``GatherPlan``: which query blocks take the fused causal call, which ``ViewCall``s and which
+``GatherCall``s (of full and/or partial blocks) serve the rest, and which results are merged by LSE.
+``_Executor`` prepares the fp32 operands once (query tiles, padded K/V) and runs the plan's calls.
+
 On CPU each call goes to ATen's fused flash-attention kernel
 (``aten::_scaled_dot_product_flash_attention_for_cpu``, which returns the LSE, takes strided K/V and a
 broadcast mask, and maps GQA heads itself). With softcap, on other devices, or if the op is missing, a
@@ -29,7 +35,7 @@ an OpenMP parallel region that may wait a scheduler tick for its other threads (
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +130,11 @@ class _Blocks:
     needs: list[bool]  # needs a key mask: unequal rows, the Tk tail, key padding or the element mask
     starts: list[int]  # first block when every row holds the same contiguous run, else -1
     elementwise: bool  # apply the causal/window element mask
+
+    def needs_mask(self, n0: int, n1: int) -> bool:
+        """Query blocks [n0, n1) in one call need a key mask: some row needs one, or rows are padded."""
+        counts = self.counts[n0:n1]
+        return any(self.needs[n0:n1]) or min(counts) != max(counts)
 
 
 def _block_list(
@@ -235,6 +246,373 @@ def _strided_segments(runs: list, step: int, size: int) -> list[tuple[int, int, 
     return out
 
 
+@dataclass(frozen=True)
+class Shapes:
+    """Sizes of one ``gather_attention`` call (names of STYLE.md §8) and the tile layout they imply.
+
+    q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], G = Hq // Hkv, mask heads Hm in {1, Hkv, Hq}, nQ x nK blocks of
+    ``block_q`` x ``block_k``. Row heads Hr are the heads whose queries share one gather: Hq for a
+    per-query-head mask (Hm = Hq, G > 1; each query head gathers from its KV head ``h // G``), else Hkv
+    (a group's G query heads share its mask row). A query tile has R rows: ``block_q`` positions of one
+    head, or G * ``block_q`` (position, head) pairs, HF's [B, T, Hq, D] order within the group.
+    """
+
+    b: int
+    hq: int
+    hkv: int
+    g: int
+    q_len: int
+    kv_len: int
+    d: int
+    block_q: int
+    block_k: int
+    n_q: int
+    n_k: int
+    mask_heads: int
+    per_q_head: bool
+    hr: int
+    r: int
+
+    @classmethod
+    def of(cls, q: Tensor, k: Tensor, block_mask: BlockMask) -> Shapes:
+        b, hq, q_len, d = q.shape
+        hkv, bq, hm = k.shape[1], block_mask.block_q, block_mask.kv_num_blocks.shape[1]
+        g = hq // hkv
+        per_q_head = hm == hq and g > 1
+        return cls(
+            b=b,
+            hq=hq,
+            hkv=hkv,
+            g=g,
+            q_len=q_len,
+            kv_len=k.shape[2],
+            d=d,
+            block_q=bq,
+            block_k=block_mask.block_k,
+            n_q=block_mask.num_q_blocks,
+            n_k=block_mask.num_kv_blocks,
+            mask_heads=hm,
+            per_q_head=per_q_head,
+            hr=hq if per_q_head else hkv,
+            r=bq if per_q_head else g * bq,
+        )
+
+
+@dataclass(frozen=True)
+class ViewCall:
+    """One attention call for query blocks [n0, n1) over key blocks [start + i * stride, + count) for the
+    i-th of them: K/V are one strided view (no copy), the mask is the causal/window rule on positions.
+    ``merge``: the second run of sink + local rows, merged by LSE into the first run's result."""
+
+    n0: int
+    n1: int
+    start: int
+    count: int
+    stride: int
+    merge: bool
+
+
+@dataclass(frozen=True)
+class GatherCall:
+    """One attention call for query blocks [n0, n1) over their selected ``full`` and/or ``partial``
+    blocks, gathered by one ``index_select`` (a slice when one query block's blocks form one run). Rows
+    with fewer blocks than the call's largest count are padded with masked slots. A partial-only call
+    is merged by LSE into the full blocks' result (or into an empty one)."""
+
+    n0: int
+    n1: int
+    full: bool
+    partial: bool
+
+    @property
+    def merge(self) -> bool:
+        return not self.full
+
+
+@dataclass
+class GatherPlan:
+    """Which attention calls ``gather_attention`` makes, decided from the BlockMask and shapes alone.
+
+    Each query block n in [0, nQ) is served by exactly one of:
+
+    - the fused ``is_causal`` call, for n < ``causal_blocks`` (0 or at least 2 leading query blocks that
+      select every block the causal geometry reaches; ``causal_blocks == nQ``: that call is all, and
+      ``full``/``part`` are None, ``calls`` empty);
+    - ``ViewCall``s (causal, one mask row per KV head, block_q a multiple of block_k): its first key
+      run (written) and the second run of sink + local rows (merged);
+    - ``GatherCall``s: full + partial blocks in one call (written), or its full blocks (written) and
+      its partial blocks (merged), each in its own call where present.
+
+    ``calls`` lists written calls before merged ones. ``unwritten`` query blocks get no written call
+    (no full block): they start from out = 0, lse = -inf, which is also the result of an empty row.
+    ``full`` and ``part`` are the mask's two block lists with rows mapped to the row heads.
+    """
+
+    shapes: Shapes
+    causal_blocks: int
+    full: _Blocks | None = None
+    part: _Blocks | None = None
+    calls: list[ViewCall | GatherCall] = field(default_factory=list)
+    unwritten: list[int] = field(default_factory=list)
+
+
+def plan_gather(
+    block_mask: BlockMask,
+    shapes: Shapes,
+    *,
+    causal: bool,
+    sliding_window: int | None,
+    padding: bool,
+    fused: bool,
+) -> GatherPlan:
+    """The plan for ``block_mask`` (validated, batch 1 or B, heads ``shapes.mask_heads``). ``padding``:
+    some key is masked by the key padding mask; ``fused``: ATen's fused CPU op is used (``_fused_op``)."""
+    s = shapes
+    prefix = 0
+    if causal and sliding_window is None and not padding and fused:
+        prefix = _dense_prefix(block_mask)
+        if prefix == s.n_q:
+            return GatherPlan(s, prefix)
+    dev = block_mask.device
+    heads = torch.arange(s.hr, device=dev)  # row head -> mask head
+    if s.mask_heads != s.hr:
+        heads = torch.zeros_like(heads)
+    cut_tail = s.n_k * s.block_k > s.kv_len
+
+    def block_list(num: Tensor, idx: Tensor, elementwise: bool) -> _Blocks:
+        num, idx = num[:, heads], idx[:, heads].long()
+        return _block_list(num, idx, s.n_k, cut_tail, padding, elementwise, not s.per_q_head)
+
+    full = block_list(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, False)
+    part = block_list(block_mask.kv_num_blocks, block_mask.kv_indices, causal)
+    causal_blocks = prefix if prefix > 1 else 0  # a lone dense block is left to the gathers
+    alone = [n >= causal_blocks for n in range(s.n_q)]  # not yet served by a call
+    views: list[ViewCall] = []
+    if causal and not s.per_q_head and s.block_q % s.block_k == 0:
+        views = _plan_views(full, part, s, prefix, alone)
+    gathers = _plan_gathers(full, part, s, alone)
+    written = [False] * s.n_q
+    written[:causal_blocks] = [True] * causal_blocks
+    for call in views + gathers:
+        if not call.merge:
+            written[call.n0 : call.n1] = [True] * (call.n1 - call.n0)
+    calls = [c for c in views + gathers if not c.merge] + [c for c in views + gathers if c.merge]
+    return GatherPlan(s, causal_blocks, full, part, calls, [n for n, w in enumerate(written) if not w])
+
+
+def _plan_views(full: _Blocks, part: _Blocks, s: Shapes, prefix: int, alone: list[bool]) -> list[ViewCall]:
+    """View calls for the query blocks past ``prefix`` whose selected blocks are one or two contiguous
+    runs moving by a fixed stride (windows, sink + local), in segments of at least two query blocks (a
+    lone block is left to the gathers, which batch equal counts). Marks them served in ``alone``."""
+    runs = _selected_runs(full, part, s.n_k)
+    runs[:prefix] = [None] * prefix
+    calls = []
+    size = _MAX_SCORE_ELEMENTS // (s.b * s.r * s.block_k)
+    for n0, n1, strides in _strided_segments(runs, s.block_q // s.block_k, size):
+        if n1 - n0 < 2:
+            continue
+        for i, ((start, count), stride) in enumerate(zip(runs[n0], strides, strict=True)):
+            calls.append(ViewCall(n0, n1, start, count, stride, merge=i > 0))
+        alone[n0:n1] = [False] * (n1 - n0)
+    return calls
+
+
+def _plan_gathers(full: _Blocks, part: _Blocks, s: Shapes, alone: list[bool]) -> list[GatherCall]:
+    """Gather calls for the query blocks still ``alone``. A long run of query blocks with few keys shares
+    one call for its full + partial blocks (one mask over all keys); the rest run full and partial
+    blocks apart, each in runs of equal (or, down to _PAD_RATIO, padded) counts."""
+    cost = s.b * s.hr * s.block_k * (2 * s.d + s.r)  # fp32 elements per selected block: K, V, mask
+    limit = max(1, _SHARED_CALL_KEYS_PER_DIM * s.d // s.block_k)
+    facts = zip(alone, full.counts, part.counts, full.needs, part.needs, strict=True)
+    both = [
+        (f, p, nf, np) if todo and 0 < f and 0 < p and f + p <= limit else None
+        for todo, f, p, nf, np in facts
+    ]
+    sizes = [(f + p) * cost for f, p in zip(full.counts, part.counts, strict=True)]
+    shared = [(n0, n1) for n0, n1 in _runs(both, sizes) if n1 - n0 > 1]
+    calls = [GatherCall(n0, n1, full=True, partial=True) for n0, n1 in shared]
+    for n0, n1 in shared:
+        alone[n0:n1] = [False] * (n1 - n0)
+    for blocks, is_full in ((full, True), (part, False)):
+        keys = [c if c and alone[n] else None for n, c in enumerate(blocks.counts)]
+        sizes = [c * cost for c in blocks.counts]
+        runs = _runs(keys, sizes, _PAD_RATIO)
+        calls += [GatherCall(n0, n1, full=is_full, partial=not is_full) for n0, n1 in runs]
+    return calls
+
+
+class _Executor:
+    """Runs a GatherPlan (not whole-causal) on q, k, v: operands prepared once, then one attention call
+    per planned call, each written (or merged by LSE) straight into the output's tiles."""
+
+    def __init__(self, plan: GatherPlan, q, k, v, key_ok, op, *, scale, softcap, sliding_window):
+        s = self.s = plan.shapes
+        self.plan, self.op, self.scale, self.softcap, self.window = plan, op, scale, softcap, sliding_window
+        self.q, self.k, self.v, self.key_ok = q, k, v, key_ok  # key_ok None or bool [B, nK * block_k]
+        dev = self.dev = q.device
+        # Query tiles qb [nQ, B, Hr, R, D] fp32, padded to whole blocks, rows (position, head) pairs for
+        # a group: a view of HF-layout queries when Hkv = 1 (no transposing copy).
+        qr = _padded_rows(q, s.n_q * s.block_q)  # [B, Hq, nQ * bq, D] over [B, nQ * bq, Hq, D] memory
+        if s.per_q_head:
+            self.qb = qr.unflatten(2, (s.n_q, s.block_q)).permute(2, 0, 1, 3, 4)
+            row_pos = torch.arange(s.r, device=dev)
+        else:
+            qb = qr.unflatten(1, (s.hkv, s.g)).unflatten(3, (s.n_q, s.block_q)).permute(3, 0, 1, 4, 2, 5)
+            self.qb = qb.reshape(s.n_q, s.b, s.hr, s.r, s.d)
+            row_pos = torch.arange(s.r, device=dev) // s.g
+        # pos_q [nQ, R]: each tile row's key position (bottom-right alignment)
+        self.pos_q = row_pos + torch.arange(s.n_q, device=dev)[:, None] * s.block_q + s.kv_len - s.q_len
+        # K/V fp32 [B, Hkv, nK * bk, D], padded to whole blocks, for views; flat blocks for gathers
+        length = s.n_k * s.block_k
+        self.k4, self.v4 = _padded(k, s.kv_len, length), _padded(v, s.kv_len, length)
+        self.kflat = self.k4.view(s.b * s.hkv * s.n_k, s.block_k, s.d)
+        self.vflat = self.v4.view(s.b * s.hkv * s.n_k, s.block_k, s.d)
+        kv_head = torch.arange(s.hr, device=dev) // (s.g if s.per_q_head else 1)
+        first_block = torch.arange(s.b, device=dev)[:, None, None] * s.hkv + kv_head[:, None]
+        self.base = first_block * s.n_k  # [B, Hr, 1]: flat id of each row head's block 0
+        self.buffers: dict[str, Tensor] = {}
+
+    def run(self) -> tuple[Tensor, Tensor]:
+        """(out [B, Hq, Tq, D] in q.dtype, lse [B, Hq, Tq] fp32) over [B, Tq, Hq, D] memory (HF's layout)."""
+        s, plan = self.s, self.plan
+        out = torch.empty(s.b, s.n_q * s.block_q, s.hq, s.d, device=self.dev)
+        lse = torch.empty(s.b, s.n_q * s.block_q, s.hq, device=self.dev)
+        # tiles [nQ, B, Hkv, bq, G(, D)] of that memory: every call's result lands there
+        acc = out.view(s.b, s.n_q, s.block_q, s.hkv, s.g, s.d).permute(1, 0, 3, 2, 4, 5)
+        acc_lse = lse.view(s.b, s.n_q, s.block_q, s.hkv, s.g).permute(1, 0, 3, 2, 4)
+        if plan.causal_blocks:
+            o, o_lse = self._causal_tiles(plan.causal_blocks)
+            acc[: plan.causal_blocks].copy_(o)
+            acc_lse[: plan.causal_blocks].copy_(o_lse)
+        for n in plan.unwritten:
+            acc[n].zero_()
+            acc_lse[n].fill_(float("-inf"))
+        for call in plan.calls:
+            o, o_lse = self._view(call) if isinstance(call, ViewCall) else self._gather(call)
+            n0, n1 = call.n0, call.n1
+            if call.merge:
+                o, o_lse = merge_attention(acc[n0:n1], acc_lse[n0:n1], o, o_lse)
+            acc[n0:n1].copy_(o)
+            acc_lse[n0:n1].copy_(o_lse)
+        out = out.transpose(1, 2)[:, :, : s.q_len].to(self.q.dtype)
+        return out, lse.transpose(1, 2)[:, :, : s.q_len].contiguous()
+
+    def _causal_tiles(self, n: int) -> tuple[Tensor, Tensor]:
+        """Query blocks [0, n) in one fused causal call, as tiles [n, B, Hkv, bq, G(, D)] fp32."""
+        s, rows = self.s, n * self.s.block_q
+        keys = s.kv_len - s.q_len + rows
+        o, lse = _causal_attention(
+            self.q[:, :, :rows], self.k[:, :, :keys], self.v[:, :, :keys], self.scale, self.op
+        )
+        o = o.float().unflatten(1, (s.hkv, s.g)).unflatten(3, (n, s.block_q)).permute(3, 0, 1, 4, 2, 5)
+        return o, lse.unflatten(1, (s.hkv, s.g)).unflatten(3, (n, s.block_q)).permute(3, 0, 1, 4, 2)
+
+    def _tiles(self, o: Tensor, lse: Tensor, empty: Tensor | None, ng: int) -> tuple[Tensor, Tensor]:
+        """A call's (out [ng * B, Hr, R, D], lse [ng * B, Hr, R]) as tiles [ng, B, Hkv, bq, G(, D)]
+        (views); rows without an allowed key (``empty``, broadcastable to [ng, B, Hr, R]) get out = 0,
+        lse = -inf (the fused op leaves lse = 0 there)."""
+        s = self.s
+        o, lse = o.reshape(ng, s.b, s.hr, s.r, s.d), lse.reshape(ng, s.b, s.hr, s.r)
+        if empty is not None and bool(empty.any()):
+            o, lse = o.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("-inf"))
+        if s.per_q_head:  # rows are one query head's positions
+            o, lse = o.unflatten(2, (s.hkv, s.g)), lse.unflatten(2, (s.hkv, s.g))
+            return o.transpose(3, 4), lse.transpose(3, 4)
+        return o.unflatten(3, (s.block_q, s.g)), lse.unflatten(3, (s.block_q, s.g))  # (position, head) rows
+
+    def _view(self, call: ViewCall) -> tuple[Tensor, Tensor]:
+        """A ViewCall as tiles. The mask is built once for the first query block when every query block
+        sees the same relative pattern (stride * block_k == block_q), else per query block."""
+        s, dev, bk = self.s, self.dev, self.s.block_k
+        ng, length = call.n1 - call.n0, call.count * bk
+        shape, strides = (ng, s.b * s.hkv, length, s.d), (call.stride * bk * s.d, s.n_k * bk * s.d, s.d, 1)
+        ks, vs = (
+            t.as_strided(shape, strides, t.storage_offset() + call.start * bk * s.d)
+            for t in (self.k4, self.v4)
+        )
+        first = call.start + torch.arange(ng, device=dev)[:, None] * call.stride
+        kpos = first * bk + torch.arange(length, device=dev)  # [ng, L]
+        same_pattern = call.stride * bk == s.block_q
+        qpos = self.pos_q[call.n0 : call.n0 + 1 if same_pattern else call.n1]  # [ng' = 1 or ng, R]
+        dist = qpos[:, :, None] - kpos[: qpos.shape[0], None, :]
+        allowed = dist >= 0  # [ng', R, L]; also drops the Tk tail (keys past every real query)
+        if self.window is not None:
+            allowed &= dist < self.window
+        allowed = allowed[:, None, None]  # [ng', 1, 1, R, L]
+        if self.key_ok is not None:
+            allowed = allowed & self.key_ok[:, kpos].transpose(0, 1)[:, :, None, None, :]  # [ng, B, 1, R, L]
+        bias = empty = None
+        if not bool(allowed.all()):  # additive mask in its final dtype, broadcast over ng and heads
+            bias = torch.zeros(allowed.shape, device=dev).masked_fill_(~allowed, float("-inf"))
+            bias = bias.expand(-1, -1, s.hr, -1, -1).flatten(1, 2) if bias.shape[1] > 1 else bias[:, 0]
+            empty = ~allowed.any(-1)  # [ng', B', 1, R]
+        qs = self.qb[call.n0 : call.n1].reshape(ng, s.b * s.hr, s.r, s.d)
+        o, lse = _attend(qs, ks, vs, bias, self.scale, self.softcap)
+        return self._tiles(o, lse, empty, ng)
+
+    def _gather(self, call: GatherCall) -> tuple[Tensor, Tensor]:
+        """A GatherCall as tiles: K/V [ng * B, Hr, L, D] gathered into a reused workspace, one additive
+        mask [ng * B, Hr, R or 1, L] when some key of the call needs masking."""
+        s, n0, n1 = self.s, call.n0, call.n1
+        lists = [bl for bl, use in ((self.plan.full, call.full), (self.plan.part, call.partial)) if use]
+        ng, counts = n1 - n0, [max(blocks.counts[n0:n1]) for blocks in lists]
+        starts = [blocks.starts[n0] for blocks in lists]
+        contiguous = all(a >= 0 for a in starts) and all(
+            a + c == b for a, c, b in zip(starts, counts, starts[1:], strict=False)
+        )
+        if ng == 1 and contiguous:  # one run of blocks shared by every row: a slice, no copy
+            ks, vs = (
+                t[:, :, starts[0] * s.block_k : (starts[0] + sum(counts)) * s.block_k]
+                for t in (self.k4, self.v4)
+            )
+        else:  # [ng, B, Hr, c] block ids -> one index_select for the whole call
+            ids = torch.cat([bl.idx[:, :, n0:n1, :c] for bl, c in zip(lists, counts, strict=True)], -1)
+            # slots past a row's count are masked below; clamp them to a valid block for the gather
+            flat = (self.base + ids.permute(2, 0, 1, 3).clamp(0, s.n_k - 1)).flatten()
+            ks, vs = (
+                torch.index_select(src, 0, flat, out=self._workspace(name, flat.numel()))
+                for name, src in (("k", self.kflat), ("v", self.vflat))
+            )
+            ks, vs = ks.view(ng * s.b, s.hr, -1, s.d), vs.view(ng * s.b, s.hr, -1, s.d)
+        bias = empty = None
+        if any(blocks.needs_mask(n0, n1) for blocks in lists):
+            parts = [self._allowed_keys(blocks, n0, n1) for blocks in lists]
+            rows = max(p.shape[3] for p in parts)
+            allowed = torch.cat([p.expand(ng, s.b, s.hr, rows, p.shape[4]) for p in parts], -1)
+            bias = torch.where(allowed, 0.0, float("-inf")).flatten(0, 1)
+            empty = ~allowed.any(-1)  # [ng, B, Hr, R or 1]
+        o, lse = _attend(self.qb[n0:n1].flatten(0, 1), ks, vs, bias, self.scale, self.softcap)
+        return self._tiles(o, lse, empty, ng)
+
+    def _allowed_keys(self, blocks: _Blocks, n0: int, n1: int) -> Tensor:
+        """bool [ng, B or 1, Hr, R or 1, L]: the keys of ``blocks``' first ``c`` slots (c = the largest
+        count) that query blocks [n0, n1) may attend to."""
+        s, dev, bk = self.s, self.dev, self.s.block_k
+        c = max(blocks.counts[n0:n1])
+        ids = blocks.idx[:, :, n0:n1, :c].permute(2, 0, 1, 3)  # [ng, Bm, Hr, c]
+        if not blocks.needs_mask(n0, n1):
+            return torch.ones(*ids.shape[:3], 1, c * bk, dtype=torch.bool, device=dev)
+        pos = (ids[..., None] * bk + torch.arange(bk, device=dev)).flatten(-2)  # [ng, Bm, Hr, L]
+        allowed = blocks.slot_ok[:, :, n0:n1, :c].permute(2, 0, 1, 3).repeat_interleave(bk, -1)
+        allowed = allowed & (pos < s.kv_len)
+        if self.key_ok is not None:
+            allowed = allowed & self.key_ok[torch.arange(s.b, device=dev)[None, :, None, None], pos]
+        allowed = allowed[..., None, :]
+        if blocks.elementwise:
+            dist = self.pos_q[n0:n1, None, None, :, None] - pos[..., None, :]
+            allowed = allowed & (dist >= 0)
+            if self.window is not None:
+                allowed = allowed & (dist < self.window)
+        return allowed
+
+    def _workspace(self, name: str, n_blocks: int) -> Tensor:
+        """[n_blocks, block_k, D] fp32 reused by every gather of this call: a fresh large tensor per
+        call would cost more in first-touch page faults than the copy into it."""
+        if name not in self.buffers or self.buffers[name].shape[0] < n_blocks:
+            self.buffers[name] = torch.empty(n_blocks, self.s.block_k, self.s.d, device=self.dev)
+        return self.buffers[name][:n_blocks]
+
+
 def gather_attention(
     q: Tensor,
     k: Tensor,
@@ -247,210 +625,27 @@ def gather_attention(
     sliding_window: int | None = None,
     key_padding_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Inputs validated by the dispatcher: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], mask batch 1 or B,
-    heads 1, Hkv or Hq. Returns (out [B, Hq, Tq, D] in q.dtype, lse [B, Hq, Tq] fp32)."""
-    b, hq, q_len, d = q.shape
-    hkv, kv_len = k.shape[1], k.shape[2]
-    g = hq // hkv
-    bq, bk = block_mask.block_q, block_mask.block_k
-    n_q, n_k = block_mask.num_q_blocks, block_mask.num_kv_blocks
-    hm = block_mask.kv_num_blocks.shape[1]
-    dev = q.device
-    per_q_head = hm == hq and g > 1
-    hr = hq if per_q_head else hkv  # "row heads": heads whose queries share one gather
-    r = bq if per_q_head else g * bq  # rows of one query tile
-    mask_head = torch.arange(hr, device=dev) if hm == hr else torch.zeros(hr, dtype=torch.long, device=dev)
-    kv_head = torch.arange(hr, device=dev) // (g if per_q_head else 1)
-    op = _fused_op(dev, softcap)
-    no_padding = key_padding_mask is None or bool(key_padding_mask.all())
-    prefix = 0
-    if causal and sliding_window is None and no_padding and op is not None:
-        prefix = _dense_prefix(block_mask)
-        if prefix == n_q:
-            return _causal_attention(q, k, v, scale, op)
+    """Block-sparse attention over the blocks of ``block_mask``: plan the calls, then run them.
 
-    # Query tiles [nQ, B, Hr, R, D], fp32, padded to whole blocks. A group's tile stacks its rows as
-    # (position, head) pairs, the order of HF's [B, T, Hq, D] layout: a view of the queries when
-    # Hkv = 1 and, below, the output is written in that layout too (no transposing copies).
-    qr = _padded_rows(q, n_q * bq)  # [B, Hq, nQ * bq, D] over [B, nQ * bq, Hq, D] memory
-    if per_q_head:
-        qb = qr.unflatten(2, (n_q, bq)).permute(2, 0, 1, 3, 4)
-        row_pos = torch.arange(r, device=dev)
-    else:
-        qb = qr.unflatten(1, (hkv, g)).unflatten(3, (n_q, bq)).permute(3, 0, 1, 4, 2, 5)
-        qb = qb.reshape(n_q, b, hr, r, d)
-        row_pos = torch.arange(r, device=dev) // g
-    pos_q = row_pos + torch.arange(n_q, device=dev)[:, None] * bq + kv_len - q_len  # [nQ, R]
-    # K/V fp32, padded to whole blocks: [B, Hkv, nK * bk, D] for run views, flat blocks for gathers.
-    pad = n_k * bk - kv_len
-    k4, v4 = _padded(k, kv_len, n_k * bk), _padded(v, kv_len, n_k * bk)
-    kflat, vflat = k4.view(b * hkv * n_k, bk, d), v4.view(b * hkv * n_k, bk, d)
-    key_ok = None if no_padding else F.pad(key_padding_mask, (0, pad))
-    base = (torch.arange(b, device=dev)[:, None, None] * hkv + kv_head[:, None]) * n_k  # [B, Hr, 1]
-    bi = torch.arange(b, device=dev)[None, :, None, None]
-
-    buffers: dict[str, Tensor] = {}
-
-    def workspace(name: str, n_blocks: int) -> Tensor:
-        """[n_blocks, bk, d] fp32 reused by every gather of this call: a fresh large tensor per
-        segment would cost more in first-touch page faults than the copy into it."""
-        if name not in buffers or buffers[name].shape[0] < n_blocks:
-            buffers[name] = torch.empty(n_blocks, bk, d, device=dev)
-        return buffers[name][:n_blocks]
-
-    def block_list(num: Tensor, idx: Tensor, elementwise: bool) -> _Blocks:
-        num, idx = num[:, mask_head], idx[:, mask_head].long()
-        return _block_list(num, idx, n_k, pad > 0, key_ok is not None, elementwise, not per_q_head)
-
-    full = block_list(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, False)
-    part = block_list(block_mask.kv_num_blocks, block_mask.kv_indices, causal)
-
-    def needs(blocks: _Blocks, n0: int, n1: int) -> bool:
-        """A key mask is needed for the segment: some row needs one, or rows are padded to the max."""
-        counts = blocks.counts[n0:n1]
-        return any(blocks.needs[n0:n1]) or min(counts) != max(counts)
-
-    def allowed_keys(blocks: _Blocks, n0: int, n1: int) -> Tensor:
-        """bool [ng, B', Hr, R or 1, L] for the segment's keys from ``blocks``."""
-        c = max(blocks.counts[n0:n1])
-        ids = blocks.idx[:, :, n0:n1, :c].permute(2, 0, 1, 3)  # [ng, Bm, Hr, c]
-        if not needs(blocks, n0, n1):
-            return torch.ones(*ids.shape[:3], 1, c * bk, dtype=torch.bool, device=dev)
-        pos = (ids[..., None] * bk + torch.arange(bk, device=dev)).flatten(-2)  # [ng, Bm, Hr, L]
-        allowed = blocks.slot_ok[:, :, n0:n1, :c].permute(2, 0, 1, 3).repeat_interleave(bk, -1)
-        allowed = allowed & (pos < kv_len)
-        if key_ok is not None:
-            allowed = allowed & key_ok[bi, pos]
-        allowed = allowed[..., None, :]
-        if blocks.elementwise:
-            dist = pos_q[n0:n1, None, None, :, None] - pos[..., None, :]
-            allowed = allowed & (dist >= 0)
-            if sliding_window is not None:
-                allowed = allowed & (dist < sliding_window)
-        return allowed
-
-    def as_tiles(o: Tensor, lse: Tensor, empty: Tensor | None, ng: int) -> tuple[Tensor, Tensor]:
-        """A call's (out [ng * B, Hr, R, D], lse) as output tiles [ng, B, Hkv, bq, G(, D)] (views), rows
-        without an allowed key set to out = 0, lse = -inf (the fused op leaves lse = 0 there)."""
-        o, lse = o.reshape(ng, b, hr, r, d), lse.reshape(ng, b, hr, r)
-        if empty is not None and bool(empty.any()):
-            o, lse = o.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("-inf"))
-        if per_q_head:  # rows are one query head's positions
-            return o.unflatten(2, (hkv, g)).transpose(3, 4), lse.unflatten(2, (hkv, g)).transpose(3, 4)
-        return o.unflatten(3, (bq, g)), lse.unflatten(3, (bq, g))  # rows are (position, head) pairs
-
-    def view_attend(start: int, count: int, stride: int, n0: int, n1: int) -> tuple[Tensor, Tensor]:
-        """One call for query blocks [n0, n1) over key blocks [start + i * stride, + count) (i = n - n0):
-        K/V are a strided view, no copy. The mask is the causal/window rule on positions (a no-op on
-        full blocks), built once when every query block sees the same relative pattern."""
-        ng, length = n1 - n0, count * bk
-        shape, strides = (ng, b * hkv, length, d), (stride * bk * d, n_k * bk * d, d, 1)
-        ks, vs = (t.as_strided(shape, strides, t.storage_offset() + start * bk * d) for t in (k4, v4))
-        kpos = (start + torch.arange(ng, device=dev)[:, None] * stride) * bk + torch.arange(
-            length, device=dev
-        )
-        qpos = pos_q[n0 : n0 + 1 if stride * bk == bq else n1]  # [ng' = 1 or ng, R]
-        dist = qpos[:, :, None] - kpos[: qpos.shape[0], None, :]
-        allowed = dist >= 0  # [ng', R, L]; also drops the Tk tail (keys past every real query)
-        if sliding_window is not None:
-            allowed &= dist < sliding_window
-        allowed = allowed[:, None, None]  # [ng', 1, 1, R, L]
-        if key_ok is not None:
-            allowed = allowed & key_ok[:, kpos].transpose(0, 1)[:, :, None, None, :]  # [ng, B, 1, R, L]
-        bias = empty = None
-        if not bool(allowed.all()):  # additive mask in its final dtype, broadcast over ng and heads
-            bias = torch.zeros(allowed.shape, device=dev).masked_fill_(~allowed, float("-inf"))
-            bias = bias.expand(-1, -1, hr, -1, -1).flatten(1, 2) if bias.shape[1] > 1 else bias[:, 0]
-            empty = ~allowed.any(-1)  # [ng', B', 1, R]
-        o, lse = _attend(qb[n0:n1].reshape(ng, b * hr, r, d), ks, vs, bias, scale, softcap)
-        return as_tiles(o, lse, empty, ng)
-
-    def attend(lists: list[_Blocks], n0: int, n1: int) -> tuple[Tensor, Tensor]:
-        """One call over the keys of ``lists`` for query blocks [n0, n1): (out, lse) as tiles."""
-        ng, counts = n1 - n0, [max(blocks.counts[n0:n1]) for blocks in lists]
-        starts = [blocks.starts[n0] for blocks in lists]
-        contiguous = all(s >= 0 for s in starts) and all(
-            a + c == s for a, c, s in zip(starts, counts, starts[1:], strict=False)
-        )
-        if ng == 1 and contiguous:  # one run of blocks shared by every row: a view, no copy
-            ks, vs = (t[:, :, starts[0] * bk : (starts[0] + sum(counts)) * bk] for t in (k4, v4))
-        else:  # [ng, B, Hr, c] block ids -> one index_select for the whole segment
-            ids = torch.cat([bl.idx[:, :, n0:n1, :c] for bl, c in zip(lists, counts, strict=True)], -1)
-            # slots past a row's count are masked below; clamp them to a valid block for the gather
-            flat = (base + ids.permute(2, 0, 1, 3).clamp(0, n_k - 1)).flatten()
-            ks, vs = (
-                torch.index_select(src, 0, flat, out=workspace(name, flat.numel())).view(ng * b, hr, -1, d)
-                for name, src in (("k", kflat), ("v", vflat))
-            )
-        bias = empty = None
-        if any(needs(blocks, n0, n1) for blocks in lists):  # one additive mask: [ng * B, Hr, R or 1, L]
-            parts = [allowed_keys(blocks, n0, n1) for blocks in lists]
-            rows = max(p.shape[3] for p in parts)
-            allowed = torch.cat([p.expand(ng, b, hr, rows, p.shape[4]) for p in parts], -1)
-            bias = torch.where(allowed, 0.0, float("-inf")).flatten(0, 1)
-            empty = ~allowed.any(-1)  # [ng, B, Hr, R or 1]
-        o, lse = _attend(qb[n0:n1].flatten(0, 1), ks, vs, bias, scale, softcap)
-        return as_tiles(o, lse, empty, ng)
-
-    # Query blocks whose selected blocks are one or two contiguous runs moving by a fixed stride
-    # (windows, sink + local) take K/V as views: one call per run, the second merged by LSE at the end.
-    main: list = []
-    extra: list = []
-    alone = [True] * n_q
-    if prefix > 1:  # leading dense rows: one causal call instead of one call per growing count
-        rows = prefix * bq
-        o, o_lse = _causal_attention(
-            q[:, :, :rows], k[:, :, : kv_len - q_len + rows], v[:, :, : kv_len - q_len + rows], scale, op
-        )
-        o = o.float().unflatten(1, (hkv, g)).unflatten(3, (prefix, bq)).permute(3, 0, 1, 4, 2, 5)
-        o_lse = o_lse.unflatten(1, (hkv, g)).unflatten(3, (prefix, bq)).permute(3, 0, 1, 4, 2)
-        main.append((0, prefix, o, o_lse))  # tiles [prefix, B, Hkv, bq, G(, D)] like every piece
-        alone[:prefix] = [False] * prefix
-    if causal and not per_q_head and bq % bk == 0:
-        runs = _selected_runs(full, part, n_k)
-        runs[:prefix] = [None] * prefix
-        for n0, n1, strides in _strided_segments(runs, bq // bk, _MAX_SCORE_ELEMENTS // (b * r * bk)):
-            if n1 - n0 < 2:  # a lone block is left to the gathers, which batch equal counts
-                continue
-            for pieces, (start, count), stride in zip((main, extra), runs[n0], strides, strict=False):
-                pieces.append((n0, n1, *view_attend(start, count, stride, n0, n1)))
-            alone[n0:n1] = [False] * (n1 - n0)
-    # A long run of query blocks with few keys shares one call for its full + partial blocks; the
-    # rest run full and partial blocks apart, each in runs of equal counts, merged once at the end.
-    cost = b * hr * bk * (2 * d + r)
-    limit = max(1, _SHARED_CALL_KEYS_PER_DIM * d // bk)
-    facts = zip(alone, full.counts, part.counts, full.needs, part.needs, strict=True)
-    both = [
-        (f, p, nf, np) if todo and 0 < f and 0 < p and f + p <= limit else None
-        for todo, f, p, nf, np in facts
-    ]
-    sizes = [(f + p) * cost for f, p in zip(full.counts, part.counts, strict=True)]
-    shared = [(n0, n1) for n0, n1 in _runs(both, sizes) if n1 - n0 > 1]
-    for n0, n1 in shared:
-        alone[n0:n1] = [False] * (n1 - n0)
-    main += [(n0, n1, *attend([full, part], n0, n1)) for n0, n1 in shared]
-    for blocks, pieces in ((full, main), (part, extra)):
-        keys = [c if c and alone[n] else None for n, c in enumerate(blocks.counts)]
-        sizes = [c * cost for c in blocks.counts]
-        pieces += [(n0, n1, *attend([blocks], n0, n1)) for n0, n1 in _runs(keys, sizes, _PAD_RATIO)]
-    # Pieces (tiles [ng, B, Hkv, bq, G, D]) land straight in the output's memory, HF's layout
-    # [B, nQ * bq, Hq, D] seen as tiles; the extra pieces merge in by LSE.
-    out = torch.empty(b, n_q * bq, hq, d, device=dev)
-    lse = torch.empty(b, n_q * bq, hq, device=dev)
-    acc = out.view(b, n_q, bq, hkv, g, d).permute(1, 0, 3, 2, 4, 5)
-    acc_lse = lse.view(b, n_q, bq, hkv, g).permute(1, 0, 3, 2, 4)
-    done = [False] * n_q
-    for n0, n1, o, o_lse in main:
-        acc[n0:n1].copy_(o)
-        acc_lse[n0:n1].copy_(o_lse)
-        done[n0:n1] = [True] * (n1 - n0)
-    for n in (n for n, ok in enumerate(done) if not ok):  # no key at all
-        acc[n].zero_()
-        acc_lse[n].fill_(float("-inf"))
-    for n0, n1, o, o_lse in extra:
-        o, o_lse = merge_attention(acc[n0:n1], acc_lse[n0:n1], o, o_lse)
-        acc[n0:n1].copy_(o)
-        acc_lse[n0:n1].copy_(o_lse)
-    # [B, Hq, Tq, D] views of [B, T, Hq, D] memory: HF's attention functions return that layout
-    out = out.transpose(1, 2)[:, :, :q_len].to(q.dtype)
-    return out, lse.transpose(1, 2)[:, :, :q_len].contiguous()
+    Inputs are validated by the dispatcher (``kernels.block_sparse_attention``, which documents the
+    semantics): q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] of one float dtype, any strides; ``block_mask``
+    for Tq x Tk with batch 1 or B and heads 1, Hkv or Hq; ``key_padding_mask`` None or bool [B, Tk]
+    (True = a real key). Returns (out [B, Hq, Tq, D] in q.dtype, a view of [B, Tq, Hq, D] memory;
+    lse [B, Hq, Tq] fp32, -inf with out = 0 for rows without an allowed key).
+    """
+    shapes = Shapes.of(q, k, block_mask)
+    op = _fused_op(q.device, softcap)
+    padding = key_padding_mask is not None and not bool(key_padding_mask.all())
+    plan = plan_gather(
+        block_mask,
+        shapes,
+        causal=causal,
+        sliding_window=sliding_window,
+        padding=padding,
+        fused=op is not None,
+    )
+    if plan.causal_blocks == shapes.n_q:
+        return _causal_attention(q, k, v, scale, op)
+    key_ok = F.pad(key_padding_mask, (0, shapes.n_k * shapes.block_k - shapes.kv_len)) if padding else None
+    run = _Executor(plan, q, k, v, key_ok, op, scale=scale, softcap=softcap, sliding_window=sliding_window)
+    return run.run()
