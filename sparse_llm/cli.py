@@ -205,7 +205,12 @@ def _cmd_models(args) -> int:
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from sparse_llm.models import list_models
 
-    parser = _Parser(prog="sparse-llm", description=__doc__.split("\n")[0])
+    parser = _Parser(
+        prog="sparse-llm",
+        description="Training-free sparse attention for Hugging Face causal LMs: a demo, benchmarks and "
+        "evaluations. `sparse-llm <command> --help` shows a command's flags and defaults; the reference is "
+        "docs/cli.md.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"%(prog)s {sparse_llm.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -222,16 +222,10 @@ CASES = [
 
 @pytest.mark.parametrize("argv, match", CASES)
 def test_bad_argument_exits_2_with_one_line(argv, match, paths, no_work, capsys, monkeypatch):
-    if HAS_LM_EVAL:  # lm-eval would index its own ~15k tasks first (seconds); the cases need only local ones
-        import lm_eval.tasks
+    if HAS_LM_EVAL:  # the cases need only local tasks
+        from test_lm_eval_plugin import local_tasks_only_and_quiet
 
-        class LocalTaskManager(lm_eval.tasks.TaskManager):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **{**kwargs, "include_defaults": False})
-
-        monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTaskManager)
-        # lm-eval binds its log handler to the sys.stderr of its first run: here another test's capture
-        monkeypatch.setattr("lm_eval.__main__.setup_logging", lambda *args, **kwargs: None)
+        local_tasks_only_and_quiet(monkeypatch)
     try:
         code = cli.main([token.replace("{tmp}", str(paths)) for token in argv])
     except SystemExit as exit_:  # argparse's own errors

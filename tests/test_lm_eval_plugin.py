@@ -41,12 +41,17 @@ CHAT_TEMPLATE = (
 )
 
 
-class LocalTaskManager(TaskManager):
-    """lm-eval's TaskManager without indexing lm-eval's own ~15k tasks (seconds per run): the tests
-    use only local task folders, and the command line has no flag for it."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **{**kwargs, "include_defaults": False})
+def local_tasks_only_and_quiet(monkeypatch) -> None:
+    """lm-eval's command line as the tests run it: its TaskManager skips indexing lm-eval's own ~15k
+    tasks (seconds per run; the tests use only local task folders, and the command line has no flag
+    for it), and it leaves logging alone (lm-eval binds its handler to the sys.stderr of its first
+    run, which pytest closes after that test). The class itself is patched: lm-eval modules bind the
+    name at import."""
+    init = TaskManager.__init__
+    monkeypatch.setattr(
+        TaskManager, "__init__", lambda self, *a, **k: init(self, *a, **{**k, "include_defaults": False})
+    )
+    monkeypatch.setattr("lm_eval.__main__.setup_logging", lambda *args, **kwargs: None)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -122,7 +127,7 @@ def datasets_cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def local_tasks_only(monkeypatch):
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTaskManager)  # read by lm-eval's CLI at run time
+    local_tasks_only_and_quiet(monkeypatch)
 
 
 @pytest.fixture
@@ -418,15 +423,12 @@ _RANK_SCRIPT = """
 import json, os, sys
 import torch
 torch.set_num_threads(1)
-import lm_eval.tasks
+from lm_eval.tasks import TaskManager
 from sparse_llm import cli
 from sparse_llm.eval import lm_eval_plugin as plugin
 
-class LocalTaskManager(lm_eval.tasks.TaskManager):  # as in the test module: local task folders only
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **{**kwargs, "include_defaults": False})
-
-lm_eval.tasks.TaskManager = LocalTaskManager
+init = TaskManager.__init__  # as in the test module: local task folders only
+TaskManager.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "include_defaults": False})
 calls = []
 model_call = plugin.SparseLLM._model_call
 plugin.SparseLLM._model_call = lambda self, *a, **k: calls.append(1) or model_call(self, *a, **k)
