@@ -4,7 +4,7 @@ Importing this package has no side effects: nothing is registered with transform
 :func:`sparsify` is called.
 """
 
-from sparse_llm.api import active_method, attention_stats, sparse_attention, sparsify, unsparsify
+from sparse_llm.api import active_method, attention_stats, prefill, sparse_attention, sparsify, unsparsify
 from sparse_llm.backends import SparseMethod, get_method, list_methods, register_method
 
 __version__ = "0.1.0"
@@ -15,6 +15,7 @@ __all__ = [
     "attention_stats",
     "get_method",
     "list_methods",
+    "prefill",
     "register_method",
     "sparse_attention",
     "sparsify",

@@ -35,6 +35,12 @@ class LayerCall:
 
     ``key_padding_mask`` is ``[B, Tk]`` bool (True = real token) or None; ``sliding_window`` is the
     layer's own window (Gemma local layers) or None; ``softcap`` the logit soft-cap or None.
+
+    Queries are the last Tq of the Tk key positions (bottom-right), whether the call is a whole
+    prompt (Tq = Tk), one chunk of a chunked prefill (1 < Tq < Tk, the keys before it from the cache)
+    or a decode step (Tq = 1). ``prompt_continues`` is True when the caller said more prompt tokens
+    follow this call (every chunk but the last of :func:`sparse_llm.prefill`); what belongs to the
+    end of the prompt (the dense tail) is then left out.
     """
 
     layer_idx: int
@@ -42,6 +48,7 @@ class LayerCall:
     softcap: float | None = None
     sliding_window: int | None = None
     key_padding_mask: torch.Tensor | None = None
+    prompt_continues: bool = False
 
 
 @dataclass
@@ -50,7 +57,8 @@ class SparseMethod:
 
     Args:
         block_size: query and key block size of the kernel (power of two).
-        min_seq_len: prefills with fewer query tokens than this run dense.
+        min_seq_len: prefill calls whose context (keys, a chunk's cached ones included) is shorter
+            than this run dense.
         dense_layers: layer indices that always run dense.
         decode: ``"dense"`` (default) runs single-token decode steps at full density;
             ``"sparse"`` applies the method's selection to them too.
@@ -141,6 +149,13 @@ class BudgetedMethod(SparseMethod):
     (:meth:`forced_blocks`) and count towards the budget. The last ``dense_tail_blocks`` query
     blocks (the question at the end of a prompt) attend every causal key; those rows are part of the
     mask, so the density that :func:`sparse_llm.attention_stats` reports counts them.
+
+    Chunked prefill: sinks, windows and budgets are placed at each query block's absolute position,
+    so a chunk whose start is a multiple of ``block_size`` keeps the whole prompt's block grid. The
+    dense tail belongs to the end of the prompt: only a call that may end it gets one. A call marked
+    ``prompt_continues`` (the chunks :func:`sparse_llm.prefill` knows are not the last) has none; a
+    plain forward cannot be told apart from the last chunk, so under ``generate(...,
+    prefill_chunk_size=N)`` every chunk's last blocks are dense (the reported density counts them).
     """
 
     exact_params: ClassVar[dict | None] = {"budget": WHOLE_PROMPT}  # every reachable block is kept
@@ -177,7 +192,12 @@ class BudgetedMethod(SparseMethod):
 
         A budget at or above the context is clamped to it (every block is kept: exact attention), with
         one logged warning per method object, since the user probably meant a sparser setting."""
-        if self.budget >= k.shape[2] and q.shape[2] > 1 and not self.__dict__.get("_warned_budget"):
+        if (
+            self.budget >= k.shape[2]
+            and q.shape[2] > 1
+            and not call.prompt_continues  # an early chunk sees a short context, the prompt may not
+            and not self.__dict__.get("_warned_budget")
+        ):
             self.__dict__["_warned_budget"] = True
             logger.warning(
                 "%s: budget %d >= context length %d, so every key is kept (exact attention); "
@@ -204,8 +224,8 @@ class BudgetedMethod(SparseMethod):
         self, selected: torch.Tensor, q: torch.Tensor, k: torch.Tensor, call: LayerCall
     ) -> BlockMask:
         """The BlockMask of a bool ``[B, H, nQ, nK]`` selection (H = 1, Hkv or Hq) with the dense tail
-        rows added; blocks the causal geometry masks are dropped."""
-        if self.dense_tail_blocks:
+        rows added (unless ``call.prompt_continues``); blocks the causal geometry masks are dropped."""
+        if self.dense_tail_blocks and not call.prompt_continues:
             real = key_blocks_with_real_keys(call.key_padding_mask, k.shape[2], self.block_size)
             if real is None:
                 selected = selected.clone()

@@ -5,19 +5,27 @@ Integration is through ``transformers.AttentionInterface`` and ``AttentionMaskIn
 padding-mask function, then switches the model with ``set_attn_implementation``; ``uninstall``
 switches back to the remembered implementation and drops both registrations. Nothing is stored on
 the model's modules and no forward is rebound.
+
+Chunked prefill (a prompt fed through the cache in pieces: Tq < Tk) needs nothing from the model:
+each call's queries are the last Tq of its Tk keys. Per layer, the patch keeps a count of the blocks
+each prefill call computed, from the call without cached keys (or the first one after decode steps)
+on, for :func:`sparse_llm.attention_stats`'s per-chunk and total density.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from sparse_llm.backends.base import LayerCall, SparseMethod, get_method
 from sparse_llm.kernels import BlockMask, forward_only
+from sparse_llm.kernels.block_mask import block_geometry
 from sparse_llm.patches import compat
 from sparse_llm.patches.families import family_of
 
@@ -27,12 +35,53 @@ _ACTIVE: weakref.WeakKeyDictionary[torch.nn.Module, _Patch] = weakref.WeakKeyDic
 _NAMES = itertools.count()
 
 
+@dataclass(frozen=True)
+class ChunkCount:
+    """One prefill call of one layer: its queries' first absolute position and number, the blocks it
+    computed (a 0-dim int tensor, read only when reported) and the reachable ones over all rows."""
+
+    start: int
+    length: int
+    selected: torch.Tensor
+    reachable: int
+    sparse: bool
+
+
 @dataclass
 class _Patch:
     name: str
     previous: str
     method: SparseMethod
     last_masks: dict[int, tuple[BlockMask, bool]] = field(default_factory=dict)  # layer -> (mask, sparse?)
+    prefill: dict[int, list[ChunkCount]] = field(default_factory=dict)  # layer -> the current prompt's calls
+    decoded: set[int] = field(default_factory=set)  # layers with a decode step since their last prefill call
+    prompt_continues: bool = False  # set by more_prompt_follows
+
+
+def _count(mask: BlockMask, sparse: bool) -> ChunkCount:
+    reach = block_geometry(
+        q_len=mask.q_len,
+        kv_len=mask.kv_len,
+        block_q=mask.block_q,
+        block_k=mask.block_k,
+        causal=mask.is_causal,
+        sliding_window=mask.sliding_window,
+    )[0]
+    rows = mask.kv_num_blocks.shape[0] * mask.kv_num_blocks.shape[1]
+    selected = mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum()
+    return ChunkCount(mask.kv_len - mask.q_len, mask.q_len, selected, rows * int(reach.sum()), sparse)
+
+
+def _record(patch: _Patch, layer_idx: int, mask: BlockMask, sparse: bool) -> None:
+    patch.last_masks[layer_idx] = (mask, sparse)
+    if mask.q_len == 1:
+        patch.decoded.add(layer_idx)
+        return
+    calls = patch.prefill.setdefault(layer_idx, [])
+    if mask.q_len == mask.kv_len or layer_idx in patch.decoded:  # a new prompt (or turn) starts here
+        calls.clear()
+        patch.decoded.discard(layer_idx)
+    calls.append(_count(mask, sparse))
 
 
 def _make_attention_function(patch: _Patch):
@@ -53,15 +102,17 @@ def _make_attention_function(patch: _Patch):
             softcap=kwargs.get("softcap"),
             sliding_window=kwargs.get("sliding_window"),
             key_padding_mask=compat.key_padding_mask(attention_mask, key.shape[2]),
+            prompt_continues=patch.prompt_continues and query.shape[2] > 1,
         )
         q_len = query.shape[2]
         # Local (sliding-window) layers stay exact with their own window: the kernel already skips
-        # every block outside it. Methods sparsify the global layers only.
+        # every block outside it. Methods sparsify the global layers only. min_seq_len looks at the
+        # context (keys), so that the chunks of a long prompt are sparse like the whole prompt.
         stay_dense = (
             call.sliding_window is not None
             or layer_idx in method.dense_layers
             or (q_len == 1 and method.decode == "dense")
-            or (q_len > 1 and q_len < method.min_seq_len)
+            or (q_len > 1 and key.shape[2] < method.min_seq_len)
         )
         masks = []
 
@@ -71,8 +122,7 @@ def _make_attention_function(patch: _Patch):
             return out
 
         out = forward_only(attend, query, key, value)
-        mask = masks[0]
-        patch.last_masks[layer_idx] = (mask, not stay_dense)
+        _record(patch, layer_idx, masks[0], not stay_dense)
         return out.transpose(1, 2).contiguous(), None
 
     return attention
@@ -124,3 +174,25 @@ def last_masks(model: torch.nn.Module) -> dict[int, tuple[BlockMask, bool]]:
     """Per layer, the BlockMask of the most recent forward and whether the method (not dense) chose it."""
     patch = _ACTIVE.get(model)
     return {} if patch is None else dict(patch.last_masks)
+
+
+def prefill_counts(model: torch.nn.Module) -> dict[int, list[ChunkCount]]:
+    """Per layer, the block counts of each call of the most recent prefill (one per chunk)."""
+    patch = _ACTIVE.get(model)
+    return {} if patch is None else {idx: list(calls) for idx, calls in patch.prefill.items()}
+
+
+@contextlib.contextmanager
+def more_prompt_follows(model: torch.nn.Module) -> Iterator[None]:
+    """Mark the forwards inside the block as prompt chunks that more prompt tokens follow, so that
+    methods leave out what belongs to the prompt's end (``LayerCall.prompt_continues``). A no-op on
+    a model that is not sparsified."""
+    patch = _ACTIVE.get(model)
+    if patch is None:
+        yield
+        return
+    patch.prompt_continues = True
+    try:
+        yield
+    finally:
+        patch.prompt_continues = False
