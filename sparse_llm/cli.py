@@ -174,6 +174,7 @@ def _cmd_bench(args) -> int:
         device=args.device,
         dtype=args.dtype,
         method_params=args.method_params,
+        prefill_chunks=args.prefill_chunk,
     )
     report = run_bench(config, out=args.out, progress=not args.quiet)
     print(markdown(report["results"]))
@@ -267,6 +268,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         type=_json_object,
         default={},
         help='JSON per method, e.g. \'{"streaming": {"local_tokens": 512}}\'',
+    )
+    bench.add_argument(
+        "--prefill-chunk",
+        type=_lengths,
+        default=(0,),
+        help="prefill: tokens per forward through the KV cache, e.g. 2k; a list (0,2k) runs each; "
+        "0 = the whole prompt in one forward",
     )
     bench.add_argument("--out", default=None, help="write the JSON report here (and a PNG plot beside it)")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")

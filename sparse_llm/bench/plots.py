@@ -37,9 +37,13 @@ def plot_prefill(report_path: str | Path) -> Path:
     rows = report["results"]
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["length"])
-        left.plot([r["length"] for r in mine], [r["median_s"] for r in mine], "o-", label=method)
+    for method, chunk in dict.fromkeys((r["method"], r.get("prefill_chunk")) for r in rows):
+        mine = sorted(
+            (r for r in rows if (r["method"], r.get("prefill_chunk")) == (method, chunk)),
+            key=lambda r: r["length"],
+        )
+        label = method if chunk is None else f"{method} (chunks of {chunk})"
+        left.plot([r["length"] for r in mine], [r["median_s"] for r in mine], "o-", label=label)
     left.set(
         xscale="log",
         yscale="log",
@@ -54,10 +58,15 @@ def plot_prefill(report_path: str | Path) -> Path:
     def layer_s(r):
         return r["selection_s"] + r["sparse_attention_s"] if r.get("selection_s") is not None else None
 
-    dense = {r["length"]: layer_s(r) for r in rows if r["method"] == "dense" and layer_s(r)}
-    sparse = [r for r in rows if r["method"] != "dense" and layer_s(r) and r["length"] in dense]
+    def cell(r):
+        return r["length"], r.get("prefill_chunk")
+
+    dense = {cell(r): layer_s(r) for r in rows if r["method"] == "dense" and layer_s(r)}
+    sparse = [r for r in rows if r["method"] != "dense" and layer_s(r) and cell(r) in dense]
     for r in sparse:
-        right.scatter(r["density"], dense[r["length"]] / layer_s(r), label=f"{r['method']} @ {r['length']}")
+        chunk = "" if r.get("prefill_chunk") is None else f"/{r['prefill_chunk']}"
+        label = f"{r['method']} @ {r['length']}{chunk}"
+        right.scatter(r["density"], dense[cell(r)] / layer_s(r), label=label)
     _ideal_line(right, [r["density"] for r in sparse] or [0.1])
     right.set(
         xlabel="attention density (sparse layers)",

@@ -3,7 +3,8 @@
 Baselines beside the registered methods: ``sdpa`` and ``eager`` (Hugging Face's own attention) and
 ``floor``: the same forward with attention replaced by a zero-cost stub, so ``sdpa / floor`` is the
 Amdahl bound on any attention speedup. Prefill uses ``logits_to_keep=1`` so that full-vocabulary
-logits do not dominate time and memory.
+logits do not dominate time and memory. With ``prefill_chunk`` the prompt goes through the model's
+KV cache that many tokens at a time (:func:`sparse_llm.prefill`), timed and measured the same way.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class PrefillResult:
     device: str
     selection_s: float | None = None  # one extra run: the method's block selection, summed over layers
     sparse_attention_s: float | None = None  # ... and the rest of its attention calls (kernel, far field)
+    prefill_chunk: int | None = None  # tokens per forward through the cache; None = the whole prompt
+    chunk_densities: list[float] | None = None  # a sparse method's density per chunk (chunked runs)
     median_s: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -103,38 +106,48 @@ def bench_prefill(
     repeats: int = 3,
     warmup_tokens: int = 256,
     split: bool = True,
+    prefill_chunk: int | None = None,
 ) -> PrefillResult:
     """Median prefill time over ``repeats`` runs and the peak memory of the first timed run.
 
     A warm-up forward on the first ``warmup_tokens`` tokens runs first and is not timed. The device
     is synchronized before and after each timed call. ``split``: for a sparse method, one more
-    (untimed) prefill splits its attention time into selection and the rest.
+    (untimed) prefill splits its attention time into selection and the rest. ``prefill_chunk``:
+    tokens per forward through the KV cache (None: the whole prompt in one forward); the density is
+    then the whole prompt's (``attention_stats(model)["prefill"]``), with each chunk's beside it.
     """
     params = dict(params or {})
     device = input_ids.device
     times = []
     peak = 0
-    density = None
+    density = chunk_densities = None
+
+    def run():
+        return sparse_llm.prefill(model, input_ids, prefill_chunk)
+
     with torch.no_grad(), _attention(model, method, params):
         model(input_ids[:, :warmup_tokens], logits_to_keep=1)
         for i in range(repeats):
             synchronize(device)
             start = time.perf_counter()
             if i == 0:
-                _, peak = measure_peak(lambda: model(input_ids, logits_to_keep=1), device)
+                _, peak = measure_peak(run, device)
             else:
-                model(input_ids, logits_to_keep=1)
+                run()
             synchronize(device)
             times.append(time.perf_counter() - start)
         selection = sparse_s = None
         sparse = method not in HF_BASELINES and method != FLOOR
         if sparse:
-            density = sparse_llm.attention_stats(model)["density"]
+            stats = sparse_llm.attention_stats(model)["prefill"]
+            density = stats["density"]
+            if prefill_chunk is not None:
+                chunk_densities = [c["density"] for c in stats["chunks"]]
         if sparse and split:
             # An extra, separately synchronized run splits the sparse layers' time (not in the median).
             totals = {"block_mask": 0.0, "attend": 0.0}
             with _timed_calls(sparse_llm.active_method(model), device, totals):
-                model(input_ids, logits_to_keep=1)
+                run()
             selection, sparse_s = totals["block_mask"], totals["attend"] - totals["block_mask"]
     return PrefillResult(
         method=method,
@@ -146,4 +159,6 @@ def bench_prefill(
         device=str(device),
         selection_s=selection,
         sparse_attention_s=sparse_s,
+        prefill_chunk=prefill_chunk,
+        chunk_densities=chunk_densities,
     )

@@ -7,6 +7,10 @@ a machine whose speed drifts over the minutes of a run (shared or throttled mach
 every method alike instead of whichever ran during the slow spell.
 Results are one JSON report with the machine and versions, and a markdown table with speedups over
 ``sdpa`` and the Amdahl bound ``sdpa / floor``.
+
+``prefill_chunks`` adds chunked prefill (:func:`sparse_llm.prefill`) as a third axis beside methods
+and lengths: each entry is tokens per forward through the KV cache, 0 for the whole prompt in one
+forward, and every (length, method, chunk) is its own configuration.
 """
 
 from __future__ import annotations
@@ -38,12 +42,20 @@ class BenchConfig:
     device: str = "cpu"
     dtype: str = "float32"
     method_params: dict[str, dict] = field(default_factory=dict)
+    prefill_chunks: tuple[int, ...] = (0,)  # tokens per forward; 0 = the whole prompt at once
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.repeats < 1 or self.rounds < 1 or any(n < 1 for n in self.lengths):
             raise ValueError("repeats, rounds and lengths must be positive")
+        bad = [n for n in self.prefill_chunks if isinstance(n, bool) or not isinstance(n, int) or n < 0]
+        if bad or not self.prefill_chunks:
+            raise ValueError(
+                "prefill chunks must be ints >= 0 (tokens per forward, 0 = the whole prompt), "
+                f"got {self.prefill_chunks!r}"
+            )
+        self.prefill_chunks = tuple(dict.fromkeys(self.prefill_chunks))
         for method in self.methods:
             if method not in (*HF_BASELINES, FLOOR):
                 get_method(method, **self.params(method))  # unknown names fail here
@@ -63,11 +75,13 @@ def prompt_ids(tokenizer, vocab_size: int, length: int) -> torch.Tensor:
     return ids.repeat(1, -(-length // ids.shape[1]))[:, :length]
 
 
-def _child(config: BenchConfig, method: str, length: int, split: bool) -> dict:
+def _child(config: BenchConfig, method: str, length: int, chunk: int, split: bool) -> dict:
     model, tokenizer = load_any(config.model, config.device, DTYPES[config.dtype])
     ids = prompt_ids(tokenizer, model.config.vocab_size, length).to(config.device)
     params = {} if method in (*HF_BASELINES, FLOOR) else config.params(method)
-    return bench_prefill(model, ids, method, params, repeats=config.repeats, split=split).to_dict()
+    return bench_prefill(
+        model, ids, method, params, repeats=config.repeats, split=split, prefill_chunk=chunk or None
+    ).to_dict()
 
 
 def _pool(first: dict, later: dict) -> None:
@@ -82,11 +96,16 @@ def run_bench(
 ) -> dict:
     """Run every (length, method) in a fresh subprocess, ``rounds`` times in turn (see the module
     docstring); write the report to ``out`` (JSON) if given."""
-    cells = [(length, method) for length in config.lengths for method in config.methods]
-    runs = [(r, length, method) for r in range(config.rounds) for length, method in cells]
+    cells = [
+        (length, method, chunk)
+        for length in config.lengths
+        for chunk in config.prefill_chunks
+        for method in config.methods
+    ]
+    runs = [(r, *cell) for r in range(config.rounds) for cell in cells]
     show = sys.stderr.isatty() if progress is None else progress
-    results: dict[tuple[int, str], dict] = {}
-    for r, length, method in tqdm(runs, desc="bench", unit="config", disable=not show):
+    results: dict[tuple[int, str, int], dict] = {}
+    for r, length, method, chunk in tqdm(runs, desc="bench", unit="config", disable=not show):
         cmd = [
             sys.executable,
             "-m",
@@ -94,17 +113,19 @@ def run_bench(
             json.dumps(asdict(config)),
             method,
             str(length),
+            str(chunk),
             str(int(r == 0)),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:
-            raise RuntimeError(f"bench of {method} at {length} tokens failed:\n{proc.stderr[-3000:]}")
+            what = f"{method} at {length} tokens" + (f" in chunks of {chunk}" if chunk else "")
+            raise RuntimeError(f"bench of {what} failed:\n{proc.stderr[-3000:]}")
         record = json.loads(line[len("RESULT ") :])
         if r == 0:
-            results[length, method] = record
+            results[length, method, chunk] = record
         else:
-            _pool(results[length, method], record)
+            _pool(results[length, method, chunk], record)
     results = list(results.values())
     report = {"config": asdict(config), **run_metadata(config.device), "results": results}
     if out is not None:
@@ -113,19 +134,32 @@ def run_bench(
 
 
 def markdown(results: list[dict]) -> str:
-    """A table with the speedup over ``sdpa`` and the peak memory relative to it, per length."""
-    by = {(r["length"], r["method"]): r for r in results}
+    """A table with the speedup over ``sdpa`` and the peak memory relative to it, per length.
+
+    The reference is ``sdpa`` on the whole prompt (one forward) at that length when the report has
+    it, else ``sdpa`` with the same prefill chunk. The chunk column is "-" for a whole prompt."""
+    by = {(r["length"], r["method"], r.get("prefill_chunk")): r for r in results}
     lines = [
-        "| length | method | density | prefill s (median) | speedup vs sdpa | peak act. MiB | mem vs sdpa |",
-        "|---|---|---|---|---|---|---|",
+        "| length | method | chunk | density | prefill s (median) | speedup vs sdpa | peak act. MiB "
+        "| mem vs sdpa |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for (length, method), r in by.items():
-        sdpa = by.get((length, "sdpa"))
+    for (length, method, chunk), r in by.items():
+        sdpa = by.get((length, "sdpa", None)) or by.get((length, "sdpa", chunk))
         speed = f"{sdpa['median_s'] / r['median_s']:.2f}x" if sdpa else "-"
         mem = f"{r['peak_mem_mb'] / sdpa['peak_mem_mb']:.2f}" if sdpa and sdpa["peak_mem_mb"] > 0 else "-"
         density = "-" if r["density"] is None else f"{r['density']:.3f}"
         label = "floor (attention = 0)" if method == FLOOR else method
-        cells = (length, label, density, f"{r['median_s']:.2f}", speed, f"{r['peak_mem_mb']:.0f}", mem)
+        cells = (
+            length,
+            label,
+            chunk or "-",
+            density,
+            f"{r['median_s']:.2f}",
+            speed,
+            f"{r['peak_mem_mb']:.0f}",
+            mem,
+        )
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
@@ -134,5 +168,5 @@ if __name__ == "__main__":  # the per-configuration subprocess of run_bench
     _config = BenchConfig(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(sys.argv[1]).items()}
     )
-    _result = _child(_config, sys.argv[2], int(sys.argv[3]), split=sys.argv[4] == "1")
+    _result = _child(_config, sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), split=sys.argv[5] == "1")
     print("RESULT " + json.dumps(_result), flush=True)

@@ -138,26 +138,37 @@ class Generation:
 
 @torch.inference_mode()
 def prefill_and_generate(
-    model, input_ids: torch.Tensor, max_new_tokens: int, *, sparse: bool, measure_memory: bool = False
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    sparse: bool,
+    measure_memory: bool = False,
+    prefill_chunk: int | None = None,
 ) -> Generation:
     """Timed prefill of ``input_ids`` ``[1, T]`` (KV cache, ``logits_to_keep=1``), then greedy decoding
     from that cache, so the prompt is processed once (as in :mod:`sparse_llm.demo`).
 
-    ``sparse``: read :func:`sparse_llm.attention_stats` after the prefill (before decoding replaces
-    its masks). The prefill is timed once (warming up is the caller's job): a measurement beside a
-    score, not a benchmark (``sparse_llm.bench`` reports medians of repeated runs).
+    ``sparse``: read the prefill's density from :func:`sparse_llm.attention_stats` (before decoding
+    replaces its masks). The prefill is timed once (warming up is the caller's job): a measurement
+    beside a score, not a benchmark (``sparse_llm.bench`` reports medians of repeated runs).
     ``measure_memory``: also sample the prefill's peak memory (:func:`sparse_llm.measure.measure_peak`).
+    ``prefill_chunk``: tokens per forward through the cache (:func:`sparse_llm.prefill`); None: one.
     """
     synchronize(input_ids.device)
     start = time.perf_counter()
     peak = None
+
+    def run():
+        return sparse_llm.prefill(model, input_ids, prefill_chunk)
+
     if measure_memory:
-        out, peak = measure_peak(lambda: model(input_ids, use_cache=True, logits_to_keep=1), input_ids.device)
+        out, peak = measure_peak(run, input_ids.device)
     else:
-        out = model(input_ids, use_cache=True, logits_to_keep=1)
+        out = run()
     synchronize(input_ids.device)
     prefill_s = time.perf_counter() - start
-    density = sparse_llm.attention_stats(model)["density"] if sparse else None
+    density = sparse_llm.attention_stats(model)["prefill"]["density"] if sparse else None
     first = out.logits[:, -1:].argmax(-1)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])

@@ -71,6 +71,8 @@ class NiahConfig:
             or the path of a UTF-8 text file (repeated if too short).
         max_new_tokens: greedy tokens generated per answer.
         chat_template: wrap prompts in the tokenizer's chat template when it has one.
+        prefill_chunk: tokens per forward of the prefill through the KV cache (chunked prefill,
+            :func:`sparse_llm.prefill`); None: the whole prompt in one forward.
     """
 
     model: str = "gemma3-270m"
@@ -89,14 +91,17 @@ class NiahConfig:
     haystack: str = "essays"
     max_new_tokens: int = 16
     chat_template: bool = True
+    prefill_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         self.methods = tuple(self.methods)
         method_specs(self.methods, self.method_params)  # unknown methods/parameters fail here
-        for name in ("max_length", "max_new_tokens"):
+        for name in ("max_length", "max_new_tokens", "prefill_chunk"):
             value = getattr(self, name)
+            if name == "prefill_chunk" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.lengths is not None:
@@ -168,6 +173,15 @@ class NiahConfig:
             out.append(n)
             n *= 2
         return tuple(out) if out and out[-1] == top else (*out, top)
+
+
+def run_fields(config: NiahConfig) -> dict:
+    """The config's fields for a results folder; ``prefill_chunk`` only when set, so that the folders
+    (and config hashes) of whole-prompt runs stay what they were before the option existed."""
+    fields = asdict(config)
+    if fields["prefill_chunk"] is None:
+        del fields["prefill_chunk"]
+    return fields
 
 
 def depth_key(depth: float) -> str:
@@ -252,11 +266,17 @@ def markdown_table(scores: dict) -> str:
     return "\n".join(lines)
 
 
-def _run_cell(model, tokenizer, p, length: int, depth: float, spec, max_new_tokens: int) -> dict:
+def _run_cell(
+    model, tokenizer, p, length: int, depth: float, spec, max_new_tokens: int, prefill_chunk=None
+) -> dict:
     """One grid cell: greedy answer to the needle prompt ``p`` under ``spec``, scored, as a record."""
     with applied(model, spec):
         gen = prefill_and_generate(
-            model, p.input_ids.to(model.device), max_new_tokens, sparse=spec.name != BASELINE
+            model,
+            p.input_ids.to(model.device),
+            max_new_tokens,
+            sparse=spec.name != BASELINE,
+            prefill_chunk=prefill_chunk,
         )
     reply = tokenizer.decode(gen.ids[0], skip_special_tokens=True)
     return {
@@ -316,7 +336,7 @@ def run_niah(
         )
 
     prompt(lengths[0], depths[0])  # the shortest length must hold intro, needle and question
-    run_config = {"task": "niah", **asdict(config), "lengths": list(lengths), "depths": list(depths)}
+    run_config = {"task": "niah", **run_fields(config), "lengths": list(lengths), "depths": list(depths)}
     store = ResultsStore(out or default_out("niah", run_config), run_config, resume=resume)
 
     total = len(lengths) * len(depths) * len(specs)
@@ -337,7 +357,9 @@ def run_niah(
                     warmed = True
                 for spec in pending:
                     bar.set_postfix_str(f"L={length} d={depth_key(depth)}% {spec.name}")
-                    record = _run_cell(model, tokenizer, p, length, depth, spec, config.max_new_tokens)
+                    record = _run_cell(
+                        model, tokenizer, p, length, depth, spec, config.max_new_tokens, config.prefill_chunk
+                    )
                     store.add(record)
                     logger.debug(
                         "%s: %r (correct: %s)", record["id"], record["generated"], record["exact_match"]
@@ -389,6 +411,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--answer-prefix", default="", help="text that starts the model's reply")
     parser.add_argument("--haystack", default="essays", help="essays, repeat, or a text file path")
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help="prefill the prompt through the KV cache this many tokens at a time (default: at once)",
+    )
     parser.add_argument("--no-chat-template", dest="chat_template", action="store_false")
     parser.add_argument("--plot-only", action="store_true", help="redraw niah.png of the --out folder")
 
@@ -420,6 +448,7 @@ def run_from_args(args) -> int:
         haystack=args.haystack,
         max_new_tokens=args.max_new_tokens,
         chat_template=args.chat_template,
+        prefill_chunk=args.prefill_chunk,
     )
     result = run_niah(config, out=args.out, resume=args.resume, progress=show_progress(args))
     print(markdown_table(result["scores"]))

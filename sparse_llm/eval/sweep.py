@@ -29,7 +29,7 @@ import json
 import logging
 import re
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
 
@@ -250,7 +250,7 @@ class SweepConfig:
 
     def run_config(self, lengths) -> dict:
         """The JSON-able configuration stored in the results folder (resume compares it)."""
-        task = {k: v for k, v in asdict(self.niah).items() if k not in ("methods", "method_params")}
+        task = {k: v for k, v in niah.run_fields(self.niah).items() if k not in ("methods", "method_params")}
         return {
             "task": "sweep",
             "sweep_task": "niah",
@@ -279,14 +279,21 @@ def _local_window(point: Point) -> int | None:
     return getattr(sparse_llm.get_method(point.method, **point.params), "local_tokens", None)
 
 
-def run_point(model, tokenizer, point: Point, prompts: list, max_new_tokens: int) -> dict:
-    """The record of ``point``: every depth's needle prompt (``prompts``, one per depth) answered."""
+def run_point(
+    model, tokenizer, point: Point, prompts: list, max_new_tokens: int, prefill_chunk: int | None = None
+) -> dict:
+    """The record of ``point``: every depth's needle prompt (``prompts``, one per depth) answered,
+    prefilled whole or ``prefill_chunk`` tokens at a time."""
     window = _local_window(point)
     depths = []
     for p in prompts:
         with applied(model, point.spec):
             gen = prefill_and_generate(
-                model, p.input_ids.to(model.device), max_new_tokens, sparse=point.method != BASELINE
+                model,
+                p.input_ids.to(model.device),
+                max_new_tokens,
+                sparse=point.method != BASELINE,
+                prefill_chunk=prefill_chunk,
             )
         reply = tokenizer.decode(gen.ids[0], skip_special_tokens=True)
         start, end = p.needle_span
@@ -427,7 +434,9 @@ def run_sweep(
                 with torch.inference_mode():
                     model(prompts(point.length)[0].input_ids[:, :32].to(model.device))
             bar.set_postfix_str(point.id)
-            record = run_point(model, tokenizer, point, prompts(point.length), task.max_new_tokens)
+            record = run_point(
+                model, tokenizer, point, prompts(point.length), task.max_new_tokens, task.prefill_chunk
+            )
             store.add(record)
             logger.debug("%s: accuracy %.2f, density %s", point.id, record["accuracy"], record["density"])
             bar.update()
@@ -518,6 +527,7 @@ def run_from_args(args) -> int:
         haystack=args.haystack,
         max_new_tokens=args.max_new_tokens,
         chat_template=args.chat_template,
+        prefill_chunk=args.prefill_chunk,
     )
     config = SweepConfig(
         niah=task,
