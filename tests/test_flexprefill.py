@@ -144,6 +144,29 @@ def test_head_type_decision_flips_with_tau():
     assert lines[:, 13, [4, 8, 12]].all() and not aware[:, 13, [4, 8, 12]].any()
 
 
+@pytest.mark.parametrize("case", [dict(), dict(tq=150, tk=300), dict(b=2, left_pad=(0, 90))], ids=str)
+def test_tau_above_the_largest_distance_skips_the_window_and_selects_the_same(case, monkeypatch):
+    from sparse_llm.backends import flexprefill
+
+    q, k, padding = inputs(seed=7, **case)
+    call = LayerCall(0, 32**-0.5, key_padding_mask=padding)
+    method = get_method("flexprefill", tau=1.0, budget=128, sink_tokens=32, local_tokens=32, block_size=32)
+    shortcut = method.block_mask(q, k, k, call).to_dense()
+    monkeypatch.setattr(flexprefill, "MAX_DISTANCE", 2.0)  # the general path: profiles, distances, where
+    monkeypatch.setattr(flexprefill, "window_profiles", counted := _Counted(flexprefill.window_profiles))
+    assert torch.equal(method.block_mask(q, k, k, call).to_dense(), shortcut)
+    assert counted.calls == 1  # the general path did run
+
+
+class _Counted:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
 @pytest.mark.parametrize(
     "case",
     [
@@ -179,7 +202,7 @@ def test_budget_cap_forced_blocks_and_dense_tail(case):
     assert (dense | ~forced).all()
 
 
-@pytest.mark.parametrize("tau", [0.1, 0.0], ids=["default", "vertical-slash"])
+@pytest.mark.parametrize("tau", [1.0, 0.1, 0.0], ids=["query-aware", "mixed", "vertical-slash"])
 def test_padding_keys_are_never_selected_and_padded_batch_equals_single_runs(tau):
     bs, pad = 32, 64
     torch.manual_seed(5)

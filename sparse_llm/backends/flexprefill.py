@@ -39,6 +39,7 @@ from sparse_llm.kernels import BlockMask
 from sparse_llm.kernels.block_mask import block_geometry
 
 NEG_INF = float("-inf")
+MAX_DISTANCE = math.sqrt(math.log(2))  # the largest sqrt(JSD) in nats: tau above it = all query-aware
 
 
 @register_method
@@ -68,51 +69,35 @@ class FlexPrefill(BudgetedMethod):
 
     def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
         (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
-        bs, window, pad = self.block_size, self.window or self.block_size, call.key_padding_mask
+        bs, pad = self.block_size, call.key_padding_mask
         n_q, n_k = -(-q_len // bs), -(-kv_len // bs)
         real = key_blocks_with_real_keys(pad, kv_len, bs)  # [B or 1, nK]: blocks with a real key
         real = torch.ones(1, n_k, dtype=torch.bool, device=q.device) if real is None else real
         k_means = block_means(k, bs, pad)  # [B, Hkv, nK, D]
-        vertical, slash = window_profiles(q, k, call, window)
-        v_blocks, s_bins = _block_sums(vertical, bs), _block_sums(slash, bs)  # [B, Hq, nK] each
-        query_aware = pattern_distance(q, k_means, call, window, v_blocks, real) < self.tau  # [B, Hq]
-
-        # Vertical-slash: mass up to gamma, the diagonal bin always (the sink block is forced below).
-        v_keep = _cover(v_blocks, self.gamma)
-        s_keep = _cover(s_bins, self.gamma)
-        s_keep[..., 0] = True
-        # Token offsets over block pair (n, m) span [d_min, d_max]: the bins [lo, hi) touch the pair.
-        q_lo = torch.arange(n_q, device=q.device) * bs + kv_len - q_len
-        k_lo = torch.arange(n_k, device=q.device) * bs
-        d_max = (q_lo + bs - 1).clamp(max=kv_len - 1)[:, None] - k_lo
-        d_min = q_lo[:, None] - (k_lo + bs - 1).clamp(max=kv_len - 1)
-        hi = (d_max.div(bs, rounding_mode="floor") + 1).clamp_min(0)
-        lo = torch.minimum(d_min.clamp_min(0) // bs, hi)
-        vs_selected = v_keep[:, :, None, :] | (_bin_range_sums(s_keep.float(), lo, hi) > 0.5)
-        vs_score = v_blocks[:, :, None, :] + _bin_range_sums(s_bins, lo, hi)
 
         # Query-aware: block-mean queries vs block-mean keys, one softmax per query block.
         q_valid = None if pad is None else pad[:, -q_len:]
         q_means = block_means(q, bs, q_valid).view(b, hkv, hq // hkv, n_q, d)
         pooled = _softcap_((q_means @ k_means[:, :, None].transpose(-1, -2)).mul_(call.scale), call.softcap)
-        visible = (
-            block_geometry(
-                q_len=q_len,
-                kv_len=kv_len,
-                block_q=bs,
-                block_k=bs,
-                sliding_window=call.sliding_window,
-                device=q.device,
-            )[0]
-            & real[:, None, None, :]
-        )
+        visible = block_geometry(
+            q_len=q_len,
+            kv_len=kv_len,
+            block_q=bs,
+            block_k=bs,
+            sliding_window=call.sliding_window,
+            device=q.device,
+        )[0]
+        visible = visible & real[:, None, None, :]
         pooled = pooled.view(b, hq, n_q, n_k).masked_fill(~visible, NEG_INF).softmax(-1).nan_to_num_(0.0)
-
-        aware = query_aware[:, :, None, None]
-        selected = torch.where(aware, _cover(pooled, self.gamma), vs_selected) & real[:, None, None, :]
+        selected, scores = _cover(pooled, self.gamma), pooled
+        if self.tau <= MAX_DISTANCE:  # some heads may be vertical-slash: look at the observation window
+            vs_selected, vs_score, query_aware = self._vertical_slash(q, k, call, k_means, real)
+            aware = query_aware[:, :, None, None]
+            selected = torch.where(aware, selected, vs_selected)
+            scores = torch.where(aware, scores, vs_score)
+        selected = selected & real[:, None, None, :]
         forced = self.forced_blocks(q, k, call) & real[:, None, None, :]
-        scores = torch.where(aware, pooled, vs_score).masked_fill(~selected, NEG_INF)
-        scores = scores.masked_fill(forced, math.inf)
+        scores = scores.masked_fill(~selected, NEG_INF).masked_fill(forced, math.inf)
         kept = BlockMask.from_topk(
             scores,
             self.budget_blocks,
@@ -123,6 +108,30 @@ class FlexPrefill(BudgetedMethod):
             sliding_window=call.sliding_window,
         ).to_dense()
         return self.mask_from_blocks(kept & (scores > NEG_INF), q, k, call)
+
+    def _vertical_slash(self, q, k, call: LayerCall, k_means: Tensor, real: Tensor):
+        """(selected bool, score) ``[B, Hq, nQ, nK]`` of the vertical-slash pattern, and the
+        query-aware heads ``[B, Hq]`` bool (pattern distance below ``tau``)."""
+        q_len, kv_len, bs = q.shape[2], k.shape[2], self.block_size
+        n_q, n_k = -(-q_len // bs), -(-kv_len // bs)
+        window = self.window or bs
+        vertical, slash = window_profiles(q, k, call, window)
+        v_blocks, s_bins = _block_sums(vertical, bs), _block_sums(slash, bs)  # [B, Hq, nK] each
+        query_aware = pattern_distance(q, k_means, call, window, v_blocks, real) < self.tau
+        # Mass up to gamma, the diagonal bin always (the sink block is forced by the caller).
+        v_keep = _cover(v_blocks, self.gamma)
+        s_keep = _cover(s_bins, self.gamma)
+        s_keep[..., 0] = True
+        # Token offsets over block pair (n, m) span [d_min, d_max]: the bins [lo, hi) touch the pair.
+        q_lo = torch.arange(n_q, device=q.device) * bs + kv_len - q_len
+        k_lo = torch.arange(n_k, device=q.device) * bs
+        d_max = (q_lo + bs - 1).clamp(max=kv_len - 1)[:, None] - k_lo
+        d_min = q_lo[:, None] - (k_lo + bs - 1).clamp(max=kv_len - 1)
+        hi = (d_max.div(bs, rounding_mode="floor") + 1).clamp_min(0)
+        lo = torch.minimum(d_min.clamp_min(0) // bs, hi)
+        selected = v_keep[:, :, None, :] | (_bin_range_sums(s_keep.float(), lo, hi) > 0.5)
+        score = v_blocks[:, :, None, :] + _bin_range_sums(s_bins, lo, hi)
+        return selected, score, query_aware
 
 
 def window_profiles(q: Tensor, k: Tensor, call: LayerCall, window: int) -> tuple[Tensor, Tensor]:
