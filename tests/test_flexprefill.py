@@ -90,7 +90,13 @@ def test_planted_vertical_key_is_kept_for_every_query_block_that_sees_it():
     call = LayerCall(0, 64**-0.5)
     assert (_distance(q, k, call) > 0.1).all()  # pooled means miss the single key: vertical-slash
     method = get_method(
-        "flexprefill", dense_tail_blocks=0, budget=256, sink_tokens=32, local_tokens=32, block_size=32
+        "flexprefill",
+        tau=0.1,
+        dense_tail_blocks=0,
+        budget=256,
+        sink_tokens=32,
+        local_tokens=32,
+        block_size=32,
     )
     dense = method.block_mask(q, k, k, call).validate().to_dense()[0]  # [Hq, nQ, nK]
     assert dense[:, 5:, 5].all()
@@ -108,7 +114,13 @@ def test_planted_slash_keeps_the_matching_diagonal_band():
     call = LayerCall(0, d**-0.5)
     assert (_distance(q, k, call) > 0.1).all()
     method = get_method(
-        "flexprefill", dense_tail_blocks=0, budget=10 * bs, sink_tokens=bs, local_tokens=2 * bs, block_size=bs
+        "flexprefill",
+        tau=0.1,
+        dense_tail_blocks=0,
+        budget=10 * bs,
+        sink_tokens=bs,
+        local_tokens=2 * bs,
+        block_size=bs,
     )
     dense = method.block_mask(q, k, k, call).validate().to_dense()[0]
     for n in range(offset // bs + 1, t // bs):  # keys at offset 100 of block n lie in blocks n-4, n-3
@@ -139,6 +151,7 @@ def test_head_type_decision_flips_with_tau():
         expected = {m for m in range(n + 1) if m % 4 == (n + 1) % 4} | {0, n}
         assert set(aware[0, n].nonzero().flatten().tolist()) == expected, n
     assert (aware[0] == aware[1]).all()
+    assert get_method("flexprefill", tau=0.1, **params).block_mask(q, k, k, call).to_dense()[0].equal(aware)
     # tau = 0 forces vertical-slash: every row keeps the last window's cluster (0) as vertical lines.
     lines = get_method("flexprefill", tau=0.0, **params).block_mask(q, k, k, call).to_dense()[0]
     assert lines[:, 13, [4, 8, 12]].all() and not aware[:, 13, [4, 8, 12]].any()

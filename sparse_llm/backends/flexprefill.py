@@ -16,7 +16,12 @@ probability; vertical-slash: the key block's ``v`` mass + the ``s`` mass of the 
 
 Args (besides ``budget``, ``sink_tokens``, ``local_tokens``, ``dense_tail_blocks``, ``block_size``):
     gamma: attention mass to cover, in (0, 1] (default 0.9); 1 keeps every block.
-    tau: distance below which a head is query-aware, >= 0 (default 0.1; 0 = all vertical-slash).
+    tau: distance below which a head is query-aware, >= 0; 0 = all vertical-slash. Default 1.0: above
+        the largest distance sqrt(ln 2), so every head is query-aware and the observation window is
+        skipped. The paper's 0.1 made every head of Gemma3-270M's global layers vertical-slash (their
+        distances at 8K: 0.21-0.52), and one vertical-slash head per layer already doubles the
+        perplexity of copying mid-prompt (each query needs its own far context; the window's pattern
+        serves the prompt's end), while needle retrieval is unchanged (docs/evaluations.md).
     window: observation queries, tokens (default None = ``block_size``; at most Tq).
 
 Differs from the paper's code: ``gamma`` applies to block-pooled masses (it counts tokens, then
@@ -45,15 +50,16 @@ MAX_DISTANCE = math.sqrt(math.log(2))  # the largest sqrt(JSD) in nats: tau abov
 @register_method
 @dataclass
 class FlexPrefill(BudgetedMethod):
-    """Args: gamma (0.9), tau (0.1), window (None = block_size), budget (tokens per query block incl.
-    sinks and window, 2048), sink_tokens (64), local_tokens (512); see the module docstring."""
+    """Args: gamma (0.9), tau (1.0: every head query-aware), window (None = block_size), budget
+    (tokens per query block incl. sinks and window, 2048), sink_tokens (64), local_tokens (512); see
+    the module docstring."""
 
     name = "flexprefill"
     description = "FlexPrefill: per-head query-aware or vertical-slash blocks up to attention mass gamma."
     exact_params = {**BudgetedMethod.exact_params, "gamma": 1.0}
 
     gamma: float = 0.9
-    tau: float = 0.1
+    tau: float = 1.0
     window: int | None = None
 
     def __post_init__(self) -> None:
