@@ -41,6 +41,7 @@ from sparse_llm.backends.base import (
     require_positive,
 )
 from sparse_llm.backends.selection import first_real_key, real_keys
+from sparse_llm.backends.streaming import sink_window_mask
 from sparse_llm.kernels import BlockMask
 
 
@@ -85,17 +86,7 @@ class DeltaLLM(SparseMethod):
 
     def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
         """The exactly attended blocks: sinks plus the local window (as ``streaming``)."""
-        return BlockMask.sink_window(
-            q_len=q.shape[2],
-            kv_len=k.shape[2],
-            block_q=self.block_size,
-            block_k=self.block_size,
-            sink_tokens=self.sink_tokens,
-            local_tokens=self.window(k.shape[2]),
-            device=q.device,
-            sliding_window=call.sliding_window,
-            kv_start=first_real_key(call.key_padding_mask),
-        )
+        return sink_window_mask(q, k, call, self.block_size, self.sink_tokens, self.window(k.shape[2]))
 
     def far_field(self, q, k, v, mask: BlockMask, call: LayerCall):
         """Kernel attention with held keys over the blocks ``mask`` leaves out (computed densely, so

@@ -43,6 +43,7 @@ from sparse_llm.backends.base import (
     require_positive,
 )
 from sparse_llm.backends.selection import first_real_key, real_keys
+from sparse_llm.backends.streaming import sink_window_mask
 from sparse_llm.kernels import BlockMask
 
 FAR_KEYS = ("taylor", "none")
@@ -82,17 +83,7 @@ class Lightning(SparseMethod):
 
     def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
         """The exactly attended blocks: sinks plus the local window (as ``streaming``)."""
-        return BlockMask.sink_window(
-            q_len=q.shape[2],
-            kv_len=k.shape[2],
-            block_q=self.block_size,
-            block_k=self.block_size,
-            sink_tokens=self.sink_tokens,
-            local_tokens=self.local_tokens,
-            device=q.device,
-            sliding_window=call.sliding_window,
-            kv_start=first_real_key(call.key_padding_mask),
-        )
+        return sink_window_mask(q, k, call, self.block_size, self.sink_tokens, self.local_tokens)
 
     def far_field(self, q, k, v, mask: BlockMask, call: LayerCall):
         """The Taylor far field over every causal, real key outside the sink and local blocks."""

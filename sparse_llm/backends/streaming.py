@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from sparse_llm.backends.base import WHOLE_PROMPT, LayerCall, SparseMethod, register_method, require_positive
 from sparse_llm.backends.selection import first_real_key
 from sparse_llm.kernels import BlockMask
@@ -38,14 +40,22 @@ class Streaming(SparseMethod):
         return {**params, "local_tokens": budget - params.get("sink_tokens", cls.sink_tokens)}
 
     def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
-        return BlockMask.sink_window(
-            q_len=q.shape[2],
-            kv_len=k.shape[2],
-            block_q=self.block_size,
-            block_k=self.block_size,
-            sink_tokens=self.sink_tokens,
-            local_tokens=self.local_tokens,
-            device=q.device,
-            sliding_window=call.sliding_window,
-            kv_start=first_real_key(call.key_padding_mask),
-        )
+        return sink_window_mask(q, k, call, self.block_size, self.sink_tokens, self.local_tokens)
+
+
+def sink_window_mask(
+    q: torch.Tensor, k: torch.Tensor, call: LayerCall, block: int, sink_tokens: int, local_tokens: int
+) -> BlockMask:
+    """The first ``sink_tokens`` real keys and the ``local_tokens`` most recent ones of every query, as
+    blocks of ``block`` (the exact part of ``streaming``, ``lightning`` and ``deltallm``)."""
+    return BlockMask.sink_window(
+        q_len=q.shape[2],
+        kv_len=k.shape[2],
+        block_q=block,
+        block_k=block,
+        sink_tokens=sink_tokens,
+        local_tokens=local_tokens,
+        device=q.device,
+        sliding_window=call.sliding_window,
+        kv_start=first_real_key(call.key_padding_mask),
+    )
