@@ -22,6 +22,27 @@ REPEAT_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we
 
 
 @functools.lru_cache(maxsize=1)
+def ruler_key_words() -> tuple[list[str], list[str]]:
+    """The adjectives and nouns of RULER's needle keys (``adjective-noun``): the default word lists
+    of the PyPI package ``wonderwords``, which RULER reads (910 adjectives, 6782 nouns in wonderwords
+    3.0, sorted, duplicates dropped).
+
+    RULER draws a key uniformly from the sorted set of all ``adjective-noun`` strings; every pair is
+    a distinct string, so an adjective and a noun drawn uniformly and independently give the same
+    distribution without building its ~6 million strings.
+    """
+    try:
+        from wonderwords import RandomWord
+    except ImportError:
+        raise MissingPackageError(
+            "RULER's needle keys are wonderwords' word lists: pip install wonderwords "
+            "(or sparse-llm's [eval] extra)"
+        ) from None
+    words = RandomWord()
+    return words.filter(include_categories=["adjectives"]), words.filter(include_categories=["nouns"])
+
+
+@functools.lru_cache(maxsize=1)
 def _essays() -> str:
     spec = importlib.util.find_spec("long_context_eval")
     if spec is None or not spec.submodule_search_locations:
@@ -50,4 +71,3 @@ def load_haystack_text(path: str | Path | None = None) -> str:
     if not text.strip():
         raise ValueError(f"haystack text is empty ({path or 'default essays'})")
     return text
-

@@ -4,6 +4,7 @@ A prompt is assembled from token ids, not from text that is tokenized again, so 
 ``context_tokens``: ``[intro] [haystack sentences, with the needle sentence inserted at a sentence
 boundary] [question] [answer prefix]``, wrapped in the tokenizer's chat template when it has one.
 Every sentence is tokenized on its own with its leading space, the way it appears in running text.
+A :class:`PromptLayout` sets the intro and the separators (:mod:`sparse_llm.eval.ruler` has RULER's).
 """
 
 from __future__ import annotations
@@ -66,6 +67,25 @@ NEEDLES: dict[str, Needle] = {
 }
 
 
+@dataclass(frozen=True)
+class PromptLayout:
+    """The text around and between the haystack's pieces.
+
+    The user turn reads ``intro + before + haystack + after + question``; without a chat template,
+    ``answer_sep + answer_prefix`` follows the question (with one, the answer prefix starts the
+    assistant turn). ``split``: cut the haystack text into sentences; False: the whole text is one
+    piece, repeated (RULER's repeat haystack, one copy per line). Pieces, the needle included, are
+    joined by ``joiner``.
+    """
+
+    intro: str = INTRO
+    before: str = "\n\n"
+    after: str = "\n\n"
+    answer_sep: str = "\n"
+    joiner: str = " "
+    split: bool = True
+
+
 @dataclass
 class NeedlePrompt:
     """A tokenized needle-in-a-haystack prompt.
@@ -77,6 +97,7 @@ class NeedlePrompt:
         context_tokens: ``T``, the total prompt length in tokens (template, question and needle included).
         needle_span: ``(start, end)`` token positions of the needle sentence in ``input_ids``.
         needle_depth: the depth actually used: haystack tokens before the needle / all haystack tokens.
+        needle_text: the needle sentence.
     """
 
     input_ids: torch.Tensor
@@ -85,6 +106,7 @@ class NeedlePrompt:
     context_tokens: int
     needle_span: tuple[int, int]
     needle_depth: float
+    needle_text: str = ""
 
 
 def split_sentences(text: str) -> list[str]:
@@ -106,10 +128,12 @@ def encode(tokenizer, text: str, *, specials: bool) -> list[int]:
     return ids
 
 
-def _frame(tokenizer, needle: Needle, chat_template: bool) -> tuple[list[int], list[int]]:
+def _frame(
+    tokenizer, needle: Needle, chat_template: bool, layout: PromptLayout
+) -> tuple[list[int], list[int]]:
     """Token ids before and after the haystack: intro, then question and answer prefix."""
     if chat_template and getattr(tokenizer, "chat_template", None):
-        content = f"{INTRO}\n\n{_PLACEHOLDER}\n\n{needle.question}"
+        content = f"{layout.intro}{layout.before}{_PLACEHOLDER}{layout.after}{needle.question}"
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
@@ -125,13 +149,16 @@ def _frame(tokenizer, needle: Needle, chat_template: bool) -> tuple[list[int], l
     # The passkey test's own layout: question, then the reply begins on the next line. For
     # gemma3-270m it beat "Question: ...\nAnswer: ..." lines on the repeated filler at 4K tokens
     # (7 vs 5 of 7 depths), though not on essays at 1K tokens (5 vs 8 of 11).
-    after = f"\n\n{needle.question}"
-    after = f"{after}\n{needle.answer_prefix}" if needle.answer_prefix else after
-    return encode(tokenizer, f"{INTRO}\n\n", specials=True), encode(tokenizer, after, specials=False)
+    after = f"{layout.after}{needle.question}"
+    after = f"{after}{layout.answer_sep}{needle.answer_prefix}" if needle.answer_prefix else after
+    before = f"{layout.intro}{layout.before}"
+    return encode(tokenizer, before, specials=True), encode(tokenizer, after, specials=False)
 
 
-def _haystack_sentences(tokenizer, sentences: list[str], min_tokens: int) -> list[list[int]]:
-    """Token ids of the first sentences (each with its leading space) totalling ``>= min_tokens``.
+def _haystack_sentences(
+    tokenizer, sentences: list[str], min_tokens: int, joiner: str = " "
+) -> list[list[int]]:
+    """Token ids of the first sentences (each after ``joiner``) totalling ``>= min_tokens``.
 
     The sentences are cycled through if the text is too short.
     """
@@ -139,7 +166,7 @@ def _haystack_sentences(tokenizer, sentences: list[str], min_tokens: int) -> lis
     total, step = 0, 64
     while total < min_tokens:
         chunk = [sentences[j % len(sentences)] for j in range(len(out), len(out) + step)]
-        for ids in tokenizer([" " + s for s in chunk], add_special_tokens=False)["input_ids"]:
+        for ids in tokenizer([joiner + s for s in chunk], add_special_tokens=False)["input_ids"]:
             if len(out) == len(sentences):
                 logger.debug("haystack text is shorter than %d tokens: repeating it", min_tokens)
             out.append(list(ids))
@@ -158,6 +185,7 @@ def build_needle_prompt(
     needle: str | Needle = "passkey",
     haystack: str | None = None,
     chat_template: bool = True,
+    layout: PromptLayout | None = None,
 ) -> NeedlePrompt:
     """Build a needle-in-a-haystack prompt of exactly ``context_tokens`` tokens.
 
@@ -171,6 +199,8 @@ def build_needle_prompt(
         haystack: the filler text, e.g. :data:`sparse_llm.texts.REPEAT_FILLER`; default
             :func:`~sparse_llm.texts.load_haystack_text`. It is repeated if too short.
         chat_template: wrap the prompt in the tokenizer's chat template when it has one.
+        layout: intro and separators (default ``PromptLayout()``: :data:`INTRO`, blank lines around
+            the haystack, sentences joined by spaces).
 
     Raises ``ValueError`` for a bad depth or length (e.g. too short to hold the needle and question)
     or an unknown needle name.
@@ -183,12 +213,14 @@ def build_needle_prompt(
         if needle not in NEEDLES:
             raise ValueError(f"unknown needle {needle!r}; presets: {', '.join(NEEDLES)} (or pass a Needle)")
         needle = NEEDLES[needle]
-    sentences = split_sentences(load_haystack_text() if haystack is None else haystack)
+    layout = PromptLayout() if layout is None else layout
+    text = load_haystack_text() if haystack is None else haystack
+    sentences = split_sentences(text) if layout.split else [text.strip()] if text.strip() else []
     if not sentences:
         raise ValueError("haystack text is empty")
 
-    before, after = _frame(tokenizer, needle, chat_template)
-    needle_ids = encode(tokenizer, " " + needle.text, specials=False)
+    before, after = _frame(tokenizer, needle, chat_template, layout)
+    needle_ids = encode(tokenizer, layout.joiner + needle.text, specials=False)
     budget = context_tokens - len(before) - len(after) - len(needle_ids)
     if budget < 1:
         raise ValueError(
@@ -196,14 +228,14 @@ def build_needle_prompt(
             f"{context_tokens - budget} tokens"
         )
 
-    # A small margin covers the first sentence losing its leading space below.
-    pieces = _haystack_sentences(tokenizer, sentences, budget + 8)
+    # A small margin covers the first sentence losing its leading joiner below.
+    pieces = _haystack_sentences(tokenizer, sentences, budget + 8, layout.joiner)
     starts = [0]
     for ids in pieces[:-1]:
         starts.append(starts[-1] + len(ids))
     boundaries = [s for s in starts if s <= budget]
     k = min(range(len(boundaries)), key=lambda j: (abs(boundaries[j] - depth * budget), j))
-    # The first sentence of the context follows the intro's blank line: it has no leading space.
+    # The first sentence of the context follows the intro's separator: it has no leading joiner.
     if k == 0:
         needle_ids = encode(tokenizer, needle.text, specials=False)
     else:
@@ -224,6 +256,7 @@ def build_needle_prompt(
         context_tokens=context_tokens,
         needle_span=(start, start + len(needle_ids)),
         needle_depth=len(hay_before) / hay_total if hay_total else 0.0,
+        needle_text=needle.text,
     )
 
 

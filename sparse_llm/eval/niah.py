@@ -10,6 +10,10 @@ Scores per cell: exact match (:func:`~sparse_llm.eval.haystack.score_answer`: th
 a whole word) and :func:`rouge1_recall` of the answer in the reply. ``results.json`` holds accuracy
 per method, overall and per length, and the grid; ``niah.png`` the classic heatmap
 (:func:`sparse_llm.eval.plots.plot_niah`).
+
+``protocol="ruler"`` runs RULER's niah_single instead (:mod:`sparse_llm.eval.ruler`): its template,
+a seeded key and value per (length, depth), 128 answer tokens, and accuracy from its
+``string_match_all`` (recorded beside exact match and ROUGE-1).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from sparse_llm.eval import ruler
 from sparse_llm.eval.common import (
     BASELINE,
     DTYPES,
@@ -37,7 +42,7 @@ from sparse_llm.eval.common import (
     prefill_and_generate,
     show_progress,
 )
-from sparse_llm.eval.haystack import NEEDLES, Needle, build_needle_prompt, score_answer
+from sparse_llm.eval.haystack import NEEDLES, Needle, NeedlePrompt, build_needle_prompt, score_answer
 from sparse_llm.eval.plots import plot_niah
 from sparse_llm.models import load_any
 from sparse_llm.results import RESULTS_FILE, ResultsStore
@@ -46,6 +51,9 @@ from sparse_llm.texts import REPEAT_FILLER, load_haystack_text
 logger = logging.getLogger(__name__)
 
 HAYSTACKS = ("essays", "repeat")
+PROTOCOLS = ("default", "ruler")
+METRICS = {"default": "exact_match", "ruler": "string_match_all"}  # the score behind accuracy
+DEFAULT_MAX_NEW_TOKENS = {"default": 16, "ruler": ruler.TOKENS_TO_GENERATE}
 MIN_DEFAULT_LENGTH = 1024
 DEFAULT_DEPTHS = tuple(i / 10 for i in range(11))
 
@@ -69,10 +77,15 @@ class NiahConfig:
             starts the reply) for a custom needle, which is then named ``custom``.
         haystack: ``essays`` (Paul Graham essays), ``repeat`` (the passkey test's repeated filler)
             or the path of a UTF-8 text file (repeated if too short).
-        max_new_tokens: greedy tokens generated per answer.
+        max_new_tokens: greedy tokens generated per answer (default 16; 128 under ``ruler``).
         chat_template: wrap prompts in the tokenizer's chat template when it has one.
         prefill_chunk: tokens per forward of the prefill through the KV cache (chunked prefill,
             :func:`sparse_llm.prefill`); None: the whole prompt in one forward.
+        protocol: ``default`` (the needle above, scored by exact match) or ``ruler``: RULER's
+            niah_single (:mod:`sparse_llm.eval.ruler`; ``repeat`` = niah_single_1, ``essays`` =
+            niah_single_2), its needle drawn per cell, scored by ``string_match_all``. It draws its
+            own needle, so ``needle`` is then ``"ruler"`` and a custom needle is an error.
+        seed: the seed of RULER's draws (default 42, RULER's); ``ruler`` only.
     """
 
     model: str = "gemma3-270m"
@@ -83,19 +96,25 @@ class NiahConfig:
     lengths: tuple[int, ...] | None = None
     max_length: int = 8192
     depths: tuple[float, ...] = DEFAULT_DEPTHS
-    needle: str = "passkey"
+    needle: str | None = None
     needle_text: str | None = None
     question: str | None = None
     answer: str | None = None
     answer_prefix: str = ""
     haystack: str = "essays"
-    max_new_tokens: int = 16
+    max_new_tokens: int | None = None
     chat_template: bool = True
     prefill_chunk: int | None = None
+    protocol: str = "default"
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.max_new_tokens is None:
+            self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS[self.protocol]
         self.methods = tuple(self.methods)
         method_specs(self.methods, self.method_params)  # unknown methods/parameters fail here
         for name in ("max_length", "max_new_tokens", "prefill_chunk"):
@@ -117,6 +136,31 @@ class NiahConfig:
         if bad or not self.depths:
             raise ValueError(f"depths must be fractions in [0, 1] (e.g. 0.5 for 50%), got {self.depths!r}")
         self.depths = tuple(sorted({float(d) for d in self.depths}))
+        if self.protocol == "ruler":
+            self._check_ruler_needle()
+        else:
+            self._check_needle()
+        if not isinstance(self.haystack, str) or not self.haystack.strip():
+            raise ValueError(
+                f"haystack must be one of {HAYSTACKS} or a text file path, got {self.haystack!r}"
+            )
+
+    def _check_ruler_needle(self) -> None:
+        self.seed = ruler.SEED if self.seed is None else self.seed
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        custom = (self.needle_text, self.question, self.answer, self.answer_prefix or None)
+        if self.needle not in (None, "ruler") or any(x is not None for x in custom):
+            raise ValueError(
+                "protocol 'ruler' draws its own needle (RULER's key and value per cell): "
+                "give no needle, needle text, question, answer or answer prefix"
+            )
+        self.needle = "ruler"
+
+    def _check_needle(self) -> None:
+        if self.seed is not None:
+            raise ValueError("seed draws RULER's needles: it needs protocol='ruler'")
+        self.needle = "passkey" if self.needle is None else self.needle
         if any(x is not None for x in (self.needle_text, self.question, self.answer)):
             if None in (self.needle_text, self.question, self.answer):
                 raise ValueError("a custom needle needs all of needle_text, question and answer")
@@ -126,17 +170,19 @@ class NiahConfig:
                 )
             self.needle = "custom"
         elif self.needle not in NEEDLES:
+            hint = " (drawn by --protocol ruler)" if self.needle == "ruler" else ""
             raise ValueError(
-                f"unknown needle {self.needle!r}; presets: {', '.join(NEEDLES)}, "
+                f"unknown needle {self.needle!r}{hint}; presets: {', '.join(NEEDLES)}, "
                 "or a custom one with --needle-text/--question/--answer"
             )
         self.the_needle()  # a custom needle must contain its answer
-        if not isinstance(self.haystack, str) or not self.haystack.strip():
-            raise ValueError(
-                f"haystack must be one of {HAYSTACKS} or a text file path, got {self.haystack!r}"
-            )
 
-    def the_needle(self) -> Needle:
+    def the_needle(self, length: int | None = None, depth: float | None = None) -> Needle:
+        """The needle of the cell (length, depth); under ``ruler`` each cell draws its own."""
+        if self.protocol == "ruler":
+            if length is None or depth is None:
+                raise ValueError("RULER's needle is drawn per cell: give its length and depth")
+            return ruler.draw_needle(self.seed, length, depth)
         if self.needle != "custom":
             return NEEDLES[self.needle]
         return Needle(self.needle_text, self.question, self.answer, self.answer_prefix)
@@ -152,6 +198,18 @@ class NiahConfig:
                 f"haystack file not found: {self.haystack} (use essays, repeat or a text file path)"
             )
         return load_haystack_text(self.haystack)
+
+    def build_prompt(self, tokenizer, text: str, length: int, depth: float) -> NeedlePrompt:
+        """The prompt of the cell (length, depth) over the haystack ``text``, in this protocol."""
+        return build_needle_prompt(
+            tokenizer,
+            context_tokens=length,
+            depth=depth,
+            needle=self.the_needle(length, depth),
+            haystack=text,
+            chat_template=self.chat_template,
+            layout=ruler.layout(self.haystack) if self.protocol == "ruler" else None,
+        )
 
     def grid_lengths(self, max_positions: int | None) -> tuple[int, ...]:
         """The lengths to run on a model with ``max_positions`` positions (None: no known limit)."""
@@ -176,12 +234,24 @@ class NiahConfig:
 
 
 def run_fields(config: NiahConfig) -> dict:
-    """The config's fields for a results folder; ``prefill_chunk`` only when set, so that the folders
-    (and config hashes) of whole-prompt runs stay what they were before the option existed."""
+    """The config's fields for a results folder; ``prefill_chunk`` only when set, ``protocol`` and
+    ``seed`` only under ``ruler``, so that the folders (and config hashes) of other runs stay what
+    they were before these options existed."""
     fields = asdict(config)
     if fields["prefill_chunk"] is None:
         del fields["prefill_chunk"]
+    if fields["protocol"] == "default":
+        del fields["protocol"], fields["seed"]
     return fields
+
+
+def score_reply(reply: str, answer: str, protocol: str = "default") -> dict:
+    """The scores of one reply: ``exact_match`` and ``rouge1_recall``, and under ``ruler`` its
+    ``string_match_all`` (which is then the score behind accuracy, :data:`METRICS`)."""
+    scores = {"exact_match": score_answer(reply, answer), "rouge1_recall": rouge1_recall(answer, reply)}
+    if protocol == "ruler":
+        scores["string_match_all"] = ruler.string_match_all(reply, [answer])
+    return scores
 
 
 def depth_key(depth: float) -> str:
@@ -214,10 +284,12 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(records: list[dict], lengths, depths, specs) -> dict:
-    """Scores of the grid's records: per method, accuracy (exact match) overall and per length, mean
-    ROUGE-1 recall, mean density, mean prefill seconds per length, and the exact-match grid
-    ``{length: {depth %: 0 or 1}}``. Cells not run yet are left out (``cells`` counts those done)."""
+def summarize(records: list[dict], lengths, depths, specs, protocol: str = "default") -> dict:
+    """Scores of the grid's records: per method, accuracy (the protocol's metric, :data:`METRICS`:
+    exact match, or RULER's string_match_all) overall and per length, mean ROUGE-1 recall, mean
+    density, mean prefill seconds per length, and the grid of that metric ``{length: {depth %:
+    score}}`` (0 or 1 for one needle). Cells not run yet are left out (``cells`` counts those done)."""
+    metric = METRICS[protocol]
     by_id = {r["id"]: r for r in records}
     methods = {}
     for spec in specs:
@@ -228,22 +300,26 @@ def summarize(records: list[dict], lengths, depths, specs) -> dict:
             "label": spec.label,
             "params": spec.params,
             "cells": len(done),
-            "accuracy": _mean(r["exact_match"] for r in done),
-            "accuracy_by_length": {
-                str(n): _mean(r["exact_match"] for r in rs) for n, rs in per_length.items()
-            },
+            "accuracy": _mean(r[metric] for r in done),
+            "accuracy_by_length": {str(n): _mean(r[metric] for r in rs) for n, rs in per_length.items()},
             "rouge1_recall": _mean(r["rouge1_recall"] for r in done),
             "density": _mean(r["density"] for r in done),
             "prefill_s_by_length": {
                 str(n): _mean(r["prefill_s"] for r in rs) for n, rs in per_length.items()
             },
             "grid": {
-                str(n): {depth_key(d): int(r["exact_match"]) for (m, d), r in cells.items() if m == n and r}
+                str(n): {depth_key(d): _cell(r[metric]) for (m, d), r in cells.items() if m == n and r}
                 for n in lengths
             },
         }
     total = len(lengths) * len(depths) * len(specs)
-    return {"cells": sum(m["cells"] for m in methods.values()), "cells_total": total, "methods": methods}
+    done = sum(m["cells"] for m in methods.values())
+    return {"cells": done, "cells_total": total, "protocol": protocol, "metric": metric, "methods": methods}
+
+
+def _cell(score) -> int | float:
+    """A grid cell: 0/1 for a bool or a whole score, else the fraction."""
+    return int(score) if isinstance(score, bool) or float(score).is_integer() else float(score)
 
 
 def markdown_table(scores: dict) -> str:
@@ -266,17 +342,15 @@ def markdown_table(scores: dict) -> str:
     return "\n".join(lines)
 
 
-def _run_cell(
-    model, tokenizer, p, length: int, depth: float, spec, max_new_tokens: int, prefill_chunk=None
-) -> dict:
+def _run_cell(model, tokenizer, p, length: int, depth: float, spec, config: NiahConfig) -> dict:
     """One grid cell: greedy answer to the needle prompt ``p`` under ``spec``, scored, as a record."""
     with applied(model, spec):
         gen = prefill_and_generate(
             model,
             p.input_ids.to(model.device),
-            max_new_tokens,
+            config.max_new_tokens,
             sparse=spec.name != BASELINE,
-            prefill_chunk=prefill_chunk,
+            prefill_chunk=config.prefill_chunk,
         )
     reply = tokenizer.decode(gen.ids[0], skip_special_tokens=True)
     return {
@@ -288,10 +362,11 @@ def _run_cell(
         "method": spec.name,
         "label": spec.label,
         "params": spec.params,
+        "protocol": config.protocol,
+        "needle": p.needle_text,
         "generated": reply,
         "answer": p.answer,
-        "exact_match": score_answer(reply, p.answer),
-        "rouge1_recall": rouge1_recall(p.answer, reply),
+        **score_reply(reply, p.answer, config.protocol),
         "prefill_s": gen.prefill_s,
         "density": gen.density,
     }
@@ -316,7 +391,6 @@ def run_niah(
     for the needle and question (``ValueError``).
     """
     specs = method_specs(config.methods, config.method_params)
-    needle = config.the_needle()
     text = config.haystack_text()
     model, tokenizer = load_any(config.model, device=config.device, dtype=DTYPES[config.dtype])
     if tokenizer is None:
@@ -326,14 +400,7 @@ def run_niah(
 
     @functools.lru_cache(maxsize=1)  # the check below builds the first cell's prompt
     def prompt(length: int, depth: float):
-        return build_needle_prompt(
-            tokenizer,
-            context_tokens=length,
-            depth=depth,
-            needle=needle,
-            haystack=text,
-            chat_template=config.chat_template,
-        )
+        return config.build_prompt(tokenizer, text, length, depth)
 
     prompt(lengths[0], depths[0])  # the shortest length must hold intro, needle and question
     run_config = {"task": "niah", **run_fields(config), "lengths": list(lengths), "depths": list(depths)}
@@ -357,15 +424,13 @@ def run_niah(
                     warmed = True
                 for spec in pending:
                     bar.set_postfix_str(f"L={length} d={depth_key(depth)}% {spec.name}")
-                    record = _run_cell(
-                        model, tokenizer, p, length, depth, spec, config.max_new_tokens, config.prefill_chunk
-                    )
+                    record = _run_cell(model, tokenizer, p, length, depth, spec, config)
                     store.add(record)
                     logger.debug(
                         "%s: %r (correct: %s)", record["id"], record["generated"], record["exact_match"]
                     )
                     bar.update()
-    scores = summarize(store.records(), lengths, depths, specs)
+    scores = summarize(store.records(), lengths, depths, specs, config.protocol)
     store.write_results(scores, device=config.device)
     png = plot_niah(store.folder)
     logger.info("niah: %d cells in %s, heatmap %s", total, store.folder, png)
@@ -402,7 +467,7 @@ def add_arguments(parser) -> None:
         default=None,
         help="needle depths as fractions, e.g. 0.1,0.5 (default 0..1 by 0.1)",
     )
-    parser.add_argument("--needle", default="passkey", help=f"preset: {', '.join(NEEDLES)}")
+    parser.add_argument("--needle", default=None, help=f"preset: {', '.join(NEEDLES)} (default passkey)")
     parser.add_argument(
         "--needle-text", default=None, help="custom needle sentence (with --question --answer)"
     )
@@ -410,12 +475,28 @@ def add_arguments(parser) -> None:
     parser.add_argument("--answer", default=None, help="the value the needle text holds")
     parser.add_argument("--answer-prefix", default="", help="text that starts the model's reply")
     parser.add_argument("--haystack", default="essays", help="essays, repeat, or a text file path")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="greedy answer tokens (default 16; 128, RULER's, with --protocol ruler)",
+    )
     parser.add_argument(
         "--prefill-chunk",
         type=int,
         default=None,
         help="prefill the prompt through the KV cache this many tokens at a time (default: at once)",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="default",
+        help="ruler: RULER's niah_single (its template, a seeded key and 7-digit value per cell, "
+        "string_match_all score, 128 answer tokens; --haystack repeat = niah_single_1, essays = "
+        "niah_single_2) instead of the needle above (default %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of RULER's key and value draws (default 42, RULER's)"
     )
     parser.add_argument("--no-chat-template", dest="chat_template", action="store_false")
     parser.add_argument("--plot-only", action="store_true", help="redraw niah.png of the --out folder")
@@ -449,6 +530,8 @@ def run_from_args(args) -> int:
         max_new_tokens=args.max_new_tokens,
         chat_template=args.chat_template,
         prefill_chunk=args.prefill_chunk,
+        protocol=args.protocol,
+        seed=args.seed,
     )
     result = run_niah(config, out=args.out, resume=args.resume, progress=show_progress(args))
     print(markdown_table(result["scores"]))

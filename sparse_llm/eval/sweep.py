@@ -3,12 +3,12 @@
 A *point* is one method setting at one context length: a registered method with its parameters (one
 of its ``budgets`` and one combination of its ``grid`` values), or ``"sdpa"`` (the unpatched model).
 Each point answers the needle test (:mod:`sparse_llm.eval.niah`) at every depth and is written as one
-record: accuracy (exact match over the depths), accuracy over the depths whose needle lies outside
-the method's local window (``accuracy_far``), the mean measured density
-(:func:`sparse_llm.attention_stats` after each prefill) and the mean prefill seconds, with the
-per-depth details. ``results.json`` adds the speedup over sdpa at each length, the Pareto frontiers,
-and per method the smallest density at which it matches the reference accuracy (sdpa, else a point
-that computed every block, as ``dense`` does); ``sweep-L<length>.png`` draws them
+record: accuracy (exact match over the depths; RULER's string_match_all under ``--protocol ruler``),
+accuracy over the depths whose needle lies outside the method's local window (``accuracy_far``), the
+mean measured density (:func:`sparse_llm.attention_stats` after each prefill) and the mean prefill
+seconds, with the per-depth details. ``results.json`` adds the speedup over sdpa at each length, the
+Pareto frontiers, and per method the smallest density at which it matches the reference accuracy
+(sdpa, else a point that computed every block, as ``dense`` does); ``sweep-L<length>.png`` draws them
 (:func:`sparse_llm.eval.plots.plot_sweep`).
 
 Budgets are tokens (``512``, ``4k``) or fractions of the context length (``1/8``, ``0.125``: the
@@ -48,7 +48,6 @@ from sparse_llm.eval.common import (
     prefill_and_generate,
     show_progress,
 )
-from sparse_llm.eval.haystack import build_needle_prompt, score_answer
 from sparse_llm.eval.plots import plot_sweep
 from sparse_llm.models import load_any
 from sparse_llm.results import RESULTS_FILE, ResultsStore
@@ -280,10 +279,18 @@ def _local_window(point: Point) -> int | None:
 
 
 def run_point(
-    model, tokenizer, point: Point, prompts: list, max_new_tokens: int, prefill_chunk: int | None = None
+    model,
+    tokenizer,
+    point: Point,
+    prompts: list,
+    max_new_tokens: int,
+    prefill_chunk: int | None = None,
+    protocol: str = "default",
 ) -> dict:
     """The record of ``point``: every depth's needle prompt (``prompts``, one per depth) answered,
-    prefilled whole or ``prefill_chunk`` tokens at a time."""
+    prefilled whole or ``prefill_chunk`` tokens at a time, scored by
+    :func:`~sparse_llm.eval.niah.score_reply` in ``protocol`` (accuracy: its metric)."""
+    metric = niah.METRICS[protocol]
     window = _local_window(point)
     depths = []
     for p in prompts:
@@ -304,16 +311,17 @@ def run_point(
                 "needle_position": start,
                 "needle_span": [start, end],
                 "outside_local": window is None or end <= point.length - window,
+                "needle": p.needle_text,
                 "generated": reply,
-                "exact_match": score_answer(reply, p.answer),
-                "rouge1_recall": niah.rouge1_recall(p.answer, reply),
+                **niah.score_reply(reply, p.answer, protocol),
                 "prefill_s": gen.prefill_s,
                 "density": gen.density,
             }
         )
-    far = [d["exact_match"] for d in depths if d["outside_local"]]
+    far = [d[metric] for d in depths if d["outside_local"]]
     return {
         "id": point.id,
+        "protocol": protocol,
         "method": point.method,
         "label": point.spec.label,
         "params": point.params,
@@ -321,7 +329,7 @@ def run_point(
         "budget": point.budget,
         "budget_spec": point.budget_spec,
         "local_tokens": window,
-        "accuracy": _mean(d["exact_match"] for d in depths),
+        "accuracy": _mean(d[metric] for d in depths),
         "accuracy_far": _mean(far),
         "far_depths": len(far),
         "density": _mean(d["density"] for d in depths),
@@ -407,7 +415,7 @@ def run_sweep(
     are checked before the folder is created, as in :func:`sparse_llm.eval.niah.run_niah`.
     """
     task = config.niah
-    needle, text = task.the_needle(), task.haystack_text()
+    text = task.haystack_text()
     model, tokenizer = load_any(task.model, device=task.device, dtype=DTYPES[task.dtype])
     if tokenizer is None:
         raise ValueError(f"model {task.model!r} has no tokenizer; a needle test needs one")
@@ -416,8 +424,7 @@ def run_sweep(
 
     @functools.cache
     def prompts(length: int) -> list:
-        frame = {"needle": needle, "haystack": text, "chat_template": task.chat_template}
-        return [build_needle_prompt(tokenizer, context_tokens=length, depth=d, **frame) for d in task.depths]
+        return [task.build_prompt(tokenizer, text, length, d) for d in task.depths]
 
     prompts(lengths[0])  # the shortest length must hold intro, needle and question
     run_config = config.run_config(lengths)
@@ -435,7 +442,13 @@ def run_sweep(
                     model(prompts(point.length)[0].input_ids[:, :32].to(model.device))
             bar.set_postfix_str(point.id)
             record = run_point(
-                model, tokenizer, point, prompts(point.length), task.max_new_tokens, task.prefill_chunk
+                model,
+                tokenizer,
+                point,
+                prompts(point.length),
+                task.max_new_tokens,
+                task.prefill_chunk,
+                task.protocol,
             )
             store.add(record)
             logger.debug("%s: accuracy %.2f, density %s", point.id, record["accuracy"], record["density"])
@@ -528,6 +541,8 @@ def run_from_args(args) -> int:
         max_new_tokens=args.max_new_tokens,
         chat_template=args.chat_template,
         prefill_chunk=args.prefill_chunk,
+        protocol=args.protocol,
+        seed=args.seed,
     )
     config = SweepConfig(
         niah=task,
