@@ -43,6 +43,7 @@ class Case:
     causal: bool = True
     transposed: bool = False  # q/k/v as views of [B, T, H, D] tensors, as HF passes them
     mask_window: bool = True  # False: the mask is classified without the call's window
+    key_rule: bool = False  # a BlockMask key rule: sinks + per-query window starts (varying, per row)
     seed: int = 0
 
     def but(self, **changes) -> Case:
@@ -89,6 +90,9 @@ def build(case: Case, device: str | torch.device = "cpu") -> tuple[torch.Tensor,
             dense = torch.zeros(mb * heads * n_q, n_k, dtype=torch.bool).scatter_(1, pick, True)
             dense = dense.view(mb, heads, n_q, n_k)
         mask = BlockMask.from_dense(dense, **geo, causal=case.causal, sliding_window=window)
+    if case.key_rule:
+        rule = key_rule(case, mask.shape[0])
+        mask = BlockMask.from_dense(mask.to_dense(), **geo, causal=case.causal, sliding_window=window, **rule)
     kwargs = dict(scale=case.d**-0.5, causal=case.causal, softcap=case.softcap, sliding_window=case.window)
     if case.left_pad:
         kpm = torch.ones(case.b, case.tk, dtype=torch.bool)
@@ -97,6 +101,17 @@ def build(case: Case, device: str | torch.device = "cpu") -> tuple[torch.Tensor,
         kwargs["key_padding_mask"] = kpm.to(device)
     to = dict(device=device, dtype=dtype)
     return q.to(**to), k.to(**to), v.to(**to), mask.to(device), kwargs
+
+
+def key_rule(case: Case, batch: int) -> dict:
+    """A key rule for ``from_dense`` (BlockMask docstring): sinks 5 tokens past each row's padding and
+    window starts 9 to 45 keys behind each query, changing every 11 positions, a different phase per
+    row, so partial blocks are cut anywhere."""
+    pos = torch.arange(case.tk - case.tq, case.tk)
+    rows = torch.arange(batch)[:, None]
+    window_start = pos - 9 - 12 * ((pos // 11 + rows) % 4)
+    pads = torch.tensor([case.left_pad[r] if r < len(case.left_pad) else 0 for r in range(batch)])
+    return dict(window_start=window_start.to(torch.int32), sink_end=(pads + 5).to(torch.int32))
 
 
 def case_id(case: Case) -> str:
@@ -116,6 +131,7 @@ def case_id(case: Case) -> str:
     parts += ["nowinmask"] if case.window and not case.mask_window else []
     parts += ["pad" + "_".join(map(str, case.left_pad))] if case.left_pad else []
     parts += ["noncausal"] if not case.causal else []
+    parts += ["keyrule"] if case.key_rule else []
     parts += ["hflayout"] if case.transposed else []
     return "-".join(parts)
 
@@ -190,6 +206,8 @@ GRID = [
     BASE.but(window=50, mask_window=False),
     BASE.but(causal=False),
     BASE.but(transposed=True, mask="sink"),
+    BASE.but(key_rule=True, mask="full_rows", b=2, left_pad=(0, 29), mask_heads="q"),
+    BASE.but(key_rule=True, mask="causal", tq=1, dtype="bfloat16", block_q=16, block_k=16),
     BASE.but(block_q=64, block_k=16, d=256, hq=4, hkv=1, mask="sink"),
     Case(tq=1023, tk=1024, hq=2, hkv=1, d=64, block_q=64, block_k=64, mask="sink"),
     Case(tq=1023, tk=1024, hq=4, hkv=1, d=128, block_q=128, block_k=128, mask="causal", dtype="bfloat16"),

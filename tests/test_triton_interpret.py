@@ -39,6 +39,8 @@ CASES = [
     TINY.but(block_q=4, block_k=8, mask="single", hq=3, hkv=1),  # blocks below the 16-wide tile
     TINY.but(mask_heads="1", transposed=True, dtype="float16", causal=False),
     TINY.but(window=25, mask_window=False, d=256, tk=40),
+    TINY.but(key_rule=True, mask="full_rows", b=2, left_pad=(0, 21)),  # sinks + per-query window starts
+    TINY.but(key_rule=True, mask="causal", mask_heads="q", hq=4, hkv=2, dtype="bfloat16"),
 ]
 
 RUNNER = """

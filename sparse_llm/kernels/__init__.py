@@ -81,6 +81,8 @@ def _validate(q, k, v, block_mask, scale, causal, softcap, sliding_window, key_p
         raise ValueError(f"block_mask heads ({mh}) must be 1, Hkv ({hkv}) or Hq ({hq})")
     if block_mask.device != q.device:
         raise ValueError(f"block_mask is on {block_mask.device} but q is on {q.device}")
+    if block_mask.window_start is not None and not causal:
+        raise ValueError("a block_mask with a key rule (window_start, sink_end) needs causal=True")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError("key_padding_mask must be a bool tensor [B, Tk] (True = real token)")
@@ -183,8 +185,10 @@ def block_sparse_attention(
         backend: deprecated name of ``impl`` (a DeprecationWarning); "backend" now means a method.
 
     GQA: query head hq reads KV head ``hq // (Hq // Hkv)``; a mask with H = Hkv is shared by that group.
-    Element masking applies to partial blocks; full blocks are taken whole. If the mask was classified
-    for another geometry (``is_causal``/``sliding_window``), every block is treated as partial.
+    Element masking applies to partial blocks; full blocks are taken whole. A mask's key rule
+    (``BlockMask.window_start``/``sink_end``: sinks plus a per-query window start; needs causal) is
+    part of that element mask. If the mask was classified for another geometry
+    (``is_causal``/``sliding_window``), every block is treated as partial.
 
     Returns:
         out [B, Hq, Tq, D] in q's dtype, and with ``return_lse`` lse [B, Hq, Tq] float32: the natural

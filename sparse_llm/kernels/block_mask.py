@@ -11,6 +11,12 @@ Per row ``(b, h, n)`` a count plus padded, ascending indices, split in two disjo
 blocks (entirely inside the allowed region, no element mask). Entries past the count are 0.
 B is 1 (shared by the batch) or B; H is 1, Hkv (query head ``hq`` uses row ``hq // (Hq // Hkv)``)
 or Hq. ``is_causal``/``sliding_window`` record the geometry the full/partial split was made for.
+
+Optional key rule, a per-query generalization of the sliding window (causal masks only):
+``window_start`` int32 [B', Tq] and ``sink_end`` int32 [B'], B' = 1 or the mask's B. Query ``i`` of
+row ``b`` may attend key ``j`` only if ``j >= window_start[b, i]`` or ``j < sink_end[b]`` (sinks,
+then a window whose start each query sets: strided and blocked neighborhoods). The kernel applies it
+with the element mask of partial blocks; a block is full only if the rule allows all of it.
 """
 
 from __future__ import annotations
@@ -81,6 +87,49 @@ def block_geometry(
     return (d_max >= 0) & (d_min <= w - 1), (d_min >= 0) & (d_max <= w - 1)
 
 
+def key_rule_blocks(
+    window_start: Tensor, sink_end: Tensor, q_len: int, kv_len: int, block_q: int, block_k: int
+) -> tuple[Tensor, Tensor]:
+    """(allows_all, masks_all), bool [B', nQ, nK]: blocks whose every key the key rule allows for
+    every query of the block / masks for every query of the block.
+
+    Query i's masked keys are the gap [sink_end, window_start[i]); over a query block the union of
+    the gaps is [sink_end, max window_start) and their intersection [sink_end, min window_start).
+    """
+    n_q, n_k = -(-q_len // block_q), -(-kv_len // block_k)
+    ws = window_start.long()
+    if n_q * block_q > q_len:  # repeating the last query leaves each block's max and min as they are
+        ws = torch.cat([ws, ws[:, -1:].expand(-1, n_q * block_q - q_len)], 1)
+    ws = ws.view(ws.shape[0], n_q, block_q)
+    ws_max, ws_min = ws.amax(-1)[..., None], ws.amin(-1)[..., None]  # [B', nQ, 1]
+    k_lo = torch.arange(n_k, device=ws.device) * block_k
+    k_hi = torch.clamp(k_lo + block_k, max=kv_len)  # one past the block's last key
+    sink = sink_end.long()[:, None, None]
+    allows_all = torch.maximum(k_lo, sink) >= torch.minimum(k_hi, ws_max)  # block misses the gaps' union
+    masks_all = (k_lo >= sink) & (k_hi <= ws_min)  # block inside every gap
+    return allows_all, masks_all
+
+
+def _check_rule(window_start, sink_end, q_len: int, batch: int, causal: bool, device) -> None:
+    if (window_start is None) != (sink_end is None):
+        raise ValueError("window_start and sink_end go together: give both or neither")
+    if window_start is None:
+        return
+    if not causal:
+        raise ValueError("window_start/sink_end require causal=True")
+    for name, t, ndim in (("window_start", window_start, 2), ("sink_end", sink_end, 1)):
+        if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.dim() != ndim:
+            raise ValueError(f"{name} must be an int32 tensor with {ndim} dims, got {t!r:.80}")
+        if t.shape[0] not in (1, batch) or t.device != torch.device(device):
+            raise ValueError(
+                f"{name} has batch {t.shape[0]} on {t.device}; expected 1 or {batch}, on {device}"
+            )
+    if window_start.shape != (sink_end.shape[0], q_len):
+        raise ValueError(
+            f"window_start has shape {tuple(window_start.shape)}, expected ({sink_end.shape[0]}, {q_len})"
+        )
+
+
 def _rows_from_dense(selected: Tensor) -> tuple[Tensor, Tensor]:
     """bool [B, H, nQ, nK] -> (int32 counts [B, H, nQ], int32 ascending indices [B, H, nQ, maxK])."""
     counts = selected.sum(-1, dtype=torch.int32)
@@ -105,7 +154,8 @@ class BlockMask:
     Fields: ``kv_num_blocks`` int32 [B, H, nQ] and ``kv_indices`` int32 [B, H, nQ, maxK] (partial
     blocks); ``full_kv_num_blocks`` int32 [B, H, nQ] and ``full_kv_indices`` int32 [B, H, nQ, maxKf]
     (full blocks); ``block_q``, ``block_k`` (powers of two); ``q_len`` (Tq), ``kv_len`` (Tk);
-    ``is_causal``, ``sliding_window`` (the geometry used to classify full vs partial).
+    ``is_causal``, ``sliding_window`` (the geometry used to classify full vs partial); optional
+    ``window_start`` int32 [B', Tq] and ``sink_end`` int32 [B'] (the key rule, module docstring).
     """
 
     kv_num_blocks: Tensor
@@ -118,6 +168,8 @@ class BlockMask:
     kv_len: int
     is_causal: bool = True
     sliding_window: int | None = None
+    window_start: Tensor | None = None
+    sink_end: Tensor | None = None
 
     def __post_init__(self) -> None:
         _check_block_size("block_q", self.block_q)
@@ -145,6 +197,9 @@ class BlockMask:
                 )
         if len({t.device for t, _ in tensors.values()}) != 1:
             raise ValueError("all BlockMask tensors must be on the same device")
+        _check_rule(
+            self.window_start, self.sink_end, self.q_len, rows[0], self.is_causal, self.kv_num_blocks.device
+        )
 
     # ----------------------------------------------------------------- constructors
     @classmethod
@@ -158,8 +213,15 @@ class BlockMask:
         kv_len: int,
         causal: bool = True,
         sliding_window: int | None = None,
+        window_start: Tensor | None = None,
+        sink_end: Tensor | None = None,
     ) -> BlockMask:
-        """From a bool [B, H, nQ, nK] block selection; blocks the geometry fully masks are dropped."""
+        """From a bool [B, H, nQ, nK] block selection; blocks the geometry fully masks are dropped.
+
+        With the key rule (``window_start`` int32 [B', Tq], ``sink_end`` int32 [B'], B' = 1 or B),
+        blocks it masks for every query of the block are dropped too, and a block is full only if the
+        rule allows all of it. A rule that masks no key (every ``window_start <= sink_end``) is left
+        out, so the kernel keeps its plain causal shortcuts."""
         n_q, n_k = _grid(q_len, kv_len, block_q, block_k, causal, sliding_window)
         if not isinstance(block_matrix, Tensor) or block_matrix.dtype != torch.bool:
             raise TypeError("block_matrix must be a bool tensor [B, H, nQ, nK]")
@@ -178,9 +240,29 @@ class BlockMask:
             device=block_matrix.device,
         )
         selected = block_matrix & reach
+        _check_rule(window_start, sink_end, q_len, block_matrix.shape[0], causal, block_matrix.device)
+        if window_start is not None and bool((window_start > sink_end[:, None]).any()):
+            allows_all, masks_all = key_rule_blocks(window_start, sink_end, q_len, kv_len, block_q, block_k)
+            selected = selected & ~masks_all[:, None]
+            full = full & allows_all[:, None]
+        else:
+            window_start = sink_end = None
         num, idx = _rows_from_dense(selected & ~full)
         full_num, full_idx = _rows_from_dense(selected & full)
-        return cls(num, idx, full_num, full_idx, block_q, block_k, q_len, kv_len, causal, sliding_window)
+        return cls(
+            num,
+            idx,
+            full_num,
+            full_idx,
+            block_q,
+            block_k,
+            q_len,
+            kv_len,
+            causal,
+            sliding_window,
+            window_start,
+            sink_end,
+        )
 
     @classmethod
     def causal(
@@ -331,6 +413,11 @@ class BlockMask:
             device=self.device,
         )[0]
 
+    def rule_blocks(self) -> tuple[Tensor, Tensor]:
+        """:func:`key_rule_blocks` of this mask's key rule (which must be set)."""
+        m = self
+        return key_rule_blocks(m.window_start, m.sink_end, m.q_len, m.kv_len, m.block_q, m.block_k)
+
     def density(self) -> float:
         """Selected blocks / reachable blocks, over all rows, in [0, 1] (``causal()`` gives 1.0)."""
         rows = self.kv_num_blocks.numel() // max(self.num_q_blocks, 1)
@@ -351,6 +438,8 @@ class BlockMask:
             self.kv_len,
             self.is_causal,
             self.sliding_window,
+            self.window_start,
+            self.sink_end,
         )
 
     def validate(self) -> BlockMask:
@@ -385,6 +474,8 @@ class BlockMask:
             raise ValueError("a block is listed as both partial and full")
         if bool(((dense[0] | dense[1]) & ~reach).any()):
             raise ValueError("a selected block is fully masked by the causal/window geometry (future block)")
+        if self.window_start is not None:
+            full = full & self.rule_blocks()[0][:, None]
         if bool((dense[1] & ~full).any()):
             raise ValueError("a block listed as full needs an element mask: list it as partial")
         return self
@@ -394,8 +485,16 @@ class BlockMask:
             x.to(device)
             for x in (self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices)
         ]
+        rule = [None if x is None else x.to(device) for x in (self.window_start, self.sink_end)]
         return BlockMask(
-            *t, self.block_q, self.block_k, self.q_len, self.kv_len, self.is_causal, self.sliding_window
+            *t,
+            self.block_q,
+            self.block_k,
+            self.q_len,
+            self.kv_len,
+            self.is_causal,
+            self.sliding_window,
+            *rule,
         )
 
     def to_string(self, max_rows: int = 32, max_cols: int = 64) -> str:
@@ -417,6 +516,7 @@ class BlockMask:
     def __repr__(self) -> str:
         b, h, n_q, n_k = self.shape
         window = "" if self.sliding_window is None else f", sliding_window={self.sliding_window}"
+        window += "" if self.window_start is None else ", key rule (window_start, sink_end)"
         return (
             f"BlockMask(B={b}, H={h}, nQ={n_q}, nK={n_k}, block_q={self.block_q}, block_k={self.block_k}, "
             f"q_len={self.q_len}, kv_len={self.kv_len}, is_causal={self.is_causal}{window}, "

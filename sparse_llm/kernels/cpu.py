@@ -192,6 +192,8 @@ def _dense_prefix(block_mask: BlockMask) -> int:
         device=block_mask.device,
     )[0]
     dense_rows = (block_mask.to_dense() | ~reach).all(-1).flatten(0, 1).all(0)  # [nQ]
+    if block_mask.window_start is not None:  # the fused call knows no key rule: rows it masks nothing in
+        dense_rows &= block_mask.rule_blocks()[0].all(-1).all(0)
     return int(dense_rows.int().cumprod(0).sum())
 
 
@@ -345,7 +347,8 @@ class GatherPlan:
 
     ``calls`` lists written calls before merged ones. ``unwritten`` query blocks get no written call
     (no full block): they start from out = 0, lse = -inf, which is also the result of an empty row.
-    ``full`` and ``part`` are the mask's two block lists with rows mapped to the row heads.
+    ``full`` and ``part`` are the mask's two block lists with rows mapped to the row heads; ``rule`` is
+    the mask's key rule ``(window_start [B', Tq], sink_end [B'])``, applied with the element mask.
     """
 
     shapes: Shapes
@@ -354,6 +357,7 @@ class GatherPlan:
     part: _Blocks | None = None
     calls: list[ViewCall | GatherCall] = field(default_factory=list)
     unwritten: list[int] = field(default_factory=list)
+    rule: tuple[Tensor, Tensor] | None = None
 
 
 def plan_gather(
@@ -397,7 +401,9 @@ def plan_gather(
         if not call.merge:
             written[call.n0 : call.n1] = [True] * (call.n1 - call.n0)
     calls = [c for c in views + gathers if not c.merge] + [c for c in views + gathers if c.merge]
-    return GatherPlan(s, causal_blocks, full, part, calls, [n for n, w in enumerate(written) if not w])
+    unwritten = [n for n, w in enumerate(written) if not w]
+    rule = None if block_mask.window_start is None else (block_mask.window_start, block_mask.sink_end)
+    return GatherPlan(s, causal_blocks, full, part, calls, unwritten, rule)
 
 
 def _plan_views(full: _Blocks, part: _Blocks, s: Shapes, prefix: int, alone: list[bool]) -> list[ViewCall]:
@@ -471,6 +477,12 @@ class _Executor:
         first_block = torch.arange(s.b, device=dev)[:, None, None] * s.hkv + kv_head[:, None]
         self.base = first_block * s.n_k  # [B, Hr, 1]: flat id of each row head's block 0
         self.buffers: dict[str, Tensor] = {}
+        self.ws_rows = self.sink = None
+        if plan.rule is not None:  # the key rule per tile row: window starts [nQ, B', R], sink ends [B']
+            ws, sink = plan.rule
+            ws = F.pad(ws.long(), (0, s.n_q * s.block_q - s.q_len)).view(-1, s.n_q, s.block_q)
+            self.ws_rows = ws[..., row_pos].transpose(0, 1)
+            self.sink = sink.long()
 
     def run(self) -> tuple[Tensor, Tensor]:
         """(out [B, Hq, Tq, D] in q.dtype, lse [B, Hq, Tq] fp32) over [B, Tq, Hq, D] memory (HF's layout)."""
@@ -522,7 +534,8 @@ class _Executor:
 
     def _view(self, call: ViewCall) -> tuple[Tensor, Tensor]:
         """A ViewCall as tiles. The mask is built once for the first query block when every query block
-        sees the same relative pattern (stride * block_k == block_q), else per query block."""
+        sees the same relative pattern (stride * block_k == block_q; under a key rule also the same
+        window starts relative to the queries and no sink key in the run), else per query block."""
         s, dev, bk = self.s, self.dev, self.s.block_k
         ng, length = call.n1 - call.n0, call.count * bk
         shape, strides = (ng, s.b * s.hkv, length, s.d), (call.stride * bk * s.d, s.n_k * bk * s.d, s.d, 1)
@@ -533,12 +546,18 @@ class _Executor:
         first = call.start + torch.arange(ng, device=dev)[:, None] * call.stride
         kpos = first * bk + torch.arange(length, device=dev)  # [ng, L]
         same_pattern = call.stride * bk == s.block_q
-        qpos = self.pos_q[call.n0 : call.n0 + 1 if same_pattern else call.n1]  # [ng' = 1 or ng, R]
+        if self.ws_rows is not None and same_pattern:  # the key rule moves with the queries, sinks do not
+            rel = self.ws_rows[call.n0 : call.n1] - self.pos_q[call.n0 : call.n1, None]
+            same_pattern = bool((rel == rel[:1]).all()) and int(kpos[0, 0]) >= int(self.sink.max())
+        n1 = call.n0 + 1 if same_pattern else call.n1
+        qpos = self.pos_q[call.n0 : n1]  # [ng' = 1 or ng, R]
         dist = qpos[:, :, None] - kpos[: qpos.shape[0], None, :]
         allowed = dist >= 0  # [ng', R, L]; also drops the Tk tail (keys past every real query)
         if self.window is not None:
             allowed &= dist < self.window
         allowed = allowed[:, None, None]  # [ng', 1, 1, R, L]
+        if self.ws_rows is not None:
+            allowed = allowed & self._rule(kpos[: qpos.shape[0], None, None, None, :], call.n0, n1)
         if self.key_ok is not None:
             allowed = allowed & self.key_ok[:, kpos].transpose(0, 1)[:, :, None, None, :]  # [ng, B, 1, R, L]
         bias = empty = None
@@ -603,7 +622,15 @@ class _Executor:
             allowed = allowed & (dist >= 0)
             if self.window is not None:
                 allowed = allowed & (dist < self.window)
+            if self.ws_rows is not None:
+                allowed = allowed & self._rule(pos[..., None, :], n0, n1)
         return allowed
+
+    def _rule(self, pos: Tensor, n0: int, n1: int) -> Tensor:
+        """The key rule for query blocks [n0, n1): bool [ng, B', 1, R, L] from key positions ``pos``
+        (broadcastable to [ng, *, *, 1, L]): key >= the row's window start, or a sink."""
+        ws = self.ws_rows[n0:n1, :, None, :, None]
+        return (pos >= ws) | (pos < self.sink[None, :, None, None, None])
 
     def _workspace(self, name: str, n_blocks: int) -> Tensor:
         """[n_blocks, block_k, D] fp32 reused by every gather of this call: a fresh large tensor per

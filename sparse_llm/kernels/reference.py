@@ -42,6 +42,10 @@ def element_mask(
     if sliding_window is not None:
         allowed &= pos_k > pos_q - sliding_window
     mask = dense & allowed
+    if block_mask.window_start is not None:  # the key rule (BlockMask docstring), per batch row
+        ws, sink = block_mask.window_start.to(device), block_mask.sink_end.to(device)
+        rule = (pos_k[None] >= ws[:, :, None]) | (pos_k[None] < sink[:, None, None])  # [B', Tq, Tk]
+        mask = mask & rule[:, None, None]
     if key_padding_mask is not None:
         mask = mask & key_padding_mask.to(device)[:, None, None, None, :]
     return mask

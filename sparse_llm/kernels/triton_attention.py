@@ -2,8 +2,8 @@
 
 Layout follows fla: ``@triton.jit`` kernel -> launcher (strides, tiles, grid) -> public function.
 One program per (query tile, b * Hq + hq). It walks its BlockMask row: the full blocks without an
-element mask, then the partial ones with the causal/window mask, with the flash-attention online
-softmax in fp32 (base-2 exponent, converted to a natural-log LSE at the end).
+element mask, then the partial ones with the causal/window mask (and the mask's key rule), with the
+flash-attention online softmax in fp32 (base-2 exponent, converted to a natural-log LSE at the end).
 
 Tile limits are handled here, never put on callers: the head dim is padded to a power of two >= 16
 with masked loads; query/key tiles are mask blocks split into (or padded up to) 16..64-wide tiles.
@@ -63,6 +63,8 @@ def _tile(
     scale,
     softcap,
     window,
+    ws,
+    sink,
     BLOCK_N: tl.constexpr,
     COLS: tl.constexpr,
     PARTIAL: tl.constexpr,
@@ -70,6 +72,7 @@ def _tile(
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    HAS_RULE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     cols = tl.arange(0, BLOCK_N)
@@ -96,6 +99,8 @@ def _tile(
         allowed = allowed & (dist >= 0)
         if HAS_WINDOW:
             allowed = allowed & (dist < window)
+        if HAS_RULE:  # key rule: j >= the row's window start, or a sink
+            allowed = allowed & ((offs_n[None, :] >= ws[:, None]) | (offs_n[None, :] < sink))
     s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # empty so far: exp2(-inf - 0) = 0, not NaN
@@ -123,6 +128,8 @@ def _block_sparse_fwd(
     Out,
     Lse,
     KPM,
+    WS,
+    SinkEnd,
     FullNum,
     FullIdx,
     PartNum,
@@ -144,6 +151,7 @@ def _block_sparse_fwd(
     sot,
     sod,
     s_pad_b,
+    s_rule_b,
     s_num_b,
     s_num_h,
     s_num_q,
@@ -175,6 +183,7 @@ def _block_sparse_fwd(
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    HAS_RULE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -201,6 +210,11 @@ def _block_sparse_fwd(
     k_ptr = K + b64 * skb + hkv.to(tl.int64) * skh
     v_ptr = V + b64 * svb + hkv.to(tl.int64) * svh
     kpm_ptr = KPM + b64 * s_pad_b
+    ws = tl.zeros([BLOCK_M], dtype=tl.int32)
+    sink = 0
+    if HAS_RULE:
+        ws = tl.load(WS + b * s_rule_b * q_len + offs_m, mask=row_ok, other=0)
+        sink = tl.load(SinkEnd + b * s_rule_b)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -231,6 +245,8 @@ def _block_sparse_fwd(
                 scale,
                 softcap,
                 window,
+                ws,
+                sink,
                 BLOCK_N,
                 COLS,
                 False,
@@ -238,6 +254,7 @@ def _block_sparse_fwd(
                 HAS_WINDOW,
                 HAS_SOFTCAP,
                 HAS_PAD,
+                HAS_RULE,
                 UPCAST,
             )
     n_part = tl.load(PartNum + b * s_num_b + hm * s_num_h + n * s_num_q)
@@ -265,6 +282,8 @@ def _block_sparse_fwd(
                 scale,
                 softcap,
                 window,
+                ws,
+                sink,
                 BLOCK_N,
                 COLS,
                 True,
@@ -272,6 +291,7 @@ def _block_sparse_fwd(
                 HAS_WINDOW,
                 HAS_SOFTCAP,
                 HAS_PAD,
+                HAS_RULE,
                 UPCAST,
             )
 
@@ -314,6 +334,7 @@ def _constants(q: Tensor, block_mask: BlockMask, causal, softcap, sliding_window
         HAS_WINDOW=sliding_window is not None,
         HAS_SOFTCAP=softcap is not None,
         HAS_PAD=key_padding_mask is not None,
+        HAS_RULE=block_mask.window_start is not None,
         UPCAST=upcast,
     )
 
@@ -344,6 +365,10 @@ def triton_block_sparse_attention(
     num_f, num_p = block_mask.full_kv_num_blocks.contiguous(), block_mask.kv_num_blocks.contiguous()
     idx_f, idx_p = block_mask.full_kv_indices.contiguous(), block_mask.kv_indices.contiguous()
     kpm = num_f if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
+    rule = block_mask.window_start is not None
+    ws = block_mask.window_start.contiguous() if rule else num_f  # [B', Tq] int32 (unread without a rule)
+    sink_end = block_mask.sink_end.contiguous() if rule else num_f
+    rule_batch_stride = 1 if rule and ws.shape[0] > 1 else 0  # in units of rows: b * stride * Tq
 
     def batch_stride(t: Tensor) -> int:  # a batch-1 mask is shared by every batch row
         return 0 if mb == 1 else t.stride(0)
@@ -356,6 +381,8 @@ def triton_block_sparse_attention(
         out,
         lse,
         kpm,
+        ws,
+        sink_end,
         num_f,
         idx_f,
         num_p,
@@ -365,6 +392,7 @@ def triton_block_sparse_attention(
         *v.stride(),
         *out.stride(),
         0 if key_padding_mask is None else kpm.stride(0),
+        rule_batch_stride,
         batch_stride(num_f),
         num_f.stride(1),
         num_f.stride(2),
