@@ -44,7 +44,7 @@ IDS = random_ids(1, SEQ, seed=11)
 # it (positions, per-block scores, per-key norms): chunked on the block grid they pick the blocks of
 # the whole prompt. The others score with prompt-wide statistics (clusters, chunk boundaries, key
 # standard deviations, the last queries' attention), which a chunk computes over its own context.
-CHUNK_INVARIANT = ("streaming", "block_topk", "xattention", "dma", "lightning", "lla")
+CHUNK_INVARIANT = ("streaming", "neighborhood", "block_topk", "xattention", "dma", "lightning", "lla")
 
 
 def method_class(name: str):
@@ -139,7 +139,8 @@ def test_generate_with_prefill_chunk_size_at_exact_params_gives_the_sdpa_tokens(
 
 def row_limit(method, kv_len: int) -> int | None:
     """Most key blocks a (non dense-tail) query block may select: the budget of a budgeted method,
-    else sinks plus window (one more block: a window off the block grid straddles one)."""
+    else sinks plus the keys of the block's windows (one more block: a run off the block grid
+    straddles one)."""
     if isinstance(method, BudgetedMethod):
         return method.budget_blocks
     base = getattr(method, "_base", None)  # lla: its base method's blocks
@@ -147,8 +148,14 @@ def row_limit(method, kv_len: int) -> int | None:
         return row_limit(base, kv_len)
     if not hasattr(method, "sink_tokens"):
         return None
-    local = method.window(kv_len) if hasattr(method, "window") else method.local_tokens
     bs = method.block_size
+    window = getattr(method, "window", None)
+    if callable(window):  # deltallm: a window that grows with the context
+        local = window(kv_len)
+    elif window is not None:  # neighborhood: per-query windows, the block's first query reaches back furthest
+        local = window + method.halo + bs - 1
+    else:
+        local = method.local_tokens
     return -(-method.sink_tokens // bs) + -(-local // bs) + 1
 
 
