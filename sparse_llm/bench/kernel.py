@@ -1,13 +1,23 @@
 """``sparse-llm bench kernel``: the block-sparse kernel alone against the ideal 1/density speedup.
 
 For each length and target density, one mask per pattern: ``window`` (a sink block + a local window,
-the contiguous case) and ``random`` (per query block, random reachable blocks plus the diagonal, the
-scattered case of the selection methods). Each is timed with our kernel, and compared with our own
-kernel on the full causal mask (``dense``: what the ideal 1/density speedup is relative to), PyTorch
-SDPA (causal; the flash backend on CUDA half precision) and, optionally, compiled FlexAttention on
-the same BlockMask. Inputs are random, fp32 by default, batch 1, bottom-right causal, Tq = Tk.
-Warm-up (and compilation) is untimed; the device is synchronized around every timed call; the
-median of ``repeats`` runs is reported.
+the contiguous case), ``random`` (per query block, random reachable blocks plus the diagonal, the
+scattered case of the selection methods) and the ``neighborhood`` method's patterns (``NEIGHBORHOODS``:
+strided and blocked windows on the block grid, GNA's perfectly block-sparse case, and sliding,
+strided and blocked + halo windows off it, whose cut blocks are partial). Each is timed with our
+kernel, and compared with our own kernel on the full causal mask (``dense``: what the ideal
+1/density speedup is relative to), PyTorch SDPA (causal; the flash backend on CUDA half precision)
+and, optionally, compiled FlexAttention on the same BlockMask. Inputs are random, fp32 by default,
+batch 1, bottom-right causal, Tq = Tk. Warm-up (and compilation) is untimed; the device is
+synchronized around every timed call; the median of ``repeats`` runs is reported.
+
+Beside the ideal 1/density each row gives an ``expected`` speedup that prices partial blocks (those
+needing an element mask) apart from full ones: ``(F_d + x P_d) / (F + x P)``, with F, P the mask's
+full and partial blocks, F_d, P_d those of the dense causal mask and x = the cost of a partial block
+over a full one, measured in the same run: the ``random`` mask of the row's target density is timed
+as built (t_f) and with every block partial (t_p, ``as_partial()``), and t_f = c (F_r + x P_r),
+t_p = c x (F_r + P_r) give x. The gap from the ideal to ``expected`` is the pattern's (its partial
+blocks), the gap from ``expected`` to the measured speedup the kernel's.
 """
 
 from __future__ import annotations
@@ -32,7 +42,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PATTERNS = ("window", "random")
+# neighborhood patterns: (stride, halo, window step, fewest window tokens) per block size b; the
+# window is chosen for the target density. Strides and windows on the grid give only full blocks
+# off the causal diagonal.
+NEIGHBORHOODS = {
+    "nbh_aligned": lambda b: dict(stride=b, halo=0, step=b, least=b),  # strided, on the grid
+    "nbh_blocked": lambda b: dict(stride=None, halo=0, step=b, least=b),  # stride == window, on the grid
+    "nbh_sliding": lambda b: dict(stride=1, halo=0, step=1, least=1),
+    "nbh_strided": lambda b: dict(stride=3 * b // 2, halo=0, step=1, least=3 * b // 2),
+    "nbh_halo": lambda b: dict(stride=None, halo=b // 2, step=1, least=1),  # blocked + halo, off the grid
+}
+PATTERNS = ("window", "random", *NEIGHBORHOODS)
 
 
 @dataclass
@@ -41,7 +61,7 @@ class KernelBenchConfig:
 
     lengths: tuple[int, ...] = (8192,)
     densities: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 1.0)
-    patterns: tuple[str, ...] = PATTERNS
+    patterns: tuple[str, ...] = ("window", "random")  # any of PATTERNS
     q_heads: int = 4
     kv_heads: int = 1
     head_dim: int = 256
@@ -65,6 +85,15 @@ class KernelBenchConfig:
             raise ValueError("repeats must be >= 1 and every length at least one block")
 
 
+def _nearest(make: Callable[[int], BlockMask], lo: int, hi: int, step: int, density: float) -> int:
+    """The width in [lo, hi] (multiples of ``step`` above ``lo``) whose mask's density is nearest
+    ``density``; the density grows with the width, so bisect."""
+    while hi - lo > step:
+        mid = lo + (hi - lo) // 2 // step * step
+        lo, hi = (mid, hi) if make(mid).density() < density else (lo, mid)
+    return min((lo, hi), key=lambda w: abs(make(w).density() - density))
+
+
 def window_mask(length: int, block: int, density: float, device) -> BlockMask:
     """Sink (one block) + local window, the window width chosen so the density is nearest the target."""
 
@@ -79,11 +108,30 @@ def window_mask(length: int, block: int, density: float, device) -> BlockMask:
             device=device,
         )
 
-    lo, hi = block, -(-length // block) * block  # density grows with the width: bisect on blocks
-    while hi - lo > block:
-        mid = (lo + hi) // 2 // block * block
-        lo, hi = (mid, hi) if make(mid).density() < density else (lo, mid)
-    return min((make(lo), make(hi)), key=lambda m: abs(m.density() - density))
+    return make(_nearest(make, block, -(-length // block) * block, block, density))
+
+
+def neighborhood_mask(
+    pattern: str, length: int, block: int, density: float, device
+) -> tuple[BlockMask, dict]:
+    """The ``neighborhood`` method's mask for one of ``NEIGHBORHOODS`` (one sink block), the window
+    chosen so the density is nearest the target; returns (mask, the method's parameters)."""
+    from sparse_llm import get_method
+    from sparse_llm.backends import LayerCall
+
+    spec = NEIGHBORHOODS[pattern](block)
+    x = torch.empty(1, 1, length, 1, device=device)
+
+    def params(window: int) -> dict:
+        stride = window if spec["stride"] is None else spec["stride"]
+        return dict(block_size=block, window=window, stride=stride, halo=spec["halo"], sink_tokens=block)
+
+    def make(window: int) -> BlockMask:
+        return get_method("neighborhood", **params(window)).block_mask(x, x, x, LayerCall(0, 1.0))
+
+    hi = -(-length // spec["step"]) * spec["step"]
+    window = _nearest(make, spec["least"], hi, spec["step"], density)
+    return make(window), params(window)
 
 
 def random_mask(length: int, block: int, density: float, device, seed: int = 0) -> BlockMask:
@@ -137,7 +185,8 @@ def to_flex_block_mask(mask: BlockMask) -> FlexBlockMask:
     ``kv_indices [B, H, nQ, maxK]``, plus the optional full-block pair); flex wants the index rows
     padded to ``nK`` entries, which is done here (entries past the count are ignored). Partial blocks
     get a bottom-right causal ``mask_mod`` (queries are the last ``q_len`` of ``kv_len`` positions),
-    so the result matches :func:`sparse_llm.kernels.block_sparse_attention` with ``causal=True``.
+    with the mask's key rule if it has one, so the result matches
+    :func:`sparse_llm.kernels.block_sparse_attention` with ``causal=True``.
     """
     from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
 
@@ -145,6 +194,14 @@ def to_flex_block_mask(mask: BlockMask) -> FlexBlockMask:
 
     def causal(b, h, q_idx, kv_idx):
         return kv_idx <= q_idx + offset
+
+    if mask.window_start is not None:  # the key rule of a batch-1 mask (the bench's)
+        if mask.window_start.shape[0] != 1:
+            raise NotImplementedError("to_flex_block_mask: a key rule per batch row is not supported")
+        window_start, sink_end = mask.window_start[0], mask.sink_end[0]
+
+        def causal(b, h, q_idx, kv_idx):  # noqa: F811 (the same rule plus the key rule)
+            return (kv_idx <= q_idx + offset) & ((kv_idx >= window_start[q_idx]) | (kv_idx < sink_end))
 
     def pad(idx):
         return F.pad(idx, (0, n_k - idx.shape[-1]))
@@ -168,9 +225,28 @@ def _flex(q, k, v, mask: BlockMask):
     return lambda: compiled(q, k, v, block_mask=flex_mask, enable_gqa=True)
 
 
-def _row(config, length, pattern, mask, name, times, dense_s) -> dict:
+def _blocks(mask: BlockMask) -> tuple[int, int]:
+    """(full, partial) selected blocks over all rows."""
+    return int(mask.full_kv_num_blocks.sum()), int(mask.kv_num_blocks.sum())
+
+
+def partial_cost(mask: BlockMask, t_full: float, t_partial: float) -> float:
+    """x = cost of a partial block / cost of a full one, from ``mask`` timed as built (``t_full``) and
+    with every block partial (``t_partial``): t_full = c (F + x P), t_partial = c x (F + P)."""
+    full, part = _blocks(mask)
+    return t_partial * full / (t_full * (full + part) - t_partial * part)
+
+
+def expected_speedup(mask: BlockMask, dense: BlockMask, x: float) -> float:
+    """Speedup over ``dense`` if a full block costs 1 and a partial one ``x``: the pattern's bound."""
+    (full_d, part_d), (full, part) = _blocks(dense), _blocks(mask)
+    return (full_d + x * part_d) / (full + x * part)
+
+
+def _row(config, length, pattern, mask, name, times, dense_s, expected=None, **extra) -> dict:
     median = statistics.median(times)
     density = mask.density() if mask is not None else 1.0
+    full, part = _blocks(mask) if mask is not None else (None, None)
     # Attended (query, key) pairs of the causal triangle, times heads: 4 flops each (QK^T and PV).
     flops = 4 * config.q_heads * config.head_dim * density * length * (length + 1) / 2
     return {
@@ -178,13 +254,26 @@ def _row(config, length, pattern, mask, name, times, dense_s) -> dict:
         "pattern": pattern,
         "impl": name,
         "density": density,
+        "full_blocks": full,
+        "partial_blocks": part,
         "median_ms": median * 1e3,
         "spread_ms": (max(times) - min(times)) * 1e3,
         "speedup_vs_dense": dense_s / median,
         "ideal": 1 / density,
         "fraction_of_ideal": dense_s / median * density,
+        "expected": expected,
+        "fraction_of_expected": None if expected is None else dense_s / median / expected,
         "tflops": flops / median / 1e12,
+        **extra,
     }
+
+
+def _pattern_mask(pattern: str, length: int, block: int, density: float, device) -> tuple[BlockMask, dict]:
+    """(mask, the neighborhood method's parameters or {}) of one pattern at one target density."""
+    if pattern in NEIGHBORHOODS:
+        return neighborhood_mask(pattern, length, block, density, device)
+    make = window_mask if pattern == "window" else random_mask
+    return make(length, block, density, device), {}
 
 
 def run_kernel_bench(config: KernelBenchConfig, out=None, progress: bool = False) -> dict:
@@ -204,20 +293,42 @@ def run_kernel_bench(config: KernelBenchConfig, out=None, progress: bool = False
         )
         dense_times = _time(_ours(q, k, v, dense), config.repeats, device)
         dense_s = statistics.median(dense_times)
-        rows.append(_row(config, length, "causal", dense, "ours", dense_times, dense_s))
+        rows.append(_row(config, length, "causal", dense, "ours", dense_times, dense_s, 1.0))
         sdpa_times = _time(_sdpa(q, k, v), config.repeats, device)
         rows.append(_row(config, length, "causal", None, "sdpa", sdpa_times, dense_s))
         bar.update()
+        # The partial block's cost x per target density: the random mask as built and all partial.
+        costs, random_times = {}, {}
+        for density in config.densities:
+            mask = random_mask(length, config.block_size, density, device)
+            random_times[density] = _time(_ours(q, k, v, mask), config.repeats, device)
+            t_partial = _time(_ours(q, k, v, mask.as_partial()), config.repeats, device)
+            costs[density] = partial_cost(
+                mask, statistics.median(random_times[density]), statistics.median(t_partial)
+            )
         for pattern in config.patterns:
             for density in config.densities:
-                make = window_mask if pattern == "window" else random_mask
-                mask = make(length, config.block_size, density, device)
+                mask, params = _pattern_mask(pattern, length, config.block_size, density, device)
                 impls = {"ours": _ours(q, k, v, mask)}
                 if config.flex:
                     impls["flex"] = _flex(q, k, v, mask)
                 for name, fn in impls.items():
+                    reuse = name == "ours" and pattern == "random"  # timed above, same mask and inputs
+                    times = random_times[density] if reuse else _time(fn, config.repeats, device)
+                    expected = expected_speedup(mask, dense, costs[density]) if name == "ours" else None
                     rows.append(
-                        _row(config, length, pattern, mask, name, _time(fn, config.repeats, device), dense_s)
+                        _row(
+                            config,
+                            length,
+                            pattern,
+                            mask,
+                            name,
+                            times,
+                            dense_s,
+                            expected,
+                            partial_cost=costs[density],
+                            params=params,
+                        )
                     )
                 bar.update()
     bar.close()
@@ -228,13 +339,20 @@ def run_kernel_bench(config: KernelBenchConfig, out=None, progress: bool = False
 
 
 def kernel_markdown(rows: list[dict]) -> str:
+    """The report as a table; ``expected`` prices partial blocks at the row's measured cost x."""
     lines = [
-        "| length | pattern | impl | density | ms (median) | speedup vs our dense | ideal | % of ideal |",
-        "|---|---|---|---|---|---|---|---|",
+        "| length | pattern | impl | density | full / partial blocks | ms (median) | speedup vs our dense "
+        "| ideal | % of ideal | x (partial / full) | expected | % of expected |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        blocks = "-" if r.get("full_blocks") is None else f"{r['full_blocks']} / {r['partial_blocks']}"
+        cost = "-" if r.get("partial_cost") is None else f"{r['partial_cost']:.2f}"
+        expected = "-" if r.get("expected") is None else f"{r['expected']:.2f}x"
+        of_expected = "-" if r.get("expected") is None else f"{r['fraction_of_expected']:.0%}"
         lines.append(
-            f"| {r['length']} | {r['pattern']} | {r['impl']} | {r['density']:.3f} | {r['median_ms']:.1f} "
-            f"| {r['speedup_vs_dense']:.2f}x | {r['ideal']:.2f}x | {r['fraction_of_ideal']:.0%} |"
+            f"| {r['length']} | {r['pattern']} | {r['impl']} | {r['density']:.3f} | {blocks} "
+            f"| {r['median_ms']:.1f} | {r['speedup_vs_dense']:.2f}x | {r['ideal']:.2f}x "
+            f"| {r['fraction_of_ideal']:.0%} | {cost} | {expected} | {of_expected} |"
         )
     return "\n".join(lines)
