@@ -215,9 +215,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"%(prog)s {sparse_llm.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub, list_models())
+    _add_bench(sub)
+    _add_eval(sub, parser, argv)
+    sub.add_parser("methods", help="list the sparse-attention methods").set_defaults(func=_cmd_methods)
+    sub.add_parser("models", help="list the embedded models").set_defaults(func=_cmd_models)
+    return parser
 
+
+def _add_demo(sub, models) -> None:
     demo = sub.add_parser("demo", help="needle-in-a-haystack prefill demo on an embedded model")
-    demo.add_argument("--model", default="gemma3-270m", choices=list(list_models()), help="embedded model")
+    demo.add_argument("--model", default="gemma3-270m", choices=list(models), help="embedded model")
     demo.add_argument("--context-tokens", type=_positive_int, default=4096, help="prompt length in tokens")
     demo.add_argument(
         "--methods",
@@ -227,6 +235,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=_cmd_demo)
 
+
+def _add_bench(sub) -> None:
     bench = sub.add_parser(
         "bench",
         help="prefill latency and peak memory per method and length; or the kernel alone",
@@ -287,6 +297,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     kernel.add_argument("--flex", action="store_true", help="also time compiled flex_attention")
     bench.set_defaults(func=_cmd_bench)
 
+
+def _add_eval(sub, parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
     evaluate = sub.add_parser("eval", help="run an evaluation (niah, sweep, mqar, longbench, lm-eval)")
     tasks = evaluate.add_subparsers(dest="task", required=True)
     from sparse_llm.eval import list_tasks, task_module
@@ -306,10 +318,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                 parser.exit(2, f"sparse-llm: error: {err}\n")
             module.add_arguments(task)
             task.set_defaults(func=module.run_from_args)
-
-    sub.add_parser("methods", help="list the sparse-attention methods").set_defaults(func=_cmd_methods)
-    sub.add_parser("models", help="list the embedded models").set_defaults(func=_cmd_models)
-    return parser
 
 
 def _lm_eval_argv(argv: list[str]) -> list[str] | None:
