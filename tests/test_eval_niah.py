@@ -235,6 +235,19 @@ def test_heatmap_from_a_hand_written_folder(tmp_path):
     assert pixels["green"] > 500 and pixels["red"] == 0 and pixels["grey"] < 0.01 * pixels["green"], pixels
 
 
+def test_grid_scores_ruler_records_by_string_match_all(tmp_path):
+    write_folder(tmp_path / "run", {("sdpa", 1024, 0.0): False, ("sdpa", 1024, 0.5): True}, methods=("sdpa",))
+    lines = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()[:2]
+    records = [json.loads(line) for line in lines]
+    records[0]["string_match_all"], records[1]["string_match_all"] = (
+        1.0,
+        0.0,
+    )  # the value inside a longer word
+    (tmp_path / "run" / "samples.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    exact = plots.niah_grid(tmp_path / "run")["methods"]["sdpa"]["exact"]
+    assert exact[0, 0] == 1.0 and exact[1, 0] == 0.0
+
+
 def test_heatmap_needs_a_niah_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         plots.plot_niah(tmp_path)

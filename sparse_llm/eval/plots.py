@@ -43,7 +43,8 @@ def niah_grid(folder: str | os.PathLike) -> dict:
 
     Returns ``{"config", "lengths", "depths", "methods"}`` where ``methods`` maps each method name (in
     the run's order) to ``{"label", "exact", "rouge1"}``: float arrays ``[len(depths), len(lengths)]``
-    of exact match (1/0) and ROUGE-1 recall, NaN for cells not run.
+    of the protocol's score (exact match 1/0; RULER's ``string_match_all`` under ``--protocol ruler``)
+    and ROUGE-1 recall, NaN for cells not run.
     """
     config_path = Path(folder) / CONFIG_FILE
     if not config_path.is_file():
@@ -64,7 +65,7 @@ def niah_grid(folder: str | os.PathLike) -> dict:
             continue  # a record from outside this grid
         cell = rows[0], lengths.index(record["length"])
         method["label"] = record.get("label", method["label"])
-        method["exact"][cell] = float(record["exact_match"])
+        method["exact"][cell] = float(record.get("string_match_all", record["exact_match"]))
         method["rouge1"][cell] = float(record["rouge1_recall"])
     return {"config": config, "lengths": lengths, "depths": depths, "methods": methods}
 
