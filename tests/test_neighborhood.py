@@ -355,3 +355,26 @@ def test_cpu_kernel_applies_the_key_rule_without_fused_op(case, monkeypatch):
     q, k, v, mask, kwargs = build(case)
     out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl="cpu", **kwargs)
     check_attention(out, lse, q, k, v, mask, kwargs)
+
+
+@pytest.mark.parametrize(
+    "params, q_len, kv_len",
+    [
+        pytest.param(dict(window=64, stride=64, sink_tokens=16), 256, 256, id="blocked-sinks"),
+        pytest.param(dict(window=48, stride=48, halo=8, sink_tokens=0), 192, 240, id="halo-chunk"),
+        pytest.param(dict(window=64, stride=32, sink_tokens=16), 160, 160, id="strided-aligned"),
+    ],
+)
+def test_cpu_kernel_runs_block_diagonal_rows_as_causal_calls(params, q_len, kv_len):
+    """Query blocks that select every block from a common start to their own take one fused causal
+    call (blocked attention), with merged views for sinks and cut first blocks; same result."""
+    method = sparse_llm.get_method("neighborhood", block_size=16, **params)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, h, t, 32, generator=gen) for h, t in ((4, q_len), (2, kv_len), (2, kv_len)))
+    mask = method.block_mask(q, k, v, LayerCall(0, 32**-0.5))
+    shapes = cpu_kernel.Shapes.of(q, k, mask)
+    plan = cpu_kernel.plan_gather(mask, shapes, causal=True, sliding_window=None, padding=False, fused=True)
+    causal_calls = [c for c in plan.calls if isinstance(c, cpu_kernel.CausalCall)]
+    assert causal_calls and all(c.n1 - c.n0 >= 2 for c in causal_calls)
+    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, scale=32**-0.5, impl="cpu")
+    check_attention(out, lse, q, k, v, mask, dict(scale=32**-0.5))

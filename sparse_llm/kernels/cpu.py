@@ -6,7 +6,9 @@ ways to feed it, cheapest first:
 
 1. A mask covering the whole causal triangle (``dense`` on a global layer) is one fused call with
    ``is_causal``, so the flash kernel skips the masked half itself (``_causal_attention``); so are the
-   leading query blocks that select every block they can see (the first ``budget`` of a top-k method).
+   leading query blocks that select every block they can see (the first ``budget`` of a top-k method),
+   and any run of query blocks that select every block from a common start to their own (blocked
+   attention: one causal call per block of queries; their sinks and cut first blocks are merged views).
 2. Where every query block's selected blocks are one or two contiguous runs whose starts move by a fixed
    stride (sliding windows: block_q / block_k blocks per query block; sinks: 0), each run of a segment
    is an ``as_strided`` view of K/V (no copy), and its mask is the causal/window rule built once for
@@ -206,7 +208,7 @@ def _causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, op) -> tupl
     out, lse = op(q32, k32[:, :, prefix:], v32[:, :, prefix:], is_causal=True, scale=scale)
     if prefix:
         out, lse = merge_attention(out, lse, *op(q32, k32[:, :, :prefix], v32[:, :, :prefix], scale=scale))
-    return out.to(q.dtype), lse
+    return out, lse  # fp32: a caller may merge more into it
 
 
 def _selected_runs(full: _Blocks, part: _Blocks, n_k: int) -> list[tuple[tuple[int, int], ...] | None]:
@@ -315,6 +317,18 @@ class ViewCall:
 
 
 @dataclass(frozen=True)
+class CausalCall:
+    """One fused ``is_causal`` call (``_causal_attention``) for query blocks [n0, n1) over the keys from
+    block ``start`` to their own positions: each of them selects that run, full but for its diagonal
+    block, which only the causal rule cuts. Written, never merged."""
+
+    n0: int
+    n1: int
+    start: int
+    merge: bool = False
+
+
+@dataclass(frozen=True)
 class GatherCall:
     """One attention call for query blocks [n0, n1) over their selected ``full`` and/or ``partial``
     blocks, gathered by one ``index_select`` (a slice when one query block's blocks form one run). Rows
@@ -340,6 +354,8 @@ class GatherPlan:
     - the fused ``is_causal`` call, for n < ``causal_blocks`` (0 or at least 2 leading query blocks that
       select every block the causal geometry reaches; ``causal_blocks == nQ``: that call is all, and
       ``full``/``part`` are None, ``calls`` empty);
+    - a ``CausalCall`` (written) for a run of query blocks that select every block from a common start
+      to their diagonal, with ``ViewCall``s for their sinks and cut first blocks (merged);
     - ``ViewCall``s (causal, one mask row per KV head, block_q a multiple of block_k): its first key
       run (written) and the second run of sink + local rows (merged);
     - ``GatherCall``s: full + partial blocks in one call (written), or its full blocks (written) and
@@ -355,7 +371,7 @@ class GatherPlan:
     causal_blocks: int
     full: _Blocks | None = None
     part: _Blocks | None = None
-    calls: list[ViewCall | GatherCall] = field(default_factory=list)
+    calls: list[CausalCall | ViewCall | GatherCall] = field(default_factory=list)
     unwritten: list[int] = field(default_factory=list)
     rule: tuple[Tensor, Tensor] | None = None
 
@@ -391,9 +407,11 @@ def plan_gather(
     part = block_list(block_mask.kv_num_blocks, block_mask.kv_indices, causal)
     causal_blocks = prefix if prefix > 1 else 0  # a lone dense block is left to the gathers
     alone = [n >= causal_blocks for n in range(s.n_q)]  # not yet served by a call
-    views: list[ViewCall] = []
+    views: list[CausalCall | ViewCall] = []
+    if causal and sliding_window is None and not padding and fused and not s.per_q_head:
+        views = _plan_causal_runs(block_mask, full, part, s, prefix, alone)
     if causal and not s.per_q_head and s.block_q % s.block_k == 0:
-        views = _plan_views(full, part, s, prefix, alone)
+        views += _plan_views(full, part, s, prefix, alone)
     gathers = _plan_gathers(full, part, s, alone)
     written = [False] * s.n_q
     written[:causal_blocks] = [True] * causal_blocks
@@ -406,12 +424,65 @@ def plan_gather(
     return GatherPlan(s, causal_blocks, full, part, calls, unwritten, rule)
 
 
+def _causal_run_keys(block_mask: BlockMask, full: _Blocks, part: _Blocks, s: Shapes, prefix: int) -> list:
+    """Per query block, ``(start, head, sink run)`` when its selection (the same in every mask row) is
+    an optional sink run plus one run ``[start, diagonal]`` whose partial blocks are its first ``head``
+    blocks and its diagonal block, which only the causal rule cuts; else None."""
+    off, bk = s.kv_len - s.q_len, s.block_k
+    if s.block_q != bk or off % bk:
+        return [None] * s.n_q
+    runs = _selected_runs(full, part, s.n_k)
+    counts = part.slot_ok.sum(-1)  # [Bm, Hr, nQ]
+    same = ((part.idx == part.idx[:1, :1]) | ~part.slot_ok).all(-1) & (counts == counts[:1, :1])
+    same = same.flatten(0, 1).all(0).tolist()
+    rule_ok = None if block_mask.window_start is None else block_mask.rule_blocks()[0].all(0)
+    partial_rows = part.idx[0, 0].tolist()
+    keys: list = [None] * s.n_q
+    last = s.n_q if s.q_len % s.block_q == 0 else s.n_q - 1  # a ragged last query block is left out
+    for n in range(prefix, last):
+        diag = n + off // bk
+        if runs[n] is None or not same[n] or sum(runs[n][-1]) - 1 != diag:
+            continue
+        (start, _), partial = runs[n][-1], partial_rows[n][: part.counts[n]]
+        head = len(partial) - 1
+        if partial[-1:] != [diag] or partial[:-1] != list(range(start, start + head)):
+            continue
+        if rule_ok is not None and not bool(rule_ok[n, diag]):
+            continue
+        keys[n] = (start, head, runs[n][0] if len(runs[n]) == 2 else None)
+    return keys
+
+
+def _plan_causal_runs(
+    block_mask: BlockMask, full: _Blocks, part: _Blocks, s: Shapes, prefix: int, alone: list[bool]
+) -> list[CausalCall | ViewCall]:
+    """A ``CausalCall`` for each run of at least two query blocks past ``prefix`` with the same
+    ``_causal_run_keys``, plus merged ``ViewCall``s (stride 0) for its cut first blocks and its sinks.
+    Marks them served in ``alone``."""
+    keys = _causal_run_keys(block_mask, full, part, s, prefix)
+    calls: list[CausalCall | ViewCall] = []
+    n = prefix
+    while n < s.n_q:
+        n1 = n + 1
+        while n1 < s.n_q and keys[n] is not None and keys[n1] == keys[n]:
+            n1 += 1
+        if keys[n] is not None and n1 - n >= 2:
+            start, head, sink = keys[n]
+            calls.append(CausalCall(n, n1, start + head))
+            calls += [ViewCall(n, n1, start, head, 0, merge=True)] if head else []
+            calls += [ViewCall(n, n1, sink[0], sink[1], 0, merge=True)] if sink else []
+            alone[n:n1] = [False] * (n1 - n)
+        n = n1
+    return calls
+
+
 def _plan_views(full: _Blocks, part: _Blocks, s: Shapes, prefix: int, alone: list[bool]) -> list[ViewCall]:
     """View calls for the query blocks past ``prefix`` whose selected blocks are one or two contiguous
     runs moving by a fixed stride (windows, sink + local), in segments of at least two query blocks (a
     lone block is left to the gathers, which batch equal counts). Marks them served in ``alone``."""
     runs = _selected_runs(full, part, s.n_k)
     runs[:prefix] = [None] * prefix
+    runs = [r if todo else None for r, todo in zip(runs, alone, strict=True)]  # causal runs served
     calls = []
     size = _MAX_SCORE_ELEMENTS // (s.b * s.r * s.block_k)
     for n0, n1, strides in _strided_segments(runs, s.block_q // s.block_k, size):
@@ -493,14 +564,17 @@ class _Executor:
         acc = out.view(s.b, s.n_q, s.block_q, s.hkv, s.g, s.d).permute(1, 0, 3, 2, 4, 5)
         acc_lse = lse.view(s.b, s.n_q, s.block_q, s.hkv, s.g).permute(1, 0, 3, 2, 4)
         if plan.causal_blocks:
-            o, o_lse = self._causal_tiles(plan.causal_blocks)
+            o, o_lse = self._causal_tiles(CausalCall(0, plan.causal_blocks, 0))
             acc[: plan.causal_blocks].copy_(o)
             acc_lse[: plan.causal_blocks].copy_(o_lse)
         for n in plan.unwritten:
             acc[n].zero_()
             acc_lse[n].fill_(float("-inf"))
         for call in plan.calls:
-            o, o_lse = self._view(call) if isinstance(call, ViewCall) else self._gather(call)
+            if isinstance(call, CausalCall):
+                o, o_lse = self._causal_tiles(call)
+            else:
+                o, o_lse = self._view(call) if isinstance(call, ViewCall) else self._gather(call)
             n0, n1 = call.n0, call.n1
             if call.merge:
                 o, o_lse = merge_attention(acc[n0:n1], acc_lse[n0:n1], o, o_lse)
@@ -509,15 +583,15 @@ class _Executor:
         out = out.transpose(1, 2)[:, :, : s.q_len].to(self.q.dtype)
         return out, lse.transpose(1, 2)[:, :, : s.q_len].contiguous()
 
-    def _causal_tiles(self, n: int) -> tuple[Tensor, Tensor]:
-        """Query blocks [0, n) in one fused causal call, as tiles [n, B, Hkv, bq, G(, D)] fp32."""
-        s, rows = self.s, n * self.s.block_q
-        keys = s.kv_len - s.q_len + rows
-        o, lse = _causal_attention(
-            self.q[:, :, :rows], self.k[:, :, :keys], self.v[:, :, :keys], self.scale, self.op
-        )
-        o = o.float().unflatten(1, (s.hkv, s.g)).unflatten(3, (n, s.block_q)).permute(3, 0, 1, 4, 2, 5)
-        return o, lse.unflatten(1, (s.hkv, s.g)).unflatten(3, (n, s.block_q)).permute(3, 0, 1, 4, 2)
+    def _causal_tiles(self, call: CausalCall) -> tuple[Tensor, Tensor]:
+        """A CausalCall (query blocks [n0, n1), keys from block ``start`` to theirs) in one fused causal
+        call, as tiles [n, B, Hkv, bq, G(, D)] fp32."""
+        s, bq, n = self.s, self.s.block_q, call.n1 - call.n0
+        k0, k1 = call.start * s.block_k, s.kv_len - s.q_len + call.n1 * bq
+        q, k, v = self.q[:, :, call.n0 * bq : call.n1 * bq], self.k[:, :, k0:k1], self.v[:, :, k0:k1]
+        o, lse = _causal_attention(q, k, v, self.scale, self.op)
+        o = o.unflatten(1, (s.hkv, s.g)).unflatten(3, (n, bq)).permute(3, 0, 1, 4, 2, 5)
+        return o, lse.unflatten(1, (s.hkv, s.g)).unflatten(3, (n, bq)).permute(3, 0, 1, 4, 2)
 
     def _tiles(self, o: Tensor, lse: Tensor, empty: Tensor | None, ng: int) -> tuple[Tensor, Tensor]:
         """A call's (out [ng * B, Hr, R, D], lse [ng * B, Hr, R]) as tiles [ng, B, Hkv, bq, G(, D)]
@@ -672,7 +746,8 @@ def gather_attention(
         fused=op is not None,
     )
     if plan.causal_blocks == shapes.n_q:
-        return _causal_attention(q, k, v, scale, op)
+        out, lse = _causal_attention(q, k, v, scale, op)
+        return out.to(q.dtype), lse
     key_ok = F.pad(key_padding_mask, (0, shapes.n_k * shapes.block_k - shapes.kv_len)) if padding else None
     run = _Executor(plan, q, k, v, key_ok, op, scale=scale, softcap=softcap, sliding_window=sliding_window)
     return run.run()
