@@ -290,7 +290,13 @@ def _add_bench(sub) -> None:
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     kernel = bench.add_argument_group("kernel options")
     kernel.add_argument("--densities", type=_floats, default=(0.1, 0.25, 0.5, 0.75, 1.0), help="in (0, 1]")
-    kernel.add_argument("--patterns", type=_methods, default=("window", "random"), help="block patterns")
+    kernel.add_argument(
+        "--patterns",
+        type=_methods,
+        default=("window", "random"),
+        help="block patterns: window, random; the neighborhood method's nbh_aligned, nbh_blocked (on the "
+        "block grid), nbh_sliding, nbh_strided, nbh_halo (off it)",
+    )
     kernel.add_argument("--heads", type=_heads, default=(4, 1), help="query heads,KV heads (Gemma3-270M's)")
     kernel.add_argument("--head-dim", type=_positive_int, default=256, help="head dimension")
     kernel.add_argument("--block-size", type=_positive_int, default=64, help="block size in tokens")
