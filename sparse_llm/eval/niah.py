@@ -512,12 +512,19 @@ def run_from_args(args) -> int:
             print(markdown_table(json.loads(results.read_text())["scores"]))
         print(f"heatmap: {png}")
         return 0
-    config = NiahConfig(
+    config = config_from_args(args, methods=args.methods, method_params=args.method_params)
+    result = run_niah(config, out=args.out, resume=args.resume, progress=show_progress(args))
+    print(markdown_table(result["scores"]))
+    print(f"results: {result['folder']}  heatmap: {result['plot']}")
+    return 0
+
+
+def config_from_args(args, **overrides) -> NiahConfig:
+    """The NIAH grid of parsed ``eval niah`` / ``eval sweep`` flags (the flags both commands share)."""
+    return NiahConfig(
         model=args.model,
         device=args.device,
         dtype=args.dtype,
-        methods=args.methods,
-        method_params=args.method_params,
         lengths=_lengths(args.lengths) if args.lengths else None,
         max_length=args.max_length,
         depths=_depths(args.depths) if args.depths else DEFAULT_DEPTHS,
@@ -532,8 +539,5 @@ def run_from_args(args) -> int:
         prefill_chunk=args.prefill_chunk,
         protocol=args.protocol,
         seed=args.seed,
+        **overrides,
     )
-    result = run_niah(config, out=args.out, resume=args.resume, progress=show_progress(args))
-    print(markdown_table(result["scores"]))
-    print(f"results: {result['folder']}  heatmap: {result['plot']}")
-    return 0

@@ -524,26 +524,7 @@ def run_from_args(args) -> int:
         grid = json.loads(args.grid)
     except json.JSONDecodeError as err:
         raise ValueError(f"--grid is not valid JSON ({err}): {args.grid!r}") from None
-    task = niah.NiahConfig(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        methods=(BASELINE,),
-        lengths=niah._lengths(args.lengths) if args.lengths else None,
-        max_length=args.max_length,
-        depths=niah._depths(args.depths) if args.depths else niah.DEFAULT_DEPTHS,
-        needle=args.needle,
-        needle_text=args.needle_text,
-        question=args.question,
-        answer=args.answer,
-        answer_prefix=args.answer_prefix,
-        haystack=args.haystack,
-        max_new_tokens=args.max_new_tokens,
-        chat_template=args.chat_template,
-        prefill_chunk=args.prefill_chunk,
-        protocol=args.protocol,
-        seed=args.seed,
-    )
+    task = niah.config_from_args(args, methods=(BASELINE,))
     config = SweepConfig(
         niah=task,
         methods=args.methods,
