@@ -51,11 +51,18 @@ def build(dev: list[dict], num: int, words: int, seed: int) -> list[dict]:
                 count += len(extra.split())
         rng.shuffle(passages)
         context = "\n\n".join(f"Passage {n}:\n{p}" for n, p in enumerate(passages, 1))
-        records.append({
-            "input": example["question"], "context": context, "answers": [example["answer"]],
-            "length": len(context.split()), "dataset": "hotpotqa", "language": "en", "all_classes": None,
-            "_id": example["_id"],
-        })  # fmt: skip
+        records.append(
+            {
+                "input": example["question"],
+                "context": context,
+                "answers": [example["answer"]],
+                "length": len(context.split()),
+                "dataset": "hotpotqa",
+                "language": "en",
+                "all_classes": None,
+                "_id": example["_id"],
+            }
+        )
     return records
 
 
