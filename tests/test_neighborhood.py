@@ -19,6 +19,7 @@ from sparse_llm.backends import LayerCall
 from sparse_llm.kernels import BlockMask, block_sparse_attention
 from sparse_llm.kernels import cpu as cpu_kernel
 from sparse_llm.kernels.block_mask import block_geometry
+from sparse_llm.kernels.reference import element_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -376,5 +377,46 @@ def test_cpu_kernel_runs_block_diagonal_rows_as_causal_calls(params, q_len, kv_l
     plan = cpu_kernel.plan_gather(mask, shapes, causal=True, sliding_window=None, padding=False, fused=True)
     causal_calls = [c for c in plan.calls if isinstance(c, cpu_kernel.CausalCall)]
     assert causal_calls and all(c.n1 - c.n0 >= 2 for c in causal_calls)
+    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, scale=32**-0.5, impl="cpu")
+    check_attention(out, lse, q, k, v, mask, dict(scale=32**-0.5))
+
+
+def test_on_the_grid_with_stride_one_block_it_is_streaming():
+    """window = local_tokens, stride = block_size, sinks of whole blocks: the keys of every query are
+    those of streaming's query block (whose window ends at the block's last query)."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, h, 160, 32, generator=gen) for h in (4, 2, 2))
+    call = LayerCall(0, 32**-0.5)
+    ours, mask = sparse_llm.get_method(
+        "neighborhood", block_size=16, window=48, stride=16, sink_tokens=16
+    ).attend(q, k, v, call)
+    theirs, streaming = sparse_llm.get_method(
+        "streaming", block_size=16, local_tokens=48, sink_tokens=16
+    ).attend(q, k, v, call)
+    assert torch.equal(mask.to_dense(), streaming.to_dense())
+    allowed = element_mask(mask, num_q_heads=4, num_kv_heads=2)
+    assert torch.equal(allowed, element_mask(streaming, num_q_heads=4, num_kv_heads=2))
+    truth = naive_attention(q.double(), k.double(), v.double(), allowed[:, 0, 0], call.scale)
+    assert_within_rule("out", ours, truth, theirs, 2.0)
+
+
+def test_cpu_kernel_serves_strided_windows_off_the_grid_with_padded_views():
+    """Window runs that end one block further per query block but start irregularly share one view of
+    the longest run's length (the extra keys are masked by the key rule); same result."""
+    method = sparse_llm.get_method("neighborhood", block_size=16, window=70, stride=24, sink_tokens=8)
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, h, t, 32, generator=gen) for h, t in ((4, 300), (1, 333), (1, 333)))
+    mask = method.block_mask(q, k, v, LayerCall(0, 32**-0.5))
+    shapes = cpu_kernel.Shapes.of(q, k, mask)
+    plan = cpu_kernel.plan_gather(mask, shapes, causal=True, sliding_window=None, padding=False, fused=True)
+    selected = mask.to_dense()[0, 0].sum(-1)  # blocks per query block (sinks included)
+    padded = [
+        c
+        for c in plan.calls
+        if isinstance(c, cpu_kernel.ViewCall)
+        and c.stride == 1
+        and c.count > int(selected[c.n0 : c.n1].min()) - 1
+    ]
+    assert padded and max(c.n1 - c.n0 for c in padded) >= 4
     out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, scale=32**-0.5, impl="cpu")
     check_attention(out, lse, q, k, v, mask, dict(scale=32**-0.5))

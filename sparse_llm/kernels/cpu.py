@@ -411,6 +411,8 @@ def plan_gather(
     if causal and sliding_window is None and not padding and fused and not s.per_q_head:
         views = _plan_causal_runs(block_mask, full, part, s, prefix, alone)
     if causal and not s.per_q_head and s.block_q % s.block_k == 0:
+        if block_mask.window_start is not None:
+            views += _plan_padded_views(block_mask, full, part, s, prefix, alone)
         views += _plan_views(full, part, s, prefix, alone)
     gathers = _plan_gathers(full, part, s, alone)
     written = [False] * s.n_q
@@ -471,6 +473,65 @@ def _plan_causal_runs(
             calls.append(CausalCall(n, n1, start + head))
             calls += [ViewCall(n, n1, start, head, 0, merge=True)] if head else []
             calls += [ViewCall(n, n1, sink[0], sink[1], 0, merge=True)] if sink else []
+            alone[n:n1] = [False] * (n1 - n)
+        n = n1
+    return calls
+
+
+def _plan_padded_views(
+    block_mask: BlockMask, full: _Blocks, part: _Blocks, s: Shapes, prefix: int, alone: list[bool]
+) -> list[ViewCall]:
+    """View calls for query blocks past ``prefix`` still ``alone`` under a key rule whose window runs
+    end ``step`` blocks further each block but may start irregularly (strided windows off the block
+    grid; on it, the same segments as ``_plan_views``): each
+    segment takes one strided view of the longest run's length, extended back over blocks the key
+    rule masks wholly for those query blocks (so the extension adds masked keys only, at most a third
+    more), plus its common sink run (merged). Marks them served in ``alone``."""
+    runs = _selected_runs(full, part, s.n_k)
+    runs[:prefix] = [None] * prefix
+    masked = block_mask.rule_blocks()[1].all(0)  # [nQ, nK]: the rule masks every key for every row
+    step, size = s.block_q // s.block_k, _MAX_SCORE_ELEMENTS // (s.b * s.r * s.block_k)
+
+    def fits(n0: int, n1: int, length: int) -> int | None:
+        """The common run length if query blocks [n0, n1) can share one padded view, else None;
+        [n0, n1 - 1) share one of ``length`` (only a longer one is checked for them again)."""
+        grown = max(length, runs[n1 - 1][-1][1])
+        floor = sum(runs[n0][0]) if len(runs[n0]) == 2 else 0  # never reach back into the sinks
+        counts = [runs[n][-1][1] for n in range(n0, n1)]
+        if min(counts) < _PAD_RATIO * grown or (n1 - n0) * grown > size:
+            return None
+        for n in range(n0 if grown > length else n1 - 1, n1):
+            start, count = runs[n][-1]
+            first = start + count - grown
+            if first < floor or not bool(masked[n, first:start].all()):
+                return None
+        return grown
+
+    def joins(n: int) -> bool:  # query block n continues the segment ending at n - 1
+        prev, cur = runs[n - 1], runs[n]
+        return (
+            len(cur) == len(prev)
+            and (len(cur) == 1 or cur[0] == prev[0])
+            and sum(cur[-1]) - sum(prev[-1]) == step
+        )
+
+    calls: list[ViewCall] = []
+    n = 0
+    while n < s.n_q:
+        if not alone[n] or runs[n] is None:
+            n += 1
+            continue
+        n1, length = n + 1, runs[n][-1][1]
+        while n1 < s.n_q and alone[n1] and runs[n1] is not None and joins(n1):
+            grown = fits(n, n1 + 1, length)
+            if grown is None:
+                break
+            n1, length = n1 + 1, grown
+        if n1 - n >= 2:
+            start, count = runs[n][-1]
+            calls.append(ViewCall(n, n1, start + count - length, length, step, merge=False))
+            if len(runs[n]) == 2:
+                calls.append(ViewCall(n, n1, *runs[n][0], 0, merge=True))
             alone[n:n1] = [False] * (n1 - n)
         n = n1
     return calls
@@ -625,10 +686,10 @@ class _Executor:
             same_pattern = bool((rel == rel[:1]).all()) and int(kpos[0, 0]) >= int(self.sink.max())
         n1 = call.n0 + 1 if same_pattern else call.n1
         qpos = self.pos_q[call.n0 : n1]  # [ng' = 1 or ng, R]
-        dist = qpos[:, :, None] - kpos[: qpos.shape[0], None, :]
-        allowed = dist >= 0  # [ng', R, L]; also drops the Tk tail (keys past every real query)
+        key = kpos[: qpos.shape[0], None, :]  # compared with the queries, no [ng', R, L] distance tensor
+        allowed = key <= qpos[:, :, None]  # [ng', R, L]; also drops the Tk tail (keys past every real query)
         if self.window is not None:
-            allowed &= dist < self.window
+            allowed &= key > qpos[:, :, None] - self.window
         allowed = allowed[:, None, None]  # [ng', 1, 1, R, L]
         if self.ws_rows is not None:
             allowed = allowed & self._rule(kpos[: qpos.shape[0], None, None, None, :], call.n0, n1)
@@ -636,7 +697,7 @@ class _Executor:
             allowed = allowed & self.key_ok[:, kpos].transpose(0, 1)[:, :, None, None, :]  # [ng, B, 1, R, L]
         bias = empty = None
         if not bool(allowed.all()):  # additive mask in its final dtype, broadcast over ng and heads
-            bias = torch.zeros(allowed.shape, device=dev).masked_fill_(~allowed, float("-inf"))
+            bias = torch.where(allowed, 0.0, float("-inf"))
             bias = bias.expand(-1, -1, s.hr, -1, -1).flatten(1, 2) if bias.shape[1] > 1 else bias[:, 0]
             empty = ~allowed.any(-1)  # [ng', B', 1, R]
         qs = self.qb[call.n0 : call.n1].reshape(ng, s.b * s.hr, s.r, s.d)
@@ -703,8 +764,10 @@ class _Executor:
     def _rule(self, pos: Tensor, n0: int, n1: int) -> Tensor:
         """The key rule for query blocks [n0, n1): bool [ng, B', 1, R, L] from key positions ``pos``
         (broadcastable to [ng, *, *, 1, L]): key >= the row's window start, or a sink."""
-        ws = self.ws_rows[n0:n1, :, None, :, None]
-        return (pos >= ws) | (pos < self.sink[None, :, None, None, None])
+        allowed = pos >= self.ws_rows[n0:n1, :, None, :, None]
+        if int(pos.min()) < int(self.sink.max()):  # some key may be a sink
+            allowed |= pos < self.sink[None, :, None, None, None]
+        return allowed
 
     def _workspace(self, name: str, n_blocks: int) -> Tensor:
         """[n_blocks, block_k, D] fp32 reused by every gather of this call: a fresh large tensor per
