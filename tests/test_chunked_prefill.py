@@ -19,7 +19,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import float64_reference, random_ids, rule_bound, tiny_model
+from conftest import float64_reference, random_ids, rule_bound
+from method_cases import BLOCK, METHODS, VARIANTS, method_class, model_of, sparse_setting
 
 import sparse_llm
 from sparse_llm.backends import LayerCall
@@ -30,38 +31,12 @@ from sparse_llm.kernels.reference import element_mask
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SEQ = 157  # odd: no chunk size below divides it, so the last chunk is ragged
-BLOCK = 16
-METHODS = [pytest.param(name, id=name) for name in sparse_llm.list_methods()]
-VARIANTS = {
-    "llama": ("llama", {}),
-    "llama-mqa": ("llama", {"num_key_value_heads": 1}),
-    "gemma2": ("gemma2", {}),  # softcap; layer 0 sliding-window (48)
-    "gemma3": ("gemma3", {}),  # layers 0-1 sliding-window (48), layer 2 global
-    "bitnet": ("bitnet", {}),
-}
 IDS = random_ids(1, SEQ, seed=11)
 # Methods whose selection for a query block depends only on that block's queries and the keys up to
 # it (positions, per-block scores, per-key norms): chunked on the block grid they pick the blocks of
 # the whole prompt. The others score with prompt-wide statistics (clusters, chunk boundaries, key
 # standard deviations, the last queries' attention), which a chunk computes over its own context.
 CHUNK_INVARIANT = ("streaming", "neighborhood", "block_topk", "xattention", "dma", "lightning", "lla")
-
-
-def method_class(name: str):
-    return type(sparse_llm.get_method(name))
-
-
-def sparse_setting(name: str) -> dict:
-    cls = method_class(name)
-    if cls.small_params is None:
-        return {"block_size": BLOCK, **(cls.exact_params or {})}
-    return dict(cls.small_params)
-
-
-@functools.cache
-def model_of(variant: str):
-    family, overrides = VARIANTS[variant]
-    return tiny_model(family, **overrides)
 
 
 def final_hidden(model, run) -> torch.Tensor:

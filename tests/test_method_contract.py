@@ -17,7 +17,8 @@ import functools
 
 import pytest
 import torch
-from conftest import float64_reference, random_ids, rule_bound, tiny_model
+from conftest import float64_reference, random_ids, rule_bound
+from method_cases import BLOCK, METHODS, method_class, model_of, sparse_setting
 
 import sparse_llm
 from sparse_llm import SparseMethod
@@ -26,35 +27,7 @@ from sparse_llm.patches.hf import last_masks
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors run faster on one thread
 
 SEQ = 160  # not a multiple of the block size; longer than the tiny Gemma windows (48)
-BLOCK = 16
-METHODS = [pytest.param(name, id=name) for name in sparse_llm.list_methods()]
-# Tiny models: (family, config overrides). The conftest configs have Hq = 4, Hkv = 2 (GQA groups of 2).
-VARIANTS = {
-    "llama": ("llama", {}),
-    "llama-mqa": ("llama", {"num_key_value_heads": 1}),
-    "gemma2": ("gemma2", {}),  # softcap; layer 0 sliding-window
-    "gemma3": ("gemma3", {}),  # layers 0-1 sliding-window, layer 2 global
-    "bitnet": ("bitnet", {}),
-}
 IDS = random_ids(2, SEQ, seed=4)
-
-
-def method_class(name: str) -> type[SparseMethod]:
-    return type(sparse_llm.get_method(name))
-
-
-def sparse_setting(name: str) -> dict:
-    """``small_params``, or for a method that is never sparse (``dense``) its exact setting."""
-    cls = method_class(name)
-    if cls.small_params is None:
-        return {"block_size": BLOCK, **(cls.exact_params or {})}
-    return dict(cls.small_params)
-
-
-@functools.cache
-def model_of(variant: str):
-    family, overrides = VARIANTS[variant]
-    return tiny_model(family, **overrides)
 
 
 def logits(model, ids, attention_mask=None):
