@@ -46,7 +46,9 @@ def _warn_once(key: str, message: str, *args) -> None:
         logger.warning(message, *args)
 
 
-def _validate(q, k, v, block_mask, scale, causal, softcap, sliding_window, key_padding_mask, impl) -> None:
+def _validate(
+    q, k, v, block_mask, scale, causal, softcap, sliding_window, key_padding_mask, impl, key_bias=None
+) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -92,6 +94,7 @@ def _validate(q, k, v, block_mask, scale, causal, softcap, sliding_window, key_p
             )
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+    _validate_key_bias(key_bias, q, k)
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0):
         raise ValueError(f"scale must be a positive number, got {scale!r}")
     if softcap is not None and (
@@ -105,6 +108,22 @@ def _validate(q, k, v, block_mask, scale, causal, softcap, sliding_window, key_p
             raise ValueError("sliding_window requires causal=True")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _validate_key_bias(key_bias, q: Tensor, k: Tensor) -> None:
+    if key_bias is None:
+        return
+    if not isinstance(key_bias, Tensor) or key_bias.dtype not in (torch.float32, q.dtype):
+        raise TypeError(f"key_bias must be a float32 or {q.dtype} tensor [B, Hkv, Tk], got {key_bias!r:.80}")
+    (b, hkv, kv_len, _) = k.shape
+    if key_bias.dim() != 3 or key_bias.shape[0] not in (1, b) or tuple(key_bias.shape[1:]) != (hkv, kv_len):
+        raise ValueError(
+            f"key_bias has shape {tuple(key_bias.shape)}, expected ({b} or 1, {hkv}, {kv_len}) = [B, Hkv, Tk]"
+        )
+    if key_bias.device != q.device:
+        raise ValueError(f"key_bias is on {key_bias.device} but q is on {q.device}")
+    if bool((torch.isnan(key_bias) | (key_bias == float("inf"))).any()):
+        raise ValueError("key_bias must not hold NaN or +inf (-inf masks a key)")
 
 
 class _ForwardOnly(torch.autograd.Function):
@@ -131,11 +150,16 @@ def forward_only(fn, *tensors: Tensor):
     return fn(*tensors)
 
 
-def _resolve_impl(impl: str, q: Tensor) -> str:
+def _resolve_impl(impl: str, q: Tensor, key_bias: Tensor | None = None) -> str:
     """The implementation that runs: "auto" picks Triton on CUDA, else the gather path ("cpu")."""
     if impl == "auto":
-        impl = "triton" if q.is_cuda and q.shape[-1] <= _TRITON_MAX_HEAD_DIM and _triton_kernel() else "cpu"
+        triton_ok = q.is_cuda and q.shape[-1] <= _TRITON_MAX_HEAD_DIM and key_bias is None
+        impl = "triton" if triton_ok and _triton_kernel() else "cpu"
         logger.debug("block_sparse_attention: %s path for %s tensors", impl, q.device.type)
+    if impl == "triton" and key_bias is not None:
+        raise NotImplementedError(
+            "key_bias is not in the Triton kernel yet: use impl='cpu' (or 'auto', which picks it)"
+        )
     if impl == "triton":
         # CUDA tensors, or any tensors under triton's own interpreter switch (tests).
         if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
@@ -161,6 +185,7 @@ def block_sparse_attention(
     softcap: float | None = None,
     sliding_window: int | None = None,
     key_padding_mask: Tensor | None = None,
+    key_bias: Tensor | None = None,
     return_lse: bool = False,
     impl: str = "auto",
     backend: str | None = None,
@@ -177,6 +202,10 @@ def block_sparse_attention(
         softcap: if set, scores become ``softcap * tanh(scale * q.k / softcap)`` before masking (Gemma2).
         sliding_window: w; query at position p sees keys in [p - w + 1, p] (HF semantics; needs causal).
         key_padding_mask: bool [B, Tk], True = real token; False keys are never attended (left padding).
+        key_bias: float [B or 1, Hkv, Tk] (fp32 or the input dtype): added to the logits of key j for
+            every query head reading KV head h, after scale and softcap and before masking and the
+            softmax; it enters the LSE. -inf masks a key. A run of n keys collapsed to one carries
+            log n (deltallm, lightning's compressed far field). Not yet in the Triton kernel.
         return_lse: also return the log-sum-exp.
             Inputs may require grad (the forward runs as under ``torch.no_grad()``); calling backward
             through the "triton" or "cpu" kernel raises NotImplementedError.
@@ -198,7 +227,7 @@ def block_sparse_attention(
     if backend is not None:
         warnings.warn("block_sparse_attention: backend= is now impl=", DeprecationWarning, stacklevel=2)
         impl = backend
-    _validate(q, k, v, block_mask, scale, causal, softcap, sliding_window, key_padding_mask, impl)
+    _validate(q, k, v, block_mask, scale, causal, softcap, sliding_window, key_padding_mask, impl, key_bias)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if (block_mask.is_causal, block_mask.sliding_window) != (causal, sliding_window):
         logger.debug("block_mask geometry differs from the call's: treating every block as partial")
@@ -210,7 +239,9 @@ def block_sparse_attention(
         sliding_window=sliding_window,
         key_padding_mask=key_padding_mask,
     )
-    impl = _resolve_impl(impl, q)
+    impl = _resolve_impl(impl, q, key_bias)
+    if key_bias is not None:
+        kwargs["key_bias"] = key_bias
     if impl in ("triton", "cpu"):
         if impl == "triton":
             kernel = _triton_kernel()

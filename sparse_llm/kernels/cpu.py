@@ -583,7 +583,9 @@ class _Executor:
     """Runs a GatherPlan (not whole-causal) on q, k, v: operands prepared once, then one attention call
     per planned call, each written (or merged by LSE) straight into the output's tiles."""
 
-    def __init__(self, plan: GatherPlan, q, k, v, key_ok, op, *, scale, softcap, sliding_window):
+    def __init__(
+        self, plan: GatherPlan, q, k, v, key_ok, op, *, scale, softcap, sliding_window, key_bias=None
+    ):
         s = self.s = plan.shapes
         self.plan, self.op, self.scale, self.softcap, self.window = plan, op, scale, softcap, sliding_window
         self.q, self.k, self.v, self.key_ok = q, k, v, key_ok  # key_ok None or bool [B, nK * block_k]
@@ -605,6 +607,10 @@ class _Executor:
         self.k4, self.v4 = _padded(k, s.kv_len, length), _padded(v, s.kv_len, length)
         self.kflat = self.k4.view(s.b * s.hkv * s.n_k, s.block_k, s.d)
         self.vflat = self.v4.view(s.b * s.hkv * s.n_k, s.block_k, s.d)
+        self.kbias = None  # fp32 [B, Hkv, nK * bk], -inf past Tk
+        if key_bias is not None:
+            kb = F.pad(key_bias.float(), (0, length - s.kv_len), value=float("-inf"))
+            self.kbias = kb.expand(s.b, -1, -1).contiguous()
         kv_head = torch.arange(s.hr, device=dev) // (s.g if s.per_q_head else 1)
         first_block = torch.arange(s.b, device=dev)[:, None, None] * s.hkv + kv_head[:, None]
         self.base = first_block * s.n_k  # [B, Hr, 1]: flat id of each row head's block 0
@@ -696,7 +702,11 @@ class _Executor:
         if self.key_ok is not None:
             allowed = allowed & self.key_ok[:, kpos].transpose(0, 1)[:, :, None, None, :]  # [ng, B, 1, R, L]
         bias = empty = None
-        if not bool(allowed.all()):  # additive mask in its final dtype, broadcast over ng and heads
+        if self.kbias is not None:  # per-key logits: [ng, B, Hkv, 1, L]; -inf keys are masked ones
+            kb = self.kbias[:, :, kpos].permute(2, 0, 1, 3)[..., None, :]
+            allowed = allowed & (kb > float("-inf"))
+            bias, empty = torch.where(allowed, kb, float("-inf")).flatten(1, 2), ~allowed.any(-1)
+        elif not bool(allowed.all()):  # additive mask in its final dtype, broadcast over ng and heads
             bias = torch.where(allowed, 0.0, float("-inf"))
             bias = bias.expand(-1, -1, s.hr, -1, -1).flatten(1, 2) if bias.shape[1] > 1 else bias[:, 0]
             empty = ~allowed.any(-1)  # [ng', B', 1, R]
@@ -714,11 +724,13 @@ class _Executor:
         contiguous = all(a >= 0 for a in starts) and all(
             a + c == b for a, c, b in zip(starts, counts, starts[1:], strict=False)
         )
+        kb = None  # per-key logits [ng, B, Hr, 1, L] when the call has a key bias
         if ng == 1 and contiguous:  # one run of blocks shared by every row: a slice, no copy
-            ks, vs = (
-                t[:, :, starts[0] * s.block_k : (starts[0] + sum(counts)) * s.block_k]
-                for t in (self.k4, self.v4)
-            )
+            k0, k1 = starts[0] * s.block_k, (starts[0] + sum(counts)) * s.block_k
+            ks, vs = (t[:, :, k0:k1] for t in (self.k4, self.v4))
+            if self.kbias is not None:
+                kb = self.kbias[None, :, :, None, k0:k1]
+                kb = kb.repeat_interleave(s.g, 2) if s.per_q_head else kb
         else:  # [ng, B, Hr, c] block ids -> one index_select for the whole call
             ids = torch.cat([bl.idx[:, :, n0:n1, :c] for bl, c in zip(lists, counts, strict=True)], -1)
             # slots past a row's count are masked below; clamp them to a valid block for the gather
@@ -728,12 +740,18 @@ class _Executor:
                 for name, src in (("k", self.kflat), ("v", self.vflat))
             )
             ks, vs = ks.view(ng * s.b, s.hr, -1, s.d), vs.view(ng * s.b, s.hr, -1, s.d)
+            if self.kbias is not None:
+                kb = self.kbias.view(-1, s.block_k).index_select(0, flat).view(ng, s.b, s.hr, 1, -1)
         bias = empty = None
-        if any(blocks.needs_mask(n0, n1) for blocks in lists):
+        if kb is not None or any(blocks.needs_mask(n0, n1) for blocks in lists):
             parts = [self._allowed_keys(blocks, n0, n1) for blocks in lists]
             rows = max(p.shape[3] for p in parts)
             allowed = torch.cat([p.expand(ng, s.b, s.hr, rows, p.shape[4]) for p in parts], -1)
-            bias = torch.where(allowed, 0.0, float("-inf")).flatten(0, 1)
+            if kb is None:
+                bias = torch.where(allowed, 0.0, float("-inf")).flatten(0, 1)
+            else:  # -inf logits mask their keys, so rows of only such keys count as empty
+                allowed = allowed & (kb > float("-inf"))
+                bias = torch.where(allowed, kb, float("-inf")).flatten(0, 1)
             empty = ~allowed.any(-1)  # [ng, B, Hr, R or 1]
         o, lse = _attend(self.qb[n0:n1].flatten(0, 1), ks, vs, bias, self.scale, self.softcap)
         return self._tiles(o, lse, empty, ng)
@@ -788,13 +806,16 @@ def gather_attention(
     softcap: float | None = None,
     sliding_window: int | None = None,
     key_padding_mask: Tensor | None = None,
+    key_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Block-sparse attention over the blocks of ``block_mask``: plan the calls, then run them.
 
     Inputs are validated by the dispatcher (``kernels.block_sparse_attention``, which documents the
     semantics): q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] of one float dtype, any strides; ``block_mask``
     for Tq x Tk with batch 1 or B and heads 1, Hkv or Hq; ``key_padding_mask`` None or bool [B, Tk]
-    (True = a real key). Returns (out [B, Hq, Tq, D] in q.dtype, a view of [B, Tq, Hq, D] memory;
+    (True = a real key); ``key_bias`` None or float [B or 1, Hkv, Tk], added to the logits after scale
+    and softcap (with it no fused ``is_causal`` call is planned: those take no mask). Returns
+    (out [B, Hq, Tq, D] in q.dtype, a view of [B, Tq, Hq, D] memory;
     lse [B, Hq, Tq] fp32, -inf with out = 0 for rows without an allowed key).
     """
     shapes = Shapes.of(q, k, block_mask)
@@ -806,11 +827,22 @@ def gather_attention(
         causal=causal,
         sliding_window=sliding_window,
         padding=padding,
-        fused=op is not None,
+        fused=op is not None and key_bias is None,
     )
     if plan.causal_blocks == shapes.n_q:
         out, lse = _causal_attention(q, k, v, scale, op)
         return out.to(q.dtype), lse
     key_ok = F.pad(key_padding_mask, (0, shapes.n_k * shapes.block_k - shapes.kv_len)) if padding else None
-    run = _Executor(plan, q, k, v, key_ok, op, scale=scale, softcap=softcap, sliding_window=sliding_window)
+    run = _Executor(
+        plan,
+        q,
+        k,
+        v,
+        key_ok,
+        op,
+        scale=scale,
+        softcap=softcap,
+        sliding_window=sliding_window,
+        key_bias=key_bias,
+    )
     return run.run()

@@ -62,6 +62,7 @@ def reference_attention(
     softcap: float | None = None,
     sliding_window: int | None = None,
     key_padding_mask: Tensor | None = None,
+    key_bias: Tensor | None = None,
     return_lse: bool = False,
     upcast: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -69,7 +70,8 @@ def reference_attention(
 
     q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D]; returns out [B, Hq, Tq, D] in the compute dtype (input
     dtype, or fp32 with ``upcast``) and, with ``return_lse``, lse [B, Hq, Tq] fp32 (fp64 for fp64 inputs;
-    -inf on empty rows).
+    -inf on empty rows). ``key_bias`` [B|1, Hkv, Tk] is added after scale and softcap, in the compute
+    dtype; -inf keys count as masked.
     """
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
@@ -88,6 +90,8 @@ def reference_attention(
     scores = torch.einsum("bhgqd,bhkd->bhgqk", qg, k) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
+    if key_bias is not None:
+        scores = scores + key_bias.to(scores.dtype)[:, :, None, None, :]
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key: 0, not NaN
