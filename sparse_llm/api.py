@@ -69,8 +69,10 @@ def attention_stats(model: torch.nn.Module) -> dict:
 
     Returns ``{"method", "density", "layers": {layer_idx: {"density", "sparse"}}, "prefill"}``. A
     layer's density is the fraction of its causally (and window-) reachable blocks that were
-    computed in the most recent forward (a decode step after ``generate``, the last chunk after a
-    chunked prefill); ``density`` is the mean over the layers the method sparsified (1.0 if none).
+    computed exactly in the most recent forward (a decode step after ``generate``, the last chunk
+    after a chunked prefill); ``density`` is the mean over the layers the method sparsified (1.0 if
+    none). A method with a far field adds its size to each sparse layer's entry
+    (:meth:`SparseMethod.layer_stats`: ``far_keys``, ``far_groups``, ``far_slots``, ``far_density``).
 
     ``prefill`` covers every call of the most recent prompt, from its first call (no cached keys,
     or the first after decode steps) to its last chunk: ``{"density", "chunks": [{"start",
@@ -83,8 +85,9 @@ def attention_stats(model: torch.nn.Module) -> dict:
     method = active_method(model)
     if method is None:
         raise ValueError("model is not sparsified: call sparse_llm.sparsify(model, ...) first")
+    extra = method.layer_stats()
     layers = {
-        idx: {"density": mask.density(), "sparse": sparse}
+        idx: {"density": mask.density(), "sparse": sparse, **(extra.get(idx, {}) if sparse else {})}
         for idx, (mask, sparse) in hf.last_masks(model).items()
     }
     sparse = [info["density"] for info in layers.values() if info["sparse"]]

@@ -14,7 +14,7 @@ from attention_cases import assert_within_rule
 
 import sparse_llm
 from sparse_llm.backends import LayerCall, get_method
-from sparse_llm.backends.deltallm import deltallm_reference, held_keys
+from sparse_llm.backends.deltallm import deltallm_reference, held_key_runs, held_keys
 from sparse_llm.backends.lightning import lightning_reference
 from sparse_llm.backends.lla import lla_reference
 from sparse_llm.kernels import BlockMask, reference_attention
@@ -75,13 +75,23 @@ def test_deltallm_theta_zero_holds_every_key_and_equals_dense():
     check_rule("deltallm theta=0", out, truth, pt)
 
 
+def smooth(k: torch.Tensor) -> torch.Tensor:
+    """Keys correlated along time (neighbours 2/3), as a model's are: whole keys then drift ~0.8 std
+    from one position to the next, so thresholds near 1 hold some keys and not others."""
+    return (k + k.roll(1, 2) + k.roll(2, 2)) / 3**0.5
+
+
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("theta", [0.6, 2.0])
-def test_deltallm_matches_reference(case, theta):
+@pytest.mark.parametrize(
+    "hold, theta", [("channel", 0.6), ("channel", 2.0), ("key", 0.7), ("key", 1.0)], ids=lambda x: str(x)
+)
+def test_deltallm_matches_reference(case, hold, theta):
+    """Per channel: the far part with held keys, densely. Whole keys: runs collapsed to one key each
+    through the kernel's key_bias, which is exact, so the same rule as the kernel applies."""
     (q, k, v, padding), softcap = split(case)
     d = 32  # the reference's held keys are a pure-Python loop over every channel
-    q, k, v = q[..., :d], k[..., :d], v[..., :d]
-    params = dict(theta=theta, sink_tokens=16, local_tokens=48, block_size=BS)
+    q, k, v = q[..., :d], smooth(k)[..., :d], v[..., :d]
+    params = dict(hold=hold, theta=theta, sink_tokens=16, local_tokens=48, block_size=BS)
     method = get_method("deltallm", **params)
     out, _ = method.attend(q, k, v, LayerCall(0, d**-0.5, softcap=softcap, key_padding_mask=padding))
     kwargs = dict(scale=d**-0.5, softcap=softcap, key_padding_mask=padding)
@@ -96,6 +106,7 @@ def test_deltallm_matches_reference(case, theta):
 
 def test_deltallm_held_keys_stay_within_threshold_and_sparsity_grows_with_theta():
     _, k, _, padding = inputs(seed=1)
+    window = dict(hold="channel", sink_tokens=16, local_tokens=32, block_size=BS)
     real = padding[:, None, :, None]
     std = torch.stack([k[i, :, padding[i]].std(1, unbiased=False) for i in range(k.shape[0])])  # [B, Hkv, D]
     sparsity = []
@@ -103,12 +114,39 @@ def test_deltallm_held_keys_stay_within_threshold_and_sparsity_grows_with_theta(
         held, changed = held_keys(k, theta, padding)
         gap = ((held - k).abs() * real).amax(2)
         assert (gap <= theta * std + 1e-6).all()
-        method = get_method("deltallm", theta=theta, sink_tokens=16, local_tokens=32, block_size=BS)
+        method = get_method("deltallm", theta=theta, **window)
         q = torch.randn(2, 4, 20, 64)
         method.attend(q, k, k, LayerCall(2, 0.125, key_padding_mask=padding))
         sparsity.append(method.last_delta_sparsity[2])
     assert sparsity[0] == 0.0 and all(a < b for a, b in zip(sparsity, sparsity[1:], strict=False)), sparsity
     assert sparsity[-1] > 0.5
+
+
+def test_deltallm_whole_key_runs_hold_within_theta_and_cost_falls_with_sparsity():
+    q, k, v, padding = inputs(seed=2)
+    k = smooth(k)
+    real = padding
+    std = torch.stack([k[i, :, real[i]].std(1, unbiased=False) for i in range(2)])  # [B, Hkv, D]
+    slots, sparsity = [], []
+    for theta in (0.0, 0.8, 1.0, 1.3):
+        runs = held_key_runs(k, theta, real, real, BS)
+        # every key is within theta (RMS over channels, in standard deviations) of its run's first key
+        block_start = (torch.arange(203) // BS) * BS
+        for b, h in ((0, 0), (1, 1)):
+            r = runs[b, h]
+            same_run = (r[:, None] == r[None, :]) & (block_start[:, None] == block_start[None, :])
+            first = same_run.int().argmax(-1)  # the run's first key
+            drift = (((k[b, h] - k[b, h, first]) / std[b, h]) ** 2).mean(-1).sqrt()
+            assert (drift[r >= 0] <= theta + 1e-5).all()
+            assert (r[~real[b]] == -1).all() and (r[real[b]] >= 0).all()
+        method = get_method("deltallm", theta=theta, sink_tokens=16, local_tokens=32, block_size=BS)
+        method.attend(q, k, v, LayerCall(3, 0.125, key_padding_mask=padding))
+        stats = method.layer_stats()[3]
+        slots.append(stats["far_slots"])
+        sparsity.append(method.last_delta_sparsity[3])
+        assert stats["far_groups"] <= min(stats["far_keys"], stats["far_slots"])
+    assert sparsity[0] == 0.0 and all(a < b for a, b in zip(sparsity, sparsity[1:], strict=False)), sparsity
+    assert all(a >= b for a, b in zip(slots, slots[1:], strict=False)) and slots[-1] < slots[0], slots
 
 
 # ----------------------------------------------------------------------------- lightning
@@ -227,6 +265,10 @@ def test_long_inputs_stay_finite(method, dtype):
             "deltallm", dict(local_tokens=0), "local_tokens must be a positive int", id="zero-local"
         ),
         pytest.param("deltallm", dict(sink_tokens=-1), "sink_tokens must be a positive int", id="neg-sink"),
+        pytest.param("deltallm", dict(hold="vector"), "hold must be one of", id="bad-hold"),
+        pytest.param(
+            "deltallm", dict(local_tokens=32, block_size=64), "must be >= block_size", id="key-local-lt-block"
+        ),
         pytest.param("lightning", dict(far_keys="rff"), "far_keys must be one of", id="bad-far-keys"),
         pytest.param("lightning", dict(taylor_order=3), "taylor_order must be 1 or 2", id="order-3"),
         pytest.param(
@@ -253,5 +295,6 @@ def test_bad_parameters_raise(method, params, match):
 def test_approximate_methods_say_so_in_their_descriptions():
     methods = sparse_llm.list_methods()
     assert "approximate" in methods["deltallm"] and "approximate" in methods["lightning"]
-    assert get_method("deltallm").params()["theta"] == 0.6  # the report attribute is not a parameter
+    assert get_method("deltallm").params()["theta"] == 1.0  # the report attribute is not a parameter
+    assert get_method("deltallm", hold="channel").params()["theta"] == 0.6
     assert "last_delta_sparsity" not in get_method("deltallm").params()

@@ -139,9 +139,3 @@ def test_rejects_bad_key_bias():
             block_sparse_attention(q, k, v, mask, key_bias=bad, **kwargs)
     with pytest.raises(ValueError, match="key_bias is on meta"):
         block_sparse_attention(q, k, v, mask, key_bias=good.to("meta"), **kwargs)
-
-
-def test_triton_impl_with_key_bias_names_the_alternative():
-    q, k, v, mask, kwargs = build(BASE)
-    with pytest.raises(NotImplementedError, match="impl='cpu'"):
-        block_sparse_attention(q, k, v, mask, key_bias=torch.zeros(1, 2, 203), impl="triton", **kwargs)

@@ -38,6 +38,9 @@ def logits(model, ids, attention_mask=None):
         return model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids).logits
 
 
+FAR_STATS = ("far_keys", "far_groups", "far_slots", "far_density")
+
+
 @functools.cache
 def references(variant: str):
     """(float64 HF logits, float32 HF logits, ``dense`` logits) of ``IDS`` on the variant's model."""
@@ -61,7 +64,14 @@ def check_masks(model, batch: int) -> dict:
         assert b in (1, batch) and h in (1, hkv, hq), f"layer {idx}: mask shape {mask.shape}"
         density = mask.to_dense().sum().item() / (b * h * mask.reachable().sum().item())
         assert 0 < density <= 1, f"layer {idx}: density {density}"
-        assert stats["layers"][idx] == {"density": pytest.approx(density), "sparse": is_sparse}
+        layer = stats["layers"][idx]
+        assert {key: layer[key] for key in ("density", "sparse")} == {
+            "density": pytest.approx(density),
+            "sparse": is_sparse,
+        }
+        # a far field's size (SparseMethod.layer_stats), only on sparse layers
+        assert set(layer) - {"density", "sparse"} <= ({*FAR_STATS} if is_sparse else set())
+        assert 0 <= layer.get("far_density", 0) <= 1
         if is_sparse:
             sparse.append(density)
     assert stats["density"] == pytest.approx(sum(sparse) / len(sparse) if sparse else 1.0)

@@ -106,6 +106,11 @@ class SparseMethod:
         """The method's parameters as a plain dict (for result files)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def layer_stats(self) -> dict[int, dict]:
+        """Per layer, figures of its most recent call beyond the mask's density (a far field's size),
+        written by the methods that have them; :func:`sparse_llm.attention_stats` reports them."""
+        return self.__dict__.setdefault("_layer_stats", {})
+
     def block_mask(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: LayerCall) -> BlockMask:
         """Select the blocks each query block attends.
 

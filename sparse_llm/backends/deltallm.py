@@ -2,8 +2,19 @@
 
 DeltaLLM (Qi, Gao, Ren, Chen, arXiv 2507.19608; no official code, implemented from the paper)
 exploits temporal sparsity: consecutive keys of a head change little, so only large changes are
-propagated. Per key channel, a key is replaced by a *held* key that moves only when
-the key has drifted more than a threshold from it (the delta-network rule of Gao et al.'s DeltaRNN)::
+propagated. Two forms, chosen by ``hold``:
+
+``hold="key"`` (default, the fast form): whole key vectors are held. Within each key block, a key
+joins the run of the last held key while its drift from it, the RMS over channels of the difference in
+each channel's standard deviations, is at most ``theta``; otherwise it starts a new run and is held
+itself. The n keys of a run then share one key vector, so the run collapses exactly to one key with
+logit bias log n and the mean of its values (``_collapse.py``, through the kernel's ``key_bias``): the
+far part costs the runs, not the keys, and gets cheaper as the delta sparsity grows. Runs restart at
+every key block so that each query block's far keys are whole collapsed blocks.
+
+``hold="channel"`` (the paper's rule, kept as the reference): per key channel, a key is replaced by a
+*held* key that moves only when the key has drifted more than a threshold from it (the delta-network
+rule of Gao et al.'s DeltaRNN)::
 
     K~_0 = K_0,    K~_t = K_t   where |K_t - K~_{t-1}| > theta * sigma,   else K~_{t-1}
 
@@ -20,10 +31,11 @@ blocks, as ``streaming``) with the true keys. All other causal keys are attended
 and the true values; one softmax spans both parts (two kernel calls merged by their log-sum-exp), so
 only the scores of far keys are approximate. Soft-capping and padding are honoured in both parts.
 
-Speed: a speedup would come from computing far scores incrementally from the sparse deltas (and from
-skipping key blocks whose held keys did not change). This implementation does not: it runs the far
-part densely through the kernel with held keys, so it emulates DeltaLLM's quality at dense cost (plus
-a sequential scan over Tk to build the held keys, run again at every step when ``decode="sparse"``).
+Speed: ``hold="channel"`` runs the far part densely through the kernel with held keys (DeltaLLM's
+quality at dense cost, plus a sequential scan over Tk to build the held keys, run again at every step
+when ``decode="sparse"``). ``hold="key"`` reads one collapsed key per run (a key block's runs padded
+to a multiple of a quarter block: 16 slots at block_size 64) after a vectorized run search (Gram
+matrices of the key blocks, then at most ``block_size`` pointer steps over all blocks at once).
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparse_llm.backends._collapse import collapsed_far_field, far_blocks, far_keys
 from sparse_llm.backends.base import (
     LayerCall,
     SparseMethod,
@@ -44,30 +57,43 @@ from sparse_llm.backends.selection import first_real_key, real_keys
 from sparse_llm.backends.streaming import sink_window_mask
 from sparse_llm.kernels import BlockMask
 
+HOLDS = ("key", "channel")
+THETA = {"key": 1.0, "channel": 0.6}  # default threshold per form, in key standard deviations
+_SLOTS_PER_BLOCK = 4  # collapsed blocks per key block at most: a key block's runs take quarters of it
+
 
 @register_method
 @dataclass
 class DeltaLLM(SparseMethod):
-    """Args: theta (threshold in key standard deviations, default 0.6; 0 = exact dense attention),
-    local_tokens (exact recent window; default None = max(256, 5% of Tk)), sink_tokens (exact first
-    tokens, default 64).
+    """Args: hold (``"key"``: whole held keys, runs collapsed, the fast form; ``"channel"``: the
+    paper's per-channel rule, far part dense), theta (threshold in key standard deviations: the RMS
+    drift of a whole key, or each channel's drift; default None = 1.0 for "key", 0.6 for "channel";
+    0 = exact dense attention), local_tokens (exact recent window; default None = max(256, 5% of Tk);
+    at least ``block_size`` with ``hold="key"``), sink_tokens (exact first tokens, default 64).
 
     After each call, ``last_delta_sparsity[layer_idx]`` holds the fraction of zero key deltas (held
-    channels) over that layer's real keys, batch and KV heads pooled; it is not a parameter.
+    channels, or held whole keys with "key") over that layer's far keys (all real keys for
+    "channel"), batch and KV heads pooled; it is not a parameter. ``layer_stats()`` has the far
+    field's size per layer (``attention_stats`` reports it).
     """
 
     name = "deltallm"
     description = "DeltaLLM (approximate): exact sink + local window, held (delta-thresholded) far keys."
     # theta 0 holds no key, so any window is exact; a small one makes the held-key (far) part run.
-    exact_params = {"theta": 0.0, "sink_tokens": 16, "local_tokens": 32}
+    exact_params = {"theta": 0.0, "sink_tokens": 16, "local_tokens": 64}
     small_params = {"block_size": 16, "sink_tokens": 16, "local_tokens": 32}
 
-    theta: float = 0.6
+    hold: str = "key"
+    theta: float | None = None
     local_tokens: int | None = None
     sink_tokens: int = 64
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.hold not in HOLDS:
+            raise ValueError(f"hold must be one of {HOLDS}, got {self.hold!r}")
+        if self.theta is None:
+            self.theta = THETA[self.hold]
         if (
             not isinstance(self.theta, (int, float))
             or isinstance(self.theta, bool)
@@ -78,19 +104,28 @@ class DeltaLLM(SparseMethod):
         require_positive(sink_tokens=self.sink_tokens)
         if self.local_tokens is not None:
             require_positive(local_tokens=self.local_tokens)
+            if self.hold == "key" and self.local_tokens < self.block_size:
+                raise ValueError(
+                    f"local_tokens ({self.local_tokens}) must be >= block_size ({self.block_size}) with "
+                    "hold='key', so that every far key precedes the whole query block"
+                )
         self.last_delta_sparsity: dict[int, float] = {}
 
     def window(self, kv_len: int) -> int:
         """The exact local window in tokens for ``kv_len`` keys."""
-        return self.local_tokens if self.local_tokens is not None else max(256, math.ceil(0.05 * kv_len))
+        if self.local_tokens is not None:
+            return self.local_tokens
+        return max(256, self.block_size, math.ceil(0.05 * kv_len))
 
     def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
         """The exactly attended blocks: sinks plus the local window (as ``streaming``)."""
         return sink_window_mask(q, k, call, self.block_size, self.sink_tokens, self.window(k.shape[2]))
 
     def far_field(self, q, k, v, mask: BlockMask, call: LayerCall):
-        """Kernel attention with held keys over the blocks ``mask`` leaves out (computed densely, so
-        the density reported is that of the exact part)."""
+        """Kernel attention with held keys over the blocks ``mask`` leaves out: one collapsed key per
+        run (``hold="key"``), or every key densely (``"channel"``)."""
+        if self.hold == "key":
+            return self._collapsed_far_field(q, k, v, mask, call)
         held, changed = held_keys(k, self.theta, call.key_padding_mask)
         counted = _delta_positions(call.key_padding_mask, k)
         if bool(counted.any()):
@@ -105,6 +140,63 @@ class DeltaLLM(SparseMethod):
             sliding_window=call.sliding_window,
         )
         return exact_attention(q, held.to(k.dtype), v, far, call, return_lse=True)
+
+    def _collapsed_far_field(self, q, k, v, mask: BlockMask, call: LayerCall):
+        if call.sliding_window is not None:
+            raise NotImplementedError(
+                "deltallm's collapsed far field has no sliding window (the patch runs it dense)"
+            )
+        far = far_blocks(mask)
+        real = real_keys(call.key_padding_mask, k.shape[0], k.shape[2], k.device)
+        runs = held_key_runs(k, self.theta, real, far_keys(far, real, mask.block_k), mask.block_k)
+        out, lse, stats = collapsed_far_field(
+            q, k, v, runs, far, mask, call, key="first", width=mask.block_k // _SLOTS_PER_BLOCK
+        )
+        if stats["far_keys"]:
+            self.last_delta_sparsity[call.layer_idx] = 1.0 - stats["far_groups"] / stats["far_keys"]
+        self.layer_stats()[call.layer_idx] = stats
+        return out, lse
+
+
+def held_key_runs(k: torch.Tensor, theta: float, real: torch.Tensor, keys: torch.Tensor, block: int):
+    """Runs of whole held keys (``hold="key"``, module docstring), per key block.
+
+    Args:
+        k: ``[B, Hkv, Tk, D]``; theta: the RMS drift threshold in per-channel standard deviations (over
+            each row's ``real`` keys, bool ``[B, Tk]``); keys: bool ``[B, Tk]``, the keys to group
+            (the others get -1); block: key block size (runs restart at each block).
+
+    Returns:
+        long ``[B, Hkv, Tk]``: each key's run within its block, numbered from 0 (the run's first key
+        is the held key), -1 for keys not grouped.
+    """
+    b, h, kv_len, d = k.shape
+    n_k = -(-kv_len // block)
+    kf = k.float()
+    weight = real[:, None, :, None].float()
+    count = weight.sum(2).clamp_min(1.0)
+    mean = (kf * weight).sum(2) / count
+    std = (((kf - mean[:, :, None]) ** 2 * weight).sum(2) / count).sqrt()
+    x = (kf - mean[:, :, None]) / torch.where(std > 0, std, 1.0)[:, :, None]  # a constant channel: no drift
+    x = torch.nn.functional.pad(x, (0, 0, 0, n_k * block - kv_len)).view(b, h, n_k, block, d)
+    sq = (x * x).sum(-1)
+    drift = (sq[..., :, None] + sq[..., None, :] - 2 * x @ x.transpose(-1, -2)) / d  # [.., a, t] mean sq.
+    later = torch.ones(block, block, dtype=torch.bool, device=k.device).triu(1)
+    moved = (drift > theta * theta) & later  # key t (> a) left the run held at key a
+    # next_start[a]: the first key after a that leaves a's run (block: none); one extra entry for the end
+    next_start = torch.where(moved.any(-1), moved.int().argmax(-1), block)
+    next_start = torch.cat([next_start, next_start.new_full((*next_start.shape[:-1], 1), block)], -1)
+    grouped = torch.nn.functional.pad(keys, (0, n_k * block - kv_len)).view(b, 1, n_k, block)
+    start = torch.where(grouped.any(-1), grouped.int().argmax(-1), block).expand(b, h, n_k)
+    held = torch.zeros(b, h, n_k, block + 1, dtype=torch.bool, device=k.device)
+    for _ in range(block):  # follow the runs: at most `block` steps, all blocks and heads at once
+        held.scatter_(-1, start[..., None], True)
+        start = next_start.gather(-1, start[..., None])[..., 0]
+        if bool((start == block).all()):
+            break
+    run = held[..., :block].cumsum(-1) - 1
+    run = torch.where(grouped & (run >= 0), run, -1)
+    return run.flatten(2)[..., :kv_len]
 
 
 def _delta_positions(key_padding_mask: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor:
@@ -152,12 +244,24 @@ def held_keys(
 
 
 def deltallm_reference(
-    q, k, v, *, theta, scale, sink_tokens, local_tokens, block_size, softcap=None, key_padding_mask=None
+    q,
+    k,
+    v,
+    *,
+    theta,
+    scale,
+    sink_tokens,
+    local_tokens,
+    block_size,
+    hold="channel",
+    softcap=None,
+    key_padding_mask=None,
 ):
     """Slow, obviously right DeltaLLM for tests: a Python loop for the held keys, dense scores.
 
     q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]`` (fp64 for a ground truth); returns ``[B, Hq, Tq, D]``
-    in q's dtype. Far keys (causal, real, outside the exact sink + local blocks) score against held keys.
+    in q's dtype. Far keys (causal, real, outside the exact sink + local blocks) score against held keys:
+    per channel (``hold="channel"``) or whole keys restarting at each key block (``"key"``).
     """
     from sparse_llm.kernels.reference import element_mask
 
@@ -167,11 +271,33 @@ def deltallm_reference(
     held = [[[list(r) for r in rows[i][j]] for j in range(hkv)] for i in range(b)]
     for i in range(b):
         idx = [t for t in range(kv_len) if real[i][t]]
+        first = idx[0] if idx else kv_len
         for j in range(hkv):
+            stds = []
             for c in range(d):
                 vals = [rows[i][j][t][c] for t in idx]
                 mean = sum(vals) / max(len(vals), 1)
-                thr = theta * math.sqrt(sum((x - mean) ** 2 for x in vals) / max(len(vals), 1))
+                stds.append(math.sqrt(sum((x - mean) ** 2 for x in vals) / max(len(vals), 1)))
+            if hold == "key":
+                anchor = None
+                for t in range(kv_len):
+                    sink = (t // block_size) * block_size < first + sink_tokens or not real[i][t]
+                    if sink:  # sink blocks and padding hold nothing (never far)
+                        anchor = None
+                        continue
+                    if t % block_size == 0:  # runs restart at every key block
+                        anchor = None
+                    if anchor is not None:
+                        drift = sum(
+                            ((rows[i][j][t][c] - rows[i][j][anchor][c]) / (stds[c] or 1.0)) ** 2
+                            for c in range(d)
+                        )
+                        anchor = anchor if drift / d <= theta * theta else None
+                    anchor = t if anchor is None else anchor
+                    held[i][j][t] = list(rows[i][j][anchor])
+                continue
+            for c in range(d):
+                thr = theta * stds[c]
                 cur = None
                 for t in range(kv_len):
                     x = rows[i][j][t][c]

@@ -1,0 +1,121 @@
+"""Far fields over collapsed keys: each group of keys becomes one key with logit bias log n and the mean
+of its values, attended through the shared kernel (``key_bias``) and merged by log-sum-exp.
+
+A group of n keys that share one key vector k weighs ``sum_j exp(s(q, k)) v_j = n exp(s(q, k)) mean(v)``
+in the softmax, so one key with bias log n and the mean value stands for it exactly: ``deltallm``'s runs
+of equal held keys. With the group's mean key instead (``lightning``'s compressed far field, NSA's
+compression branch, Yuan et al., arXiv 2502.11089) it is an approximation (Jensen: it underweights
+groups whose keys spread).
+
+Layout. The far keys of query block n are whole key blocks before its local window, so every far key
+precedes every query of the block. Groups never straddle a key block; key block j's groups take, in
+order, ``ceil(groups_j / width)`` collapsed blocks of ``width`` slots (unused slots: bias -inf). The
+far BlockMask over the collapsed keys is the original far mask with each key block replaced by its
+collapsed blocks, non-causal and full: its cost is the collapsed slots the queries read.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sparse_llm.kernels import BlockMask, block_sparse_attention
+from sparse_llm.kernels.block_mask import block_geometry
+
+
+def far_blocks(mask: BlockMask) -> Tensor:
+    """bool ``[Bm, Hm, nQ, nK]``: key blocks wholly before every query of a query block (causally full)
+    that ``mask`` leaves out. For a sink + local mask with ``local_tokens >= block_size`` these are all
+    the causal keys it leaves out."""
+    full = block_geometry(
+        q_len=mask.q_len, kv_len=mask.kv_len, block_q=mask.block_q, block_k=mask.block_k, device=mask.device
+    )[1]
+    return full & ~mask.to_dense()
+
+
+def far_keys(far: Tensor, real: Tensor, block: int) -> Tensor:
+    """bool ``[B, Tk]``: real keys in a key block that is far for some query block and head."""
+    kv_len = real.shape[1]
+    blocks = far.any(2).any(1)  # [Bm, nK]
+    return real & blocks.repeat_interleave(block, -1)[:, :kv_len]
+
+
+def collapsed_far_field(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group: Tensor,
+    far: Tensor,
+    mask: BlockMask,
+    call,
+    *,
+    key: str,
+    width: int,
+) -> tuple[Tensor, Tensor, dict]:
+    """Attention over the far keys, one collapsed key per group.
+
+    Args:
+        q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]``.
+        group: long ``[B, Hkv, Tk]``: each key's group within its key block (numbered from 0 in every
+            block, consecutive keys per group), -1 for keys left out (padding, non-far blocks).
+        far: bool ``[Bm, Hm, nQ, nK]`` from :func:`far_blocks`; ``mask`` the exact part's BlockMask.
+        key: ``"first"`` (the group's first key: a run of held keys) or ``"mean"`` (the keys' mean).
+        width: slots per collapsed block (a power of two).
+
+    Returns:
+        ``(out [B, Hq, Tq, D], lse [B, Hq, Tq] fp32, stats)``; ``stats``: ``far_keys`` (keys grouped),
+        ``far_groups`` (their groups, over batch rows and KV heads), ``far_slots`` (collapsed slots,
+        unused ones included) and ``far_density`` (collapsed keys the queries read over the causal
+        (query, key) pairs, the exact part's density in the same units).
+    """
+    (b, hkv, kv_len, d), (hq, q_len) = k.shape, q.shape[1:3]
+    bk, n_k, dev = mask.block_k, mask.num_kv_blocks, q.device
+    group = torch.nn.functional.pad(group, (0, n_k * bk - kv_len), value=-1).view(b, hkv, n_k, bk)
+    blocks = -(-(group.amax(-1) + 1) // width)  # [B, Hkv, nK] collapsed blocks per key block
+    ends = blocks.cumsum(-1)
+    n_c = max(int(ends[..., -1].max()), 1)
+    length = max(n_c, -(-q_len // width)) * width  # the kernel wants Tq <= Tk: pad with unread slots
+    slot = torch.where(group >= 0, (ends - blocks)[..., None] * width + group, length)  # `length`: discard
+    slot = slot.flatten(2)[..., :kv_len]
+    used = group.flatten(2)[..., :kv_len] >= 0
+    counts = torch.zeros(b, hkv, length + 1, device=dev).scatter_add_(2, slot, used.float())[..., :length]
+    index = slot[..., None].expand(-1, -1, -1, d)
+    zeros = torch.zeros(b, hkv, length + 1, d, device=dev)
+    v_c = zeros.scatter_add(2, index, v.float())[:, :, :length] / counts.clamp_min(1)[..., None]
+    if key == "mean":
+        k_c = zeros.scatter_add(2, index, k.float())[:, :, :length] / counts.clamp_min(1)[..., None]
+    else:  # the first key of each group; the others go to the discard slot
+        first = used & (slot != torch.nn.functional.pad(slot[..., :-1], (1, 0), value=-1))
+        index = torch.where(first, slot, length)[..., None].expand(-1, -1, -1, d)
+        k_c = zeros.scatter(2, index, k.float())[:, :, :length]
+    bias = torch.where(counts > 0, counts.log(), float("-inf"))
+    # Collapsed block c of (b, h) belongs to key block searchsorted(ends, c); past the last: none (nK).
+    c_idx = torch.arange(length // width, device=dev).expand(b, hkv, -1).contiguous()
+    owner = torch.searchsorted(ends.contiguous(), c_idx, right=True)  # [B, Hkv, nKc]
+    heads = far.shape[1] if far.shape[1] == hq and hq != hkv else hkv
+    if heads != hkv:  # per-query-head far masks: each query head reads its KV head's layout
+        owner = owner.repeat_interleave(hq // hkv, 1)
+    far_ext = torch.nn.functional.pad(far, (0, 1)).expand(b, heads, -1, -1)  # column nK: never far
+    selected = far_ext.gather(-1, owner[:, :, None, :].expand(-1, -1, far.shape[2], -1))
+    far_mask = BlockMask.from_dense(
+        selected, block_q=mask.block_q, block_k=width, q_len=q_len, kv_len=length, causal=False
+    )
+    out, lse = block_sparse_attention(
+        q,
+        k_c.to(q.dtype),
+        v_c.to(q.dtype),
+        far_mask,
+        scale=call.scale,
+        softcap=call.softcap,
+        causal=False,
+        key_bias=bias,
+        return_lse=True,
+    )
+    reach = int(mask.reachable().sum()) * bk * selected.shape[0] * selected.shape[1]
+    stats = {
+        "far_keys": int(used.sum()),
+        "far_groups": int((group.amax(-1) + 1).sum()),
+        "far_slots": int(blocks.sum()) * width,
+        "far_density": float(selected.sum()) * width / reach,
+    }
+    return out, lse, stats
