@@ -172,7 +172,7 @@ def test_lightning_still_accepts_its_old_far_field_parameter_with_a_warning():
 def test_lightning_matches_reference(case, order):
     (q, k, v, padding), softcap = split(case)
     window = dict(sink_tokens=16, local_tokens=32, block_size=BS)
-    method = get_method("lightning", taylor_order=order, **window)
+    method = get_method("lightning", far_keys="taylor", taylor_order=order, **window)
     out, _ = method.attend(q, k, v, LayerCall(0, 64**-0.5, softcap=softcap, key_padding_mask=padding))
     kwargs = dict(scale=64**-0.5, order=order, softcap=softcap, key_padding_mask=padding, **window)
     truth = lightning_reference(q.double(), k.double(), v.double(), **kwargs)
@@ -190,10 +190,53 @@ def test_lightning_taylor_approaches_softmax_as_order_grows():
     )
     window = dict(sink_tokens=16, local_tokens=32, block_size=BS)
     err = {}
-    for label, params in (("none", dict(far_keys="none")), ("1", dict(taylor_order=1)), ("2", {})):
+    taylor = dict(far_keys="taylor")
+    for label, params in (
+        ("none", dict(far_keys="none")),
+        ("1", dict(taylor_order=1, **taylor)),
+        ("2", taylor),
+    ):
         out, _ = get_method("lightning", **window, **params).attend(q, k, v, call)
         err[label] = (out.double() - exact).abs().max().item()
     assert err["2"] < 0.5 * err["1"] and err["1"] < 0.2 * err["none"], err
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("group", [4, 8])
+def test_lightning_mean_far_field_matches_reference(case, group):
+    """The compressed far field through the kernel (key_bias log n, mean keys and values) equals its
+    written-out reference: the same approximation, so the kernel's tolerance rule applies."""
+    (q, k, v, padding), softcap = split(case)
+    window = dict(sink_tokens=16, local_tokens=32, block_size=BS)
+    method = get_method("lightning", far_keys="mean", far_group=group, **window)
+    call = LayerCall(4, 64**-0.5, softcap=softcap, key_padding_mask=padding)
+    out, mask = method.attend(q, k, v, call)
+    kwargs = dict(scale=64**-0.5, far_keys="mean", far_group=group, softcap=softcap, key_padding_mask=padding)
+    truth = lightning_reference(q.double(), k.double(), v.double(), **window, **kwargs)
+    pt = lightning_reference(q, k, v, **window, **kwargs)
+    check_rule(f"lightning mean {group}", out, truth, pt, softcap)
+    stats = method.layer_stats()[4]
+    assert stats["far_density"] <= 1 / group + 1e-9 and stats["far_groups"] * group >= stats["far_keys"]
+
+
+def test_lightning_mean_far_field_is_exact_with_groups_of_one_and_degrades_with_size():
+    q, k, v, padding = inputs(seed=6)
+    k = smooth(k)
+    call = LayerCall(0, 64**-0.5, key_padding_mask=padding)
+    causal = BlockMask.causal(q_len=113, kv_len=203, block_q=BS, block_k=BS)
+    kwargs = dict(scale=64**-0.5, key_padding_mask=padding)
+    truth = reference_attention(q.double(), k.double(), v.double(), causal, **kwargs)
+    pt = reference_attention(q, k, v, causal, **kwargs)
+    window = dict(sink_tokens=16, local_tokens=32, block_size=BS)
+    out, _ = get_method("lightning", far_group=1, **window).attend(q, k, v, call)
+    check_rule("lightning mean, groups of 1", out, truth, pt)
+    err = {}
+    for group in (2, 4, 16):
+        out, _ = get_method("lightning", far_group=group, **window).attend(q, k, v, call)
+        err[group] = (out.double() - truth).abs().max().item()
+    none, _ = get_method("lightning", far_keys="none", **window).attend(q, k, v, call)
+    err["none"] = (none.double() - truth).abs().max().item()
+    assert err[2] < err[4] < err[16] < err["none"], err
 
 
 # ----------------------------------------------------------------------------- lla
@@ -271,6 +314,10 @@ def test_long_inputs_stay_finite(method, dtype):
         ),
         pytest.param("lightning", dict(far_keys="rff"), "far_keys must be one of", id="bad-far-keys"),
         pytest.param("lightning", dict(taylor_order=3), "taylor_order must be 1 or 2", id="order-3"),
+        pytest.param("lightning", dict(far_group=3), "far_group must be a power of two", id="group-3"),
+        pytest.param(
+            "lightning", dict(far_group=128), "far_group must be a power of two", id="group-gt-block"
+        ),
         pytest.param(
             "lightning", dict(local_tokens=0), "local_tokens must be a positive int", id="zero-local"
         ),

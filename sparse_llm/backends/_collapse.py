@@ -33,7 +33,7 @@ def far_blocks(mask: BlockMask) -> Tensor:
     return full & ~mask.to_dense()
 
 
-def far_keys(far: Tensor, real: Tensor, block: int) -> Tensor:
+def far_key_mask(far: Tensor, real: Tensor, block: int) -> Tensor:
     """bool ``[B, Tk]``: real keys in a key block that is far for some query block and head."""
     kv_len = real.shape[1]
     blocks = far.any(2).any(1)  # [Bm, nK]

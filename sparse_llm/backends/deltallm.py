@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_llm.backends._collapse import collapsed_far_field, far_blocks, far_keys
+from sparse_llm.backends._collapse import collapsed_far_field, far_blocks, far_key_mask
 from sparse_llm.backends.base import (
     LayerCall,
     SparseMethod,
@@ -148,7 +148,7 @@ class DeltaLLM(SparseMethod):
             )
         far = far_blocks(mask)
         real = real_keys(call.key_padding_mask, k.shape[0], k.shape[2], k.device)
-        runs = held_key_runs(k, self.theta, real, far_keys(far, real, mask.block_k), mask.block_k)
+        runs = held_key_runs(k, self.theta, real, far_key_mask(far, real, mask.block_k), mask.block_k)
         out, lse, stats = collapsed_far_field(
             q, k, v, runs, far, mask, call, key="first", width=mask.block_k // _SLOTS_PER_BLOCK
         )

@@ -21,12 +21,21 @@ linearized at ``m``); without one ``t = 1``. The far part is returned as ``(out,
 kernel's convention and merged by log-sum-exp. Peaked far attention (a retrieval target outside the
 window) is not captured: the far field is a smooth, moment-matched summary of the distant keys.
 
-Cost: key blocks are folded, in order, into running sums of ``1``, ``k`` and ``k (x) k`` (each also
-times ``v``); each query block reads the state of the keys before its local window, which grows
-monotonically. That is linear in the length, with no ``Tq x Tk`` tensor, but the order-2 state has
-``D (D + 1) / 2 * D`` entries per KV head: per token ~``D^3`` multiply-adds, which exceeds exact
-attention's ``Tk * D`` below ``Tk ~ D^2`` tokens (4K for D = 64, 64K for D = 256). Order 1 costs
-``D^2`` per token. The far field has no sliding window: the patch runs windowed layers dense.
+Compressed far field (``far_keys="mean"``, the default): NSA's compression branch (Yuan et al., arXiv
+2502.11089) without training. Each run of ``far_group`` far keys (within a key block) becomes one key,
+their mean, with logit bias log n (n real keys in the run) and the mean of their values, attended
+through the shared kernel (``key_bias``, ``_collapse.py``) and merged by log-sum-exp: it costs
+``1 / far_group`` of exact attention over the far keys, and is exact when a run's keys are equal. A
+run whose keys spread is underweighted (Jensen: ``exp(q . mean k) <= mean exp(q . k)``); peaked
+attention on one far key is blurred over its run, but a run still stands out when its keys do.
+
+Cost of the Taylor form: key blocks are folded, in order, into running sums of ``1``, ``k`` and
+``k (x) k`` (each also times ``v``); each query block reads the state of the keys before its local
+window, which grows monotonically. That is linear in the length, with no ``Tq x Tk`` tensor, but
+the order-2 state has ``D (D + 1) / 2 * D`` entries per KV head: per token ~``D^3`` multiply-adds,
+which exceeds exact attention's ``Tk * D`` below ``Tk ~ D^2`` tokens (4K for D = 64, 64K for
+D = 256). Order 1 costs ``D^2`` per token. No far field has a sliding window: the patch runs
+windowed layers dense.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparse_llm.backends._collapse import collapsed_far_field, far_blocks, far_key_mask
 from sparse_llm.backends.base import (
     WHOLE_PROMPT,
     LayerCall,
@@ -46,15 +56,17 @@ from sparse_llm.backends.selection import first_real_key, real_keys
 from sparse_llm.backends.streaming import sink_window_mask
 from sparse_llm.kernels import BlockMask
 
-FAR_KEYS = ("taylor", "none")
+FAR_KEYS = ("mean", "taylor", "none")
 
 
 @register_method
 @dataclass
 class Lightning(SparseMethod):
-    """Args: far_keys (``"taylor"`` default, or ``"none"`` = exact sink + local only), taylor_order
-    (2 default, or 1), sink_tokens (64), local_tokens (1024; at least ``block_size``, so far keys
-    precede every query of a block)."""
+    """Args: far_keys (``"mean"`` default: compressed far keys; ``"taylor"``: the Taylor linear
+    attention reference; ``"none"`` = exact sink + local only), far_group (far keys per mean key,
+    a power of two <= block_size, default 4), taylor_order (2 default, or 1), sink_tokens (64),
+    local_tokens (1024; at least ``block_size``, so far keys precede every query of a block).
+    ``layer_stats()`` has the far field's size per layer (``attention_stats`` reports it)."""
 
     name = "lightning"
     description = "Hybrid (approximate): exact sink + local blocks, Taylor linear attention over other keys."
@@ -63,7 +75,8 @@ class Lightning(SparseMethod):
     small_params = {"block_size": 16, "sink_tokens": 16, "local_tokens": 32}
     renamed_params = {"far_field": "far_keys"}  # ``far_field`` is now the hook of every method
 
-    far_keys: str = "taylor"
+    far_keys: str = "mean"
+    far_group: int = 4
     taylor_order: int = 2
     sink_tokens: int = 64
     local_tokens: int = 1024
@@ -72,6 +85,16 @@ class Lightning(SparseMethod):
         super().__post_init__()
         if self.far_keys not in FAR_KEYS:
             raise ValueError(f"far_keys must be one of {FAR_KEYS}, got {self.far_keys!r}")
+        if (
+            not isinstance(self.far_group, int)
+            or isinstance(self.far_group, bool)
+            or self.far_group < 1
+            or self.far_group & (self.far_group - 1)
+            or self.far_group > self.block_size
+        ):
+            raise ValueError(
+                f"far_group must be a power of two <= block_size ({self.block_size}), got {self.far_group!r}"
+            )
         if self.taylor_order not in (1, 2) or isinstance(self.taylor_order, bool):
             raise ValueError(f"taylor_order must be 1 or 2, got {self.taylor_order!r}")
         require_positive(sink_tokens=self.sink_tokens, local_tokens=self.local_tokens)
@@ -91,6 +114,16 @@ class Lightning(SparseMethod):
             return None
         if call.sliding_window is not None:
             raise NotImplementedError("lightning's far field has no sliding window (the patch runs it dense)")
+        if self.far_keys == "mean":
+            far = far_blocks(mask)
+            real = real_keys(call.key_padding_mask, k.shape[0], k.shape[2], k.device)
+            keys = far_key_mask(far, real, mask.block_k)
+            group = (torch.arange(k.shape[2], device=k.device) % mask.block_k) // self.far_group
+            group = torch.where(keys, group, -1)[:, None].expand(-1, k.shape[1], -1)
+            width = mask.block_k // self.far_group
+            out, lse, stats = collapsed_far_field(q, k, v, group, far, mask, call, key="mean", width=width)
+            self.layer_stats()[call.layer_idx] = stats
+            return out, lse
         return taylor_far_field(
             q,
             k,
@@ -222,12 +255,15 @@ def lightning_reference(
     local_tokens,
     order=2,
     far_field=True,
+    far_keys="taylor",
+    far_group=4,
     softcap=None,
     key_padding_mask=None,
 ):
     """Slow, obviously right :class:`Lightning` for tests: every far weight written out, ``Tq x Tk``.
 
     q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]`` (fp64 for a ground truth); returns ``[B, Hq, Tq, D]``.
+    ``far_keys="mean"``: each query's far keys in runs of ``far_group`` positions, one mean key each.
     """
     from sparse_llm.kernels.reference import element_mask
 
@@ -245,6 +281,9 @@ def lightning_reference(
     capped = s if softcap is None else softcap * torch.tanh(s / softcap)
     lse_near = capped.masked_fill(~near, float("-inf")).logsumexp(-1)
     out_near = capped.masked_fill(~near, float("-inf")).softmax(-1).nan_to_num(0.0) @ v[:, :, None]
+    if far_keys == "mean":
+        lse_far, out_far = _mean_far_reference(q, k, v, far, scale, far_group, softcap, key_padding_mask)
+        return _merge_reference(lse_near, out_near, lse_far, out_far)
     n_far = far.sum(-1)
     m = (s * far).sum(-1) / n_far.clamp_min(1)
     slope = torch.ones_like(m)
@@ -256,7 +295,33 @@ def lightning_reference(
     shift = m if softcap is None else softcap * torch.tanh(m / softcap)
     lse_far = torch.where(n_far > 0, shift + den.log(), float("-inf"))
     out_far = (weight @ v[:, :, None]) / den[..., None]
+    return _merge_reference(lse_near, out_near, lse_far, out_far)
+
+
+def _merge_reference(lse_near, out_near, lse_far, out_far):
     lse = torch.logaddexp(lse_near, lse_far)
     safe = torch.where(torch.isneginf(lse), 0.0, lse)
     out = torch.exp(lse_near - safe)[..., None] * out_near + torch.exp(lse_far - safe)[..., None] * out_far
     return out.flatten(1, 2)
+
+
+def _mean_far_reference(q, k, v, far, scale, group, softcap, key_padding_mask):
+    """(lse, out) of the compressed far field, written out: per query, each run of ``group`` positions
+    holding n > 0 of its far keys scores ``cap(scale q . mean k) + log n`` and carries the mean value
+    (means over the run's real keys, all far together since far keys come in whole key blocks)."""
+    (b, hq, _, _), (_, hkv, kv_len, d) = q.shape, k.shape
+    pad = -kv_len % group
+    real = torch.ones(b, kv_len, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
+    w = torch.nn.functional.pad(real, (0, pad)).to(k.dtype).view(b, 1, -1, group, 1)
+
+    def runs(x):
+        return torch.nn.functional.pad(x, (0, 0, 0, pad)).view(b, hkv, -1, group, d)
+
+    count = w.sum(3).clamp_min(1)
+    k_mean, v_mean = (runs(k) * w).sum(3) / count, (runs(v) * w).sum(3) / count  # [B, Hkv, nG, D]
+    n = torch.nn.functional.pad(far, (0, pad)).unflatten(-1, (-1, group)).sum(-1)  # [B, Hkv, G, Tq, nG]
+    s = torch.einsum("bhgqd,bhkd->bhgqk", q.unflatten(1, (hkv, hq // hkv)), k_mean) * scale
+    s = s if softcap is None else softcap * torch.tanh(s / softcap)
+    logits = torch.where(n > 0, s + n.to(s.dtype).log(), float("-inf"))
+    lse = logits.logsumexp(-1)
+    return lse, logits.softmax(-1).nan_to_num(0.0) @ v_mean[:, :, None]
