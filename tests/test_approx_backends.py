@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attention_cases import assert_within_rule
+from attention_cases import assert_within_rule, rounding_floor
 
 import sparse_llm
 from sparse_llm.backends import LayerCall, get_method
@@ -271,12 +271,56 @@ def test_lla_matches_reference(case, base, base_params):
     (q, k, v, padding), softcap = split(case)
     d = 32  # the reference holds Tq x Tk x D tensors
     q, k, v = q[..., :d], k[..., :d], v[..., :d]
-    method = get_method("lla", ridge=0.5, base=base, base_params=base_params, block_size=BS)
+    method = get_method(
+        "lla", ridge=0.5, base=base, base_params=base_params, block_size=BS, solver="cholesky"
+    )
     out, mask = method.attend(q, k, v, LayerCall(0, d**-0.5, softcap=softcap, key_padding_mask=padding))
     kwargs = dict(scale=d**-0.5, ridge=0.5, softcap=softcap, key_padding_mask=padding)
     truth = lla_reference(q.double(), k.double(), v.double(), mask, **kwargs)
     pt = lla_reference(q, k, v, mask, **kwargs)
     check_rule(f"lla base={base}", out, truth, pt, softcap)
+
+
+TILT_CASES = [
+    pytest.param(dict(), 1e3, 0.02, id="gqa-pad-ridge1e3"),
+    pytest.param(dict(), 1e2, 0.15, id="gqa-pad-ridge1e2"),
+    pytest.param(dict(softcap=50.0), 1e3, 0.02, id="softcap50-ridge1e3"),
+    pytest.param(dict(b=1, hq=2, hkv=1, tq=1, tk=150, left_pad=(0,)), 1e3, 0.02, id="decode-mqa"),
+    pytest.param(dict(tq=203, left_pad=(40, 0)), 1e4, 0.005, id="prefill-pad40-ridge1e4"),
+]
+
+
+@pytest.mark.parametrize("case, ridge, ratio", TILT_CASES)
+@pytest.mark.parametrize("base, base_params", LLA_BASES[:2])
+def test_lla_tilt_stays_within_its_bound_of_the_exact_solve(case, ridge, ratio, base, base_params):
+    """The two-pass tilt (solver="tilt") against the exact solve: its error is at most ``ratio`` of the
+    LLA correction itself (the bound falls as 1/ridge), plus the rounding the rule allows."""
+    (q, k, v, padding), softcap = split(case)
+    d = 32
+    q, k, v = q[..., :d], k[..., :d], v[..., :d]
+    method = get_method("lla", ridge=ridge, base=base, base_params=base_params, block_size=BS)
+    out, mask = method.attend(q, k, v, LayerCall(0, d**-0.5, softcap=softcap, key_padding_mask=padding))
+    kwargs = dict(scale=d**-0.5, softcap=softcap, key_padding_mask=padding)
+    truth = lla_reference(q.double(), k.double(), v.double(), mask, ridge=ridge, **kwargs)
+    pt = lla_reference(q, k, v, mask, ridge=ridge, **kwargs)
+    softmax = reference_attention(q.double(), k.double(), v.double(), mask, **kwargs)
+    correction = (truth - softmax).abs().max().item()
+    err = (out.double() - truth).abs().max().item()
+    bound = ratio * correction + 2 * (pt.double() - truth).abs().max().item() + rounding_floor(truth)
+    assert correction > 1e-5 or q.shape[2] == 1
+    assert err <= bound, (
+        f"tilt error {err:.3e} > {ratio} x correction {correction:.3e} + rounding = {bound:.3e}"
+    )
+
+
+def test_lla_tilt_in_bf16_is_computed_in_fp32():
+    q, k, v, padding = inputs(seed=8, d=32)
+    method = get_method("lla", ridge=1e3, base="dense", block_size=BS)
+    call = LayerCall(0, 32**-0.5, key_padding_mask=padding)
+    out16, mask = method.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), call)
+    out32, _ = method.attend(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), call)
+    assert out16.dtype == torch.bfloat16
+    torch.testing.assert_close(out16, out32.bfloat16(), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- all three
@@ -332,6 +376,7 @@ def test_long_inputs_stay_finite(method, dtype):
         ),
         pytest.param("lla", dict(base_params=dict(window=3)), "unknown parameters", id="bad-base-param"),
         pytest.param("lla", dict(base="lla"), "not 'lla' itself", id="self-base"),
+        pytest.param("lla", dict(solver="lu"), "solver must be one of", id="bad-solver"),
     ],
 )
 def test_bad_parameters_raise(method, params, match):

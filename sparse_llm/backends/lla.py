@@ -22,10 +22,25 @@ ridge is destructive. Measured on Gemma3-270M (600 essay tokens, base ``"dense"`
 perplexity 22.71 with softmax; with LLA 439 (ridge 1), 41.2 (100), 22.91 (1e3), 22.64 (1e4),
 22.71 (1e6). Hence the default ``ridge=1e4``; small ridges (~1) suit models trained with LLA.
 
-Cost: per query block, the selected key blocks are gathered and the weights materialized
-(``block_size x selected`` per head), the covariance costs ``O(selected * D^2)`` per query and the
-batched Cholesky solve ``O(D^3)`` per query (fp32); memory is bounded by one query block at a time.
-This is a CPU-friendly reference-style implementation, slower than exact attention over the same keys.
+Two solvers, chosen by ``solver``:
+
+``"tilt"`` (default, two passes of the shared kernel over the base's blocks: twice its attention cost).
+The first Neumann term of the solve, ``z = (k_bar - q) / ridge``, and the correction
+``sum_j p_j ((k_j - k_bar) . z) v_j`` read as a derivative: tilting the softmax weights by
+``exp(-k_j . z)`` changes the output by minus that correction, to first order in z. The tilt is a
+moved query, ``q - z / scale``, so LLA is ``attention(q - (k_bar - q) / (ridge * scale))`` with
+``k_bar = attention(q, values = keys)``. Error against the exact solve: the dropped Neumann terms,
+relative ``|C| / ridge``, and the tilt's second order, ``~ |z|^2`` times the keys' third moments; at
+the default ridge both are far below the correction itself (no soft-cap: under 1 % of the correction
+at ridge 1e3 on unit-scale keys, falling as 1/ridge; tests/test_approx_backends.py). With a soft-cap
+the tilt moves the capped logits by ``cap'(s_j) k_j . z`` instead of ``k_j . z``: harmless where the
+cap does not bite (Gemma2's 50), but the correction is a difference of two larger terms, so a
+biting cap (5 on unit-variance scores) leaves ~75 % of it wrong; use "cholesky" there.
+
+``"cholesky"`` (the reference): per query block, the selected key blocks are gathered and the weights
+materialized (``block_size x selected`` per head), the covariance costs ``O(selected * D^2)`` per
+query and the batched Cholesky solve ``O(D^3)`` per query (fp32); memory is bounded by one query
+block at a time. Exact at any ridge, far slower than attention over the same keys.
 """
 
 from __future__ import annotations
@@ -35,10 +50,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparse_llm.backends.base import LayerCall, SparseMethod, get_method, register_method
+from sparse_llm.backends.base import LayerCall, SparseMethod, exact_attention, get_method, register_method
 from sparse_llm.backends.selection import real_keys
 from sparse_llm.kernels import BlockMask
 
+SOLVERS = ("tilt", "cholesky")
 _KEY_CHUNK = 128  # keys per covariance GEMM: bounds the [chunk, D (D + 1) / 2] outer products
 
 
@@ -47,7 +63,8 @@ _KEY_CHUNK = 128  # keys per covariance GEMM: bounds the [chunk, D (D + 1) / 2] 
 class LLA(SparseMethod):
     """Args: ridge (> 0, default 1e4; larger = closer to softmax), base (a registered method that
     picks the blocks, default ``"streaming"``), base_params (that method's parameters; its
-    ``block_size`` defaults to this method's)."""
+    ``block_size`` defaults to this method's), solver (``"tilt"``: two kernel passes, accurate at
+    large ridges; ``"cholesky"``: the exact per-query solve, the reference)."""
 
     name = "lla"
     description = "Local linear attention (training-free): local-linear regression over a base's blocks."
@@ -58,6 +75,7 @@ class LLA(SparseMethod):
     ridge: float = 1e4
     base: str = "streaming"
     base_params: dict = field(default_factory=dict)
+    solver: str = "tilt"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,6 +90,8 @@ class LLA(SparseMethod):
             raise ValueError(
                 f"base_params must be a dict of the base method's parameters, got {self.base_params!r}"
             )
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.base == self.name:
             raise ValueError("base must be a selection method, not 'lla' itself")
         self._base = get_method(self.base, **{"block_size": self.block_size, **self.base_params})
@@ -84,7 +104,23 @@ class LLA(SparseMethod):
         keys (the kernel's exact part) by a regression over those same keys, so there is no exact
         part to merge a far field with; keys outside the mask are not attended."""
         mask = self.block_mask(q, k, v, call)
+        if self.solver == "tilt":
+            return tilted_local_linear_attention(q, k, v, mask, call, ridge=self.ridge), mask
         return local_linear_attention(q, k, v, mask, call, ridge=self.ridge), mask
+
+
+def tilted_local_linear_attention(q, k, v, mask: BlockMask, call: LayerCall, *, ridge: float) -> torch.Tensor:
+    """LLA with ``solver="tilt"`` (module docstring): two passes of the shared kernel over ``mask``.
+
+    Same arguments and result as :func:`local_linear_attention`. Half-precision inputs are tilted in
+    fp32: the query moves by ~1/ridge of its size, below bf16's resolution.
+    """
+    dtype = q.dtype
+    if dtype != torch.float32:
+        q, k, v = q.float(), k.float(), v.float()
+    k_bar = exact_attention(q, k, k, mask, call)  # sum_j p_j k_j per query
+    tilted = q - (k_bar - q) / (ridge * call.scale)
+    return exact_attention(tilted, k, v, mask, call).to(dtype)
 
 
 def local_linear_attention(q, k, v, mask: BlockMask, call: LayerCall, *, ridge: float) -> torch.Tensor:
