@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from sparse_llm.bench.kernel import to_flex_block_mask, window_mask
+from sparse_llm.bench.kernel import window_mask
 from sparse_llm.kernels import BlockMask, block_sparse_attention
+from sparse_llm.kernels.flex import to_flex_block_mask
 
 
 def bench(q, k, v, mask: BlockMask, flex, runs: int) -> None:
     """Time the three methods interleaved; print median/min, speedup vs SDPA and max|diff|."""
-    fmask = to_flex_block_mask(mask)
+    fmask = to_flex_block_mask(mask, num_q_heads=q.shape[1])
     fns = {
         "gather": lambda: block_sparse_attention(q, k, v, mask, impl="cpu"),
         "flex": lambda: flex(q, k, v, block_mask=fmask, enable_gqa=True),

@@ -14,10 +14,10 @@ from sparse_llm.bench.kernel import (
     neighborhood_mask,
     partial_cost,
     random_mask,
-    to_flex_block_mask,
 )
 from sparse_llm.cli import main
 from sparse_llm.kernels import BlockMask
+from sparse_llm.kernels.flex import to_flex_block_mask
 from sparse_llm.kernels.reference import element_mask
 
 ON_GRID = ("nbh_aligned", "nbh_blocked")
@@ -60,7 +60,7 @@ def test_expected_speedup_is_the_ideal_at_equal_costs_and_below_it_when_partial_
 
 def test_flex_mask_mod_applies_the_key_rule():
     mask, _ = neighborhood_mask("nbh_strided", 512, 32, 0.3, "cpu")
-    flex = to_flex_block_mask(mask)
+    flex = to_flex_block_mask(mask, num_q_heads=1)
     q_idx, kv_idx = torch.arange(512)[:, None], torch.arange(512)[None, :]
     ours = element_mask(mask, num_q_heads=1, num_kv_heads=1)[0, 0, 0]
     selected = element_mask(mask.as_partial(), num_q_heads=1, num_kv_heads=1, causal=False)[0, 0, 0]

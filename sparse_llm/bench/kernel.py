@@ -7,9 +7,10 @@ strided and blocked windows on the block grid, GNA's perfectly block-sparse case
 strided and blocked + halo windows off it, whose cut blocks are partial). Each is timed with our
 kernel, and compared with our own kernel on the full causal mask (``dense``: what the ideal
 1/density speedup is relative to), PyTorch SDPA (causal; the flash backend on CUDA half precision)
-and, optionally, compiled FlexAttention on the same BlockMask. Inputs are random, fp32 by default,
-batch 1, bottom-right causal, Tq = Tk. Warm-up (and compilation) is untimed; the device is
-synchronized around every timed call; the median of ``repeats`` runs is reported.
+and, optionally, FlexAttention on the same BlockMask (``impl="flex"``, compiled on CUDA). Inputs
+are random, fp32 by default, batch 1, bottom-right causal, Tq = Tk. Warm-up (and compilation) is
+untimed; the device is synchronized around every timed call; the median of ``repeats`` runs is
+reported.
 
 Beside the ideal 1/density each row gives an ``expected`` speedup that prices partial blocks (those
 needing an element mask) apart from full ones: ``(F_d + x P_d) / (F + x P)``, with F, P the mask's
@@ -27,7 +28,6 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +36,6 @@ from sparse_llm.kernels import BlockMask, block_sparse_attention
 from sparse_llm.measure import synchronize
 from sparse_llm.names import DTYPES
 from sparse_llm.results import atomic_write_json, run_metadata
-
-if TYPE_CHECKING:
-    from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
 
 logger = logging.getLogger(__name__)
 
@@ -178,51 +175,10 @@ def _sdpa(q, k, v):
     return run
 
 
-def to_flex_block_mask(mask: BlockMask) -> FlexBlockMask:
-    """Our ``BlockMask`` as PyTorch FlexAttention's, for timing ``flex_attention`` on the same blocks.
-
-    The layout is the same (per query-block row a count ``kv_num_blocks [B, H, nQ]`` and indices
-    ``kv_indices [B, H, nQ, maxK]``, plus the optional full-block pair); flex wants the index rows
-    padded to ``nK`` entries, which is done here (entries past the count are ignored). Partial blocks
-    get a bottom-right causal ``mask_mod`` (queries are the last ``q_len`` of ``kv_len`` positions),
-    with the mask's key rule if it has one, so the result matches
-    :func:`sparse_llm.kernels.block_sparse_attention` with ``causal=True``.
-    """
-    from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
-
-    n_k, offset = mask.num_kv_blocks, mask.kv_len - mask.q_len
-
-    def causal(b, h, q_idx, kv_idx):
-        return kv_idx <= q_idx + offset
-
-    if mask.window_start is not None:  # the key rule of a batch-1 mask (the bench's)
-        if mask.window_start.shape[0] != 1:
-            raise NotImplementedError("to_flex_block_mask: a key rule per batch row is not supported")
-        window_start, sink_end = mask.window_start[0], mask.sink_end[0]
-
-        def causal(b, h, q_idx, kv_idx):  # noqa: F811 (the same rule plus the key rule)
-            return (kv_idx <= q_idx + offset) & ((kv_idx >= window_start[q_idx]) | (kv_idx < sink_end))
-
-    def pad(idx):
-        return F.pad(idx, (0, n_k - idx.shape[-1]))
-
-    return FlexBlockMask.from_kv_blocks(
-        mask.kv_num_blocks,
-        pad(mask.kv_indices),
-        mask.full_kv_num_blocks,
-        pad(mask.full_kv_indices),
-        BLOCK_SIZE=(mask.block_q, mask.block_k),
-        mask_mod=causal,
-        seq_lengths=(mask.q_len, mask.kv_len),
-    )
-
-
 def _flex(q, k, v, mask: BlockMask):
-    from torch.nn.attention.flex_attention import flex_attention
-
-    flex_mask = to_flex_block_mask(mask)
-    compiled = torch.compile(flex_attention, dynamic=False)
-    return lambda: compiled(q, k, v, block_mask=flex_mask, enable_gqa=True)
+    """FlexAttention on the same blocks through the dispatcher (compiled on CUDA); the timed call
+    includes converting the BlockMask, as every user call does."""
+    return lambda: block_sparse_attention(q, k, v, mask, impl="flex")
 
 
 def _blocks(mask: BlockMask) -> tuple[int, int]:

@@ -24,7 +24,7 @@ __all__ = ["BlockMask", "block_sparse_attention", "forward_only", "merge_attenti
 
 logger = logging.getLogger(__name__)
 
-IMPLS = ("auto", "triton", "cpu", "reference")
+IMPLS = ("auto", "triton", "cpu", "flex", "reference")
 _TRITON_MAX_HEAD_DIM = 256
 _warned: set[str] = set()
 
@@ -150,16 +150,11 @@ def forward_only(fn, *tensors: Tensor):
     return fn(*tensors)
 
 
-def _resolve_impl(impl: str, q: Tensor, key_bias: Tensor | None = None) -> str:
+def _resolve_impl(impl: str, q: Tensor) -> str:
     """The implementation that runs: "auto" picks Triton on CUDA, else the gather path ("cpu")."""
     if impl == "auto":
-        triton_ok = q.is_cuda and q.shape[-1] <= _TRITON_MAX_HEAD_DIM and key_bias is None
-        impl = "triton" if triton_ok and _triton_kernel() else "cpu"
+        impl = "triton" if q.is_cuda and q.shape[-1] <= _TRITON_MAX_HEAD_DIM and _triton_kernel() else "cpu"
         logger.debug("block_sparse_attention: %s path for %s tensors", impl, q.device.type)
-    if impl == "triton" and key_bias is not None:
-        raise NotImplementedError(
-            "key_bias is not in the Triton kernel yet: use impl='cpu' (or 'auto', which picks it)"
-        )
     if impl == "triton":
         # CUDA tensors, or any tensors under triton's own interpreter switch (tests).
         if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
@@ -205,12 +200,13 @@ def block_sparse_attention(
         key_bias: float [B or 1, Hkv, Tk] (fp32 or the input dtype): added to the logits of key j for
             every query head reading KV head h, after scale and softcap and before masking and the
             softmax; it enters the LSE. -inf masks a key. A run of n keys collapsed to one carries
-            log n (deltallm, lightning's compressed far field). Not yet in the Triton kernel.
+            log n (deltallm, lightning's compressed far field).
         return_lse: also return the log-sum-exp.
             Inputs may require grad (the forward runs as under ``torch.no_grad()``); calling backward
-            through the "triton" or "cpu" kernel raises NotImplementedError.
+            through the "triton", "cpu" or "flex" kernel raises NotImplementedError.
         impl: the implementation: "auto" (Triton on CUDA when triton imports, else the gather path),
-            "triton", "cpu" (the gather path, any device), "reference" (dense; tests only).
+            "triton", "cpu" (the gather path, any device), "flex" (PyTorch FlexAttention on the same
+            blocks: compiled on CUDA, eager elsewhere, which only tests use), "reference" (dense; tests).
         backend: deprecated name of ``impl`` (a DeprecationWarning); "backend" now means a method.
 
     GQA: query head hq reads KV head ``hq // (Hq // Hkv)``; a mask with H = Hkv is shared by that group.
@@ -239,12 +235,14 @@ def block_sparse_attention(
         sliding_window=sliding_window,
         key_padding_mask=key_padding_mask,
     )
-    impl = _resolve_impl(impl, q, key_bias)
+    impl = _resolve_impl(impl, q)
     if key_bias is not None:
         kwargs["key_bias"] = key_bias
-    if impl in ("triton", "cpu"):
+    if impl in ("triton", "cpu", "flex"):
         if impl == "triton":
             kernel = _triton_kernel()
+        elif impl == "flex":
+            from sparse_llm.kernels.flex import flex_block_sparse_attention as kernel
         else:
             from sparse_llm.kernels.cpu import gather_attention as kernel
         out, lse = forward_only(lambda q, k, v: kernel(q, k, v, block_mask, **kwargs), q, k, v)

@@ -1,19 +1,24 @@
 """Triton block-sparse attention forward (CUDA; also runs under ``TRITON_INTERPRET=1`` on CPU tensors).
 
 Layout follows fla: ``@triton.jit`` kernel -> launcher (strides, tiles, grid) -> public function.
-One program per (query tile, b * Hq + hq). It walks its BlockMask row: the full blocks without an
-element mask, then the partial ones with the causal/window mask (and the mask's key rule), with the
-flash-attention online softmax in fp32 (base-2 exponent, converted to a natural-log LSE at the end).
+One program per (query tile, b * Hq + hq[, key split]). It walks its BlockMask row as FlexAttention
+does: one flat loop over the ``n_blocks * SUB_K`` key tiles of the full blocks (no element mask),
+then one over the partial blocks (causal/window mask and the mask's key rule), each tile's key
+offset read from the index list, so Triton's software pipeliner sees a single loop. The inner loop
+is FA2's: online softmax in fp32 with the scale folded into the base-2 exponent, ``acc = tl.dot(p,
+v, acc)``, and compile-time flags that drop bounds masks on tiles that need none.
 
-Tile limits are handled here, never put on callers: the head dim is padded to a power of two >= 16
-with masked loads; query/key tiles are mask blocks split into (or padded up to) 16..64-wide tiles.
-Every load and store is masked (the interpreter does not check out-of-bounds stores). Offsets inside
-one (b, h) slice are int32: Tk * stride_t must stay below 2**31.
+Tile sizes are autotuned (``triton_tuning.py``); tile limits are handled here, never put on callers:
+the head dim is padded to a power of two >= 16 with masked loads; query/key tiles are mask blocks
+split into (or padded up to) 16..128-wide tiles. Every load and store is masked unless a flag proves
+it in bounds. Offsets are 64-bit where they can pass 2**31 (token bases); in-tile offsets are int32.
+Decode (Tq <= one tile) splits each row's key tiles across programs (flash-decoding) and merges the
+partial results by log-sum-exp.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 
 import torch
 import triton
@@ -21,14 +26,13 @@ import triton.language as tl
 from torch import Tensor
 
 from sparse_llm.kernels.block_mask import BlockMask
+from sparse_llm.kernels.triton_tuning import INTERPRET, MIN_TILE, autotune
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _configs() -> list[triton.Config]:
-    if _INTERPRET:  # the interpreter cannot time configs: exactly one
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+LOG2E = 1.4426950408889634
+# Decode split-KV: enough programs to fill a GPU several times over, each walking >= 1024 keys.
+_TARGET_PROGRAMS = 512
+_MIN_SPLIT_KEYS = 1024
+_MAX_SPLITS = 64
 
 
 @triton.jit
@@ -43,83 +47,110 @@ def _tanh(x):
 
 
 @triton.jit
-def _tile(
+def _attend_tiles(
     acc,
     m_i,
     l_i,
     q,
+    row_ptr,
+    lo,
+    hi,
     k_ptr,
     v_ptr,
+    kb_ptr,
     kpm_ptr,
-    key0,
     pos_q,
+    ws,
+    sink,
     offs_d,
     d_ok,
     stride_kt,
     stride_kd,
     stride_vt,
     stride_vd,
+    stride_bt,
     kv_len,
-    scale,
-    softcap,
+    qk_scale,
+    cap_in,
+    cap_out,
     window,
-    ws,
-    sink,
+    BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SUB_K: tl.constexpr,
     COLS: tl.constexpr,
     PARTIAL: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     HAS_PAD: tl.constexpr,
     HAS_RULE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
+    """Key tiles lo..hi of one index row (tile t = sub-tile t % SUB_K of block row[t // SUB_K])."""
     cols = tl.arange(0, BLOCK_N)
-    offs_n = key0 + cols
-    col_ok = (cols < COLS) & (offs_n < kv_len)
-    k = tl.load(
-        k_ptr + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
-        mask=col_ok[None, :] & d_ok[:, None],
-        other=0.0,
-    )
-    if UPCAST:
-        qk = tl.dot(q, k.to(tl.float32), input_precision="ieee")
-    else:
-        qk = tl.dot(q, k)
-    if HAS_SOFTCAP:  # Gemma2 eager order: scale, cap, then mask
-        s = softcap * _tanh(qk * scale / softcap) * 1.4426950408889634
-    else:
-        s = qk * (scale * 1.4426950408889634)
-    allowed = col_ok[None, :]
-    if HAS_PAD:
-        allowed = allowed & (tl.load(kpm_ptr + offs_n, mask=col_ok, other=0) != 0)[None, :]
-    if PARTIAL and CAUSAL:
-        dist = pos_q[:, None] - offs_n[None, :]
-        allowed = allowed & (dist >= 0)
-        if HAS_WINDOW:
-            allowed = allowed & (dist < window)
-        if HAS_RULE:  # key rule: j >= the row's window start, or a sink
-            allowed = allowed & ((offs_n[None, :] >= ws[:, None]) | (offs_n[None, :] < sink))
-    s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # empty so far: exp2(-inf - 0) = 0, not NaN
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(
-        v_ptr + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-        mask=col_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    if UPCAST:
-        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(v.dtype), v)
-    return acc * alpha[:, None] + pv, m_new, l_i
+    for t in range(lo, hi):
+        key0 = tl.load(row_ptr + t // SUB_K) * BLOCK_K + (t % SUB_K) * BLOCK_N
+        offs_n = key0 + cols
+        col_ok = (cols < COLS) & (offs_n < kv_len)
+        k_tile = k_ptr + key0.to(tl.int64) * stride_kt
+        v_tile = v_ptr + key0.to(tl.int64) * stride_vt
+        if EVEN_K and EVEN_D:
+            k = tl.load(k_tile + cols[None, :] * stride_kt + offs_d[:, None] * stride_kd)
+            v = tl.load(v_tile + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd)
+        else:
+            k = tl.load(
+                k_tile + cols[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                mask=col_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )
+            v = tl.load(
+                v_tile + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+        if UPCAST:
+            qk = tl.dot(q, k.to(tl.float32), input_precision="ieee")
+        else:
+            qk = tl.dot(q, k)
+        if HAS_SOFTCAP:  # Gemma2 eager order: scale, cap, (bias,) then mask
+            s = cap_out * _tanh(qk * cap_in)
+        else:
+            s = qk * qk_scale
+        if HAS_BIAS:  # -inf bias masks the key
+            s += (
+                tl.load(kb_ptr + offs_n.to(tl.int64) * stride_bt, mask=col_ok, other=0.0).to(tl.float32)
+                * 1.4426950408889634
+            )
+        if (PARTIAL or HAS_PAD) or not EVEN_K:
+            allowed = col_ok[None, :]
+            if HAS_PAD:
+                allowed = allowed & (tl.load(kpm_ptr + offs_n, mask=col_ok, other=0) != 0)[None, :]
+            if PARTIAL and CAUSAL:
+                dist = pos_q[:, None] - offs_n[None, :]
+                allowed = allowed & (dist >= 0)
+                if HAS_WINDOW:
+                    allowed = allowed & (dist < window)
+                if HAS_RULE:  # key rule: j >= the row's window start, or a sink
+                    allowed = allowed & ((offs_n[None, :] >= ws[:, None]) | (offs_n[None, :] < sink))
+            s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # empty so far: exp2(-inf - 0) = 0, not NaN
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if UPCAST:
+            acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs(), key=["BLOCK_M", "BLOCK_N", "BLOCK_D", "UPCAST", "HAS_SOFTCAP"])
+@autotune
 @triton.jit
 def _block_sparse_fwd(
     Q,
@@ -127,6 +158,7 @@ def _block_sparse_fwd(
     V,
     Out,
     Lse,
+    KeyBias,
     KPM,
     WS,
     SinkEnd,
@@ -148,8 +180,12 @@ def _block_sparse_fwd(
     svd,
     sob,
     soh,
+    sos,
     sot,
     sod,
+    s_kb_b,
+    s_kb_h,
+    s_kb_t,
     s_pad_b,
     s_rule_b,
     s_num_b,
@@ -161,182 +197,188 @@ def _block_sparse_fwd(
     s_pi_b,
     s_pi_h,
     s_pi_q,
+    num_bh,
     num_q_heads,
     group,
     mask_head_div,
     q_len,
     kv_len,
     head_dim,
-    scale,
-    softcap,
+    n_splits,
+    qk_scale,
+    cap_in,
+    cap_out,
     window,
+    q_bucket,  # autotune key only: log2 length buckets
+    kv_bucket,
     BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    SUB_Q: tl.constexpr,
-    SUB_K: tl.constexpr,
-    ROWS: tl.constexpr,
-    COLS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     HAS_PAD: tl.constexpr,
     HAS_RULE: tl.constexpr,
     UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Tiles per mask block and valid rows/cols per tile (a block below 16 is padded up to one tile).
+    SUB_Q = (BLOCK_Q + BLOCK_M - 1) // BLOCK_M
+    SUB_K = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
+    ROWS = BLOCK_Q // SUB_Q
+    COLS = BLOCK_K // SUB_K
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_bh = pid % num_bh  # heads vary fastest: one query tile's heads run side by side
+    tile = pid // num_bh
+    if CAUSAL:  # the last query tiles attend the most keys: start them first
+        tile = tl.num_programs(0) // num_bh - 1 - tile
+    n = tile // SUB_Q
+    q0 = n * BLOCK_Q + (tile % SUB_Q) * BLOCK_M
+    if q0 >= q_len:
+        return
     b = pid_bh // num_q_heads
     hq = pid_bh % num_q_heads
     hkv = hq // group
     hm = hq // mask_head_div  # mask row head: hq (H = Hq), hq // G (H = Hkv) or 0 (H = 1)
-    n = pid_m // SUB_Q
     rows = tl.arange(0, BLOCK_M)
-    offs_m = n * BLOCK_Q + (pid_m % SUB_Q) * BLOCK_M + rows
+    offs_m = q0 + rows
     row_ok = (rows < ROWS) & (offs_m < q_len)
     pos_q = offs_m + (kv_len - q_len)  # bottom-right alignment
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
 
-    b64 = b.to(tl.int64)
-    q_ptr = Q + b64 * sqb + hq.to(tl.int64) * sqh
+    b64, hq64, hkv64 = b.to(tl.int64), hq.to(tl.int64), hkv.to(tl.int64)
+    q_ptr = Q + b64 * sqb + hq64 * sqh + q0.to(tl.int64) * sqt
     q = tl.load(
-        q_ptr + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=row_ok[:, None] & d_ok[None, :], other=0.0
+        q_ptr + rows[:, None] * sqt + offs_d[None, :] * sqd, mask=row_ok[:, None] & d_ok[None, :], other=0.0
     )
     if UPCAST:
         q = q.to(tl.float32)
-    k_ptr = K + b64 * skb + hkv.to(tl.int64) * skh
-    v_ptr = V + b64 * svb + hkv.to(tl.int64) * svh
+    k_ptr = K + b64 * skb + hkv64 * skh
+    v_ptr = V + b64 * svb + hkv64 * svh
+    kb_ptr = KeyBias + b64 * s_kb_b + hkv64 * s_kb_h
     kpm_ptr = KPM + b64 * s_pad_b
     ws = tl.zeros([BLOCK_M], dtype=tl.int32)
     sink = 0
     if HAS_RULE:
-        ws = tl.load(WS + b * s_rule_b * q_len + offs_m, mask=row_ok, other=0)
+        ws = tl.load(WS + b64 * s_rule_b * q_len + offs_m, mask=row_ok, other=0)
         sink = tl.load(SinkEnd + b * s_rule_b)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-
-    n_full = tl.load(FullNum + b * s_num_b + hm * s_num_h + n * s_num_q)
-    full_row = FullIdx + b * s_fi_b + hm * s_fi_h + n * s_fi_q
-    for i in range(0, n_full):
-        blk = tl.load(full_row + i)
-        for j in range(SUB_K):
-            acc, m_i, l_i = _tile(
-                acc,
-                m_i,
-                l_i,
-                q,
-                k_ptr,
-                v_ptr,
-                kpm_ptr,
-                blk * BLOCK_K + j * BLOCK_N,
-                pos_q,
-                offs_d,
-                d_ok,
-                skt,
-                skd,
-                svt,
-                svd,
-                kv_len,
-                scale,
-                softcap,
-                window,
-                ws,
-                sink,
-                BLOCK_N,
-                COLS,
-                False,
-                CAUSAL,
-                HAS_WINDOW,
-                HAS_SOFTCAP,
-                HAS_PAD,
-                HAS_RULE,
-                UPCAST,
-            )
-    n_part = tl.load(PartNum + b * s_num_b + hm * s_num_h + n * s_num_q)
-    part_row = PartIdx + b * s_pi_b + hm * s_pi_h + n * s_pi_q
-    for i in range(0, n_part):
-        blk = tl.load(part_row + i)
-        for j in range(SUB_K):
-            acc, m_i, l_i = _tile(
-                acc,
-                m_i,
-                l_i,
-                q,
-                k_ptr,
-                v_ptr,
-                kpm_ptr,
-                blk * BLOCK_K + j * BLOCK_N,
-                pos_q,
-                offs_d,
-                d_ok,
-                skt,
-                skd,
-                svt,
-                svd,
-                kv_len,
-                scale,
-                softcap,
-                window,
-                ws,
-                sink,
-                BLOCK_N,
-                COLS,
-                True,
-                CAUSAL,
-                HAS_WINDOW,
-                HAS_SOFTCAP,
-                HAS_PAD,
-                HAS_RULE,
-                UPCAST,
-            )
+    for part in tl.static_range(2):  # full blocks (no element mask), then partial ones
+        if part == 0:
+            num = tl.load(FullNum + b * s_num_b + hm * s_num_h + n * s_num_q)
+            row = FullIdx + b * s_fi_b + hm * s_fi_h + n * s_fi_q
+        else:
+            num = tl.load(PartNum + b * s_num_b + hm * s_num_h + n * s_num_q)
+            row = PartIdx + b * s_pi_b + hm * s_pi_h + n * s_pi_q
+        per_split = tl.cdiv(num * SUB_K, n_splits)
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, num * SUB_K)
+        acc, m_i, l_i = _attend_tiles(
+            acc,
+            m_i,
+            l_i,
+            q,
+            row,
+            lo,
+            hi,
+            k_ptr,
+            v_ptr,
+            kb_ptr,
+            kpm_ptr,
+            pos_q,
+            ws,
+            sink,
+            offs_d,
+            d_ok,
+            skt,
+            skd,
+            svt,
+            svd,
+            s_kb_t,
+            kv_len,
+            qk_scale,
+            cap_in,
+            cap_out,
+            window,
+            BLOCK_K,
+            BLOCK_N,
+            SUB_K,
+            COLS,
+            part == 1,
+            EVEN_K,
+            EVEN_D,
+            CAUSAL,
+            HAS_WINDOW,
+            HAS_SOFTCAP,
+            HAS_BIAS,
+            HAS_PAD,
+            HAS_RULE,
+            UPCAST,
+        )
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # empty row: acc = 0 -> out = 0
     lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    o_ptr = Out + b64 * sob + hq.to(tl.int64) * soh
+    o_ptr = Out + b64 * sob + hq64 * soh + split.to(tl.int64) * sos + q0.to(tl.int64) * sot
     tl.store(
-        o_ptr + offs_m[:, None] * sot + offs_d[None, :] * sod,
+        o_ptr + rows[:, None] * sot + offs_d[None, :] * sod,
         out.to(Out.dtype.element_ty),
         mask=row_ok[:, None] & d_ok[None, :],
     )
-    tl.store(Lse + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=row_ok)
+    lse_ptr = Lse + (pid_bh.to(tl.int64) * n_splits + split) * q_len
+    tl.store(lse_ptr + offs_m, lse, mask=row_ok)
 
 
-def _tile_sizes(block: int, cap: int) -> tuple[int, int, int]:
-    """(tile, sub-tiles per mask block, valid rows/cols per tile) for a power-of-two mask block."""
-    tile = min(max(block, 16), cap)
-    return tile, max(block // tile, 1), min(block, tile)
+def kernel_dtypes(dtype: torch.dtype, interpret: bool) -> tuple[bool, torch.dtype]:
+    """(UPCAST, the dtype the kernel stores) for inputs of ``dtype``. On GPU, bf16/fp16 inputs take
+    the tensor-core branch (half-precision dots, fp32 accumulation, the store rounding to nearest);
+    fp32 inputs are upcast (IEEE fp32 dots). The interpreter's bf16 arithmetic and fp32 -> bf16/fp16
+    cast are wrong (the cast truncates), so under it everything is upcast and stored in fp32, and
+    torch rounds."""
+    if interpret:
+        return True, torch.float32
+    return dtype == torch.float32, dtype
 
 
-def _constants(q: Tensor, block_mask: BlockMask, causal, softcap, sliding_window, key_padding_mask) -> dict:
-    """The kernel's compile-time arguments: tile sizes (from the mask's blocks and D) and switches."""
-    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
-    upcast = _INTERPRET or q.dtype == torch.float32
-    wide = block_d >= 256  # smaller tiles keep D=256 (fp32 above all) inside registers and SRAM
-    block_m, sub_q, rows = _tile_sizes(block_mask.block_q, 32 if wide and upcast else 64)
-    block_n, sub_k, cols = _tile_sizes(block_mask.block_k, 32 if wide else 64)
-    return dict(
-        BLOCK_Q=block_mask.block_q,
-        BLOCK_K=block_mask.block_k,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        SUB_Q=sub_q,
-        SUB_K=sub_k,
-        ROWS=rows,
-        COLS=cols,
-        CAUSAL=causal,
-        HAS_WINDOW=sliding_window is not None,
-        HAS_SOFTCAP=softcap is not None,
-        HAS_PAD=key_padding_mask is not None,
-        HAS_RULE=block_mask.window_start is not None,
-        UPCAST=upcast,
-    )
+def _bucket(n: int) -> int:
+    """log2 length bucket of the autotune key: one tuning per doubling of Tq or Tk."""
+    return max(n - 1, 1).bit_length()
+
+
+def num_splits(q_len: int, kv_len: int, programs: int) -> int:
+    """Key splits per row: only when Tq fits one 16-row tile (decode) and the grid is too small."""
+    if q_len > MIN_TILE:
+        return 1
+    return max(1, min(_MAX_SPLITS, triton.cdiv(_TARGET_PROGRAMS, programs), kv_len // _MIN_SPLIT_KEYS))
+
+
+def _merge_splits(out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """out [B, Hq, S, Tq, D], lse [B, Hq, S, Tq] of S disjoint key splits -> one (out, lse)."""
+    total = torch.logsumexp(lse, dim=2)
+    safe = torch.where(torch.isneginf(total), torch.zeros_like(total), total)  # all empty: weights 0
+    weights = torch.exp(lse - safe.unsqueeze(2))
+    return (out * weights.unsqueeze(-1)).sum(2), total
+
+
+def check_offsets(*tensors: Tensor) -> None:
+    """Tile bases are 64-bit in the kernel, offsets inside a tile int32: up to 128 token strides plus
+    256 head-dim strides. Raise clearly instead of launching where those could overflow."""
+    for t in tensors:
+        inner = 128 * abs(t.stride(-2)) + 256 * abs(t.stride(-1))
+        if inner >= 2**31:
+            raise ValueError(
+                f"a [.., T, D] tensor with strides {tuple(t.stride())} has in-tile offsets beyond int32; "
+                "pass a contiguous tensor or the [B, T, H, D] layout"
+            )
 
 
 def triton_block_sparse_attention(
@@ -350,18 +392,25 @@ def triton_block_sparse_attention(
     softcap: float | None = None,
     sliding_window: int | None = None,
     key_padding_mask: Tensor | None = None,
+    key_bias: Tensor | None = None,
+    splits: int | None = None,
+    upcast: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Inputs validated by the dispatcher: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], mask batch 1 or B,
-    heads 1, Hkv or Hq. Returns (out [B, Hq, Tq, D] in q.dtype, lse [B, Hq, Tq] fp32)."""
+    heads 1, Hkv or Hq; key_bias float [B or 1, Hkv, Tk] added to the scaled (capped) logits before
+    masking (-inf masks the key). Tests only: ``splits`` overrides the decode split count, and
+    ``upcast=False`` runs the half-precision branch on fp32 inputs (see :func:`kernel_dtypes`).
+    Returns (out [B, Hq, Tq, D] in q.dtype, lse [B, Hq, Tq] fp32)."""
     b, hq, q_len, d = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     mb, mh = block_mask.kv_num_blocks.shape[:2]
-    constants = _constants(q, block_mask, causal, softcap, sliding_window, key_padding_mask)
-
-    # The interpreter's fp32 -> bf16/fp16 cast truncates (its round-to-nearest mishandles mantissa
-    # carries): under it the kernel stores fp32 and torch rounds. On GPU the store rounds to nearest.
-    out = torch.empty(b, hq, q_len, d, dtype=torch.float32 if _INTERPRET else q.dtype, device=q.device)
-    lse = torch.empty(b, hq, q_len, dtype=torch.float32, device=q.device)
+    block_d = max(MIN_TILE, triton.next_power_of_2(d))
+    n_split = splits or num_splits(q_len, kv_len, block_mask.num_q_blocks * b * hq)
+    default_upcast, out_dtype = kernel_dtypes(q.dtype, INTERPRET)
+    upcast = default_upcast if upcast is None else upcast
+    out_dtype = torch.float32 if n_split > 1 else out_dtype  # split rows are merged by torch in fp32
+    out = torch.empty(b, hq, n_split, q_len, d, dtype=out_dtype, device=q.device)
+    lse = torch.empty(b, hq, n_split, q_len, dtype=torch.float32, device=q.device)
     num_f, num_p = block_mask.full_kv_num_blocks.contiguous(), block_mask.kv_num_blocks.contiguous()
     idx_f, idx_p = block_mask.full_kv_indices.contiguous(), block_mask.kv_indices.contiguous()
     kpm = num_f if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
@@ -369,48 +418,82 @@ def triton_block_sparse_attention(
     ws = block_mask.window_start.contiguous() if rule else num_f  # [B', Tq] int32 (unread without a rule)
     sink_end = block_mask.sink_end.contiguous() if rule else num_f
     rule_batch_stride = 1 if rule and ws.shape[0] > 1 else 0  # in units of rows: b * stride * Tq
+    bias = num_f if key_bias is None else key_bias
+    bias_strides = (
+        (0, 0, 0) if key_bias is None else (0 if bias.shape[0] == 1 else bias.stride(0), *bias.stride()[1:])
+    )
+    check_offsets(q, k, v)
 
     def batch_stride(t: Tensor) -> int:  # a batch-1 mask is shared by every batch row
         return 0 if mb == 1 else t.stride(0)
 
-    grid = (block_mask.num_q_blocks * constants["SUB_Q"], b * hq)
-    _block_sparse_fwd[grid](
-        q,
-        k,
-        v,
-        out,
-        lse,
-        kpm,
-        ws,
-        sink_end,
-        num_f,
-        idx_f,
-        num_p,
-        idx_p,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
-        0 if key_padding_mask is None else kpm.stride(0),
-        rule_batch_stride,
-        batch_stride(num_f),
-        num_f.stride(1),
-        num_f.stride(2),
-        batch_stride(idx_f),
-        idx_f.stride(1),
-        idx_f.stride(2),
-        batch_stride(idx_p),
-        idx_p.stride(1),
-        idx_p.stride(2),
-        hq,
-        hq // hkv,
-        hq // mh,
-        q_len,
-        kv_len,
-        d,
-        float(scale),
-        float(softcap or 1.0),
-        int(sliding_window or 0),
-        **constants,
-    )
-    return out.to(q.dtype), lse
+    def grid(meta: dict) -> tuple[int, int]:
+        return (block_mask.num_q_blocks * triton.cdiv(block_mask.block_q, meta["BLOCK_M"]) * b * hq, n_split)
+
+    guard = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+    with guard:  # the launch goes to q's GPU (layers on cuda:1 under device_map="auto")
+        _block_sparse_fwd[grid](
+            q,
+            k,
+            v,
+            out,
+            lse,
+            bias,
+            kpm,
+            ws,
+            sink_end,
+            num_f,
+            idx_f,
+            num_p,
+            idx_p,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            out.stride(3),
+            out.stride(4),
+            *bias_strides,
+            0 if key_padding_mask is None else kpm.stride(0),
+            rule_batch_stride,
+            batch_stride(num_f),
+            num_f.stride(1),
+            num_f.stride(2),
+            batch_stride(idx_f),
+            idx_f.stride(1),
+            idx_f.stride(2),
+            batch_stride(idx_p),
+            idx_p.stride(1),
+            idx_p.stride(2),
+            b * hq,
+            hq,
+            hq // hkv,
+            hq // mh,
+            q_len,
+            kv_len,
+            d,
+            n_split,
+            float(scale) * LOG2E,
+            float(scale) / float(softcap or 1.0),
+            float(softcap or 1.0) * LOG2E,
+            int(sliding_window or 0),
+            _bucket(q_len),
+            _bucket(kv_len),
+            BLOCK_Q=block_mask.block_q,
+            BLOCK_K=block_mask.block_k,
+            BLOCK_D=block_d,
+            EVEN_K=kv_len % block_mask.block_k == 0 and block_mask.block_k >= MIN_TILE,
+            EVEN_D=block_d == d,
+            CAUSAL=causal,
+            HAS_WINDOW=sliding_window is not None,
+            HAS_SOFTCAP=softcap is not None,
+            HAS_BIAS=key_bias is not None,
+            HAS_PAD=key_padding_mask is not None,
+            HAS_RULE=rule,
+            UPCAST=upcast,
+        )
+    if n_split > 1:
+        merged, lse = _merge_splits(out, lse)
+        return merged.to(q.dtype), lse
+    return out.squeeze(2).to(q.dtype), lse.squeeze(2)
