@@ -139,3 +139,41 @@ def test_rejects_bad_key_bias():
             block_sparse_attention(q, k, v, mask, key_bias=bad, **kwargs)
     with pytest.raises(ValueError, match="key_bias is on meta"):
         block_sparse_attention(q, k, v, mask, key_bias=good.to("meta"), **kwargs)
+
+
+def prefix_mask(tq: int, tk: int, block_q: int, block_k: int, batch: int = 1) -> BlockMask:
+    """Non-causal: query block n selects key blocks [2, 2 + n) (none for n = 0): a far field over
+    collapsed keys (backends/_collapse.py), each query block reading one more collapsed block."""
+    n_q, n_k = -(-tq // block_q), -(-tk // block_k)
+    blocks = torch.arange(n_k)
+    dense = (blocks >= 2) & (blocks < 2 + torch.arange(n_q)[:, None])
+    geo = dict(q_len=tq, kv_len=tk, block_q=block_q, block_k=block_k, causal=False)
+    return BlockMask.from_dense(dense.expand(batch, 1, n_q, n_k), **geo)
+
+
+@pytest.mark.parametrize(
+    "case",
+    params(
+        [
+            Case(tq=400, tk=500, hq=4, hkv=1, block_q=16, block_k=4, causal=False),
+            Case(tq=300, tk=300, hq=2, hkv=1, block_q=16, block_k=8, causal=False, b=2, left_pad=(0, 9)),
+            Case(tq=257, tk=301, hq=4, hkv=2, block_q=16, block_k=8, causal=False, dtype="bfloat16"),
+        ]
+    ),
+)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_noncausal_prefix_masks_share_views_and_match_reference(case, with_bias, monkeypatch):
+    q, k, v, _, kwargs = build(case)
+    mask = prefix_mask(case.tq, case.tk, case.block_q, case.block_k)
+    if with_bias:
+        kwargs["key_bias"] = key_bias(case.but(block_k=1), masked=0.05)
+    plans = []
+    plan_gather = cpu_kernel.plan_gather
+    monkeypatch.setattr(
+        cpu_kernel, "plan_gather", lambda *a, **kw: plans.append(plan_gather(*a, **kw)) or plans[-1]
+    )
+    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl="cpu", **kwargs)
+    check_attention(out, lse, q, k, v, mask, kwargs)
+    views = [c for c in plans[0].calls if isinstance(c, cpu_kernel.ViewCall)]
+    assert views and all(c.stride == 0 and not c.merge for c in views)
+    assert sum((c.n1 - c.n0) * c.count for c in views) > 0.6 * int(mask.to_dense().sum())  # most keys viewed

@@ -50,6 +50,9 @@ from sparse_llm.kernels.merge import merge_attention
 _MAX_SCORE_ELEMENTS = 1 << 25
 # Full and partial blocks share one call (one mask over all keys) up to this many keys per head dim.
 _SHARED_CALL_KEYS_PER_DIM = 4
+# A non-causal prefix segment (query blocks selecting runs from one first block) shares a view of its
+# first block's run and gathers the rest, up to this fraction of the shared run.
+_PREFIX_REST = 0.25
 # Gathers of query blocks with unequal block counts share a call down to this ratio of counts (the
 # padded slots are masked: at most 1/0.75 - 1 = 33 % extra keys in that call, usually far less).
 _PAD_RATIO = 0.75
@@ -374,6 +377,7 @@ class GatherPlan:
     calls: list[CausalCall | ViewCall | GatherCall] = field(default_factory=list)
     unwritten: list[int] = field(default_factory=list)
     rule: tuple[Tensor, Tensor] | None = None
+    causal: bool = True
 
 
 def plan_gather(
@@ -408,6 +412,8 @@ def plan_gather(
     causal_blocks = prefix if prefix > 1 else 0  # a lone dense block is left to the gathers
     alone = [n >= causal_blocks for n in range(s.n_q)]  # not yet served by a call
     views: list[CausalCall | ViewCall] = []
+    if not causal and not s.per_q_head:
+        views, full, part = _plan_prefix_views(full, part, s, alone, cut_tail, padding)
     if causal and sliding_window is None and not padding and fused and not s.per_q_head:
         views = _plan_causal_runs(block_mask, full, part, s, prefix, alone)
     if causal and not s.per_q_head and s.block_q % s.block_k == 0:
@@ -423,7 +429,61 @@ def plan_gather(
     calls = [c for c in views + gathers if not c.merge] + [c for c in views + gathers if c.merge]
     unwritten = [n for n, w in enumerate(written) if not w]
     rule = None if block_mask.window_start is None else (block_mask.window_start, block_mask.sink_end)
-    return GatherPlan(s, causal_blocks, full, part, calls, unwritten, rule)
+    return GatherPlan(s, causal_blocks, full, part, calls, unwritten, rule, causal)
+
+
+def _plan_prefix_views(
+    full: _Blocks, part: _Blocks, s: Shapes, alone: list[bool], cut_tail: bool, padding: bool
+) -> tuple[list[ViewCall], _Blocks, _Blocks]:
+    """Non-causal masks whose query blocks (the same in every row) each select one run of blocks from a
+    common first block, longer from one query block to the next (a far field over collapsed keys,
+    ``backends/_collapse.py``). A segment of such query blocks shares one stride-0 view of its first
+    block's run (written, no copy); each block's rest of the run, at most ``_PREFIX_REST`` of the shared
+    part, moves to the partial list (no element mask without causality), gathered and merged by LSE.
+    Returns the view calls and the block lists the gathers then serve. Marks nothing in ``alone``:
+    the rests still need their gathers."""
+    runs = _selected_runs(full, part, s.n_k)
+    if any(part.counts):  # without causality every selected block is full
+        return [], full, part
+    size = _MAX_SCORE_ELEMENTS // (s.b * s.r * s.block_k)
+    segments = []
+    n = 0
+    while n < s.n_q:
+        if not alone[n] or runs[n] is None or len(runs[n]) != 1:
+            n += 1
+            continue
+        (start, count), n1 = runs[n][0], n + 1
+        while (
+            n1 < s.n_q
+            and alone[n1]
+            and runs[n1] is not None
+            and len(runs[n1]) == 1
+            and runs[n1][0][0] == start
+            and count <= runs[n1][0][1] <= count * (1 + _PREFIX_REST)
+            and (n1 + 1 - n) * count <= size
+        ):
+            n1 += 1
+        if n1 - n >= 2:
+            segments.append((n, n1, start, count))
+        n = n1
+    if not segments:
+        return [], full, part
+    full_num, full_idx = full.slot_ok.sum(-1), full.idx.clone()
+    rest = max(runs[n][0][1] - count for n0, n1, _, count in segments for n in range(n0, n1))
+    part_num = torch.zeros_like(full_num)
+    part_idx = torch.zeros(*full_idx.shape[:3], max(rest, 1), dtype=full_idx.dtype, device=full_idx.device)
+    for n0, n1, start, count in segments:
+        full_num[..., n0:n1] = 0
+        for n in range(n0, n1):
+            extra = runs[n][0][1] - count
+            part_num[..., n] = extra
+            part_idx[..., n, :extra] = torch.arange(start + count, start + count + extra)
+    views = [ViewCall(n0, n1, start, count, 0, merge=False) for n0, n1, start, count in segments]
+    lists = (
+        _block_list(num, idx, s.n_k, cut_tail, padding, False, True)
+        for num, idx in ((full_num, full_idx), (part_num, part_idx))
+    )
+    return views, *lists
 
 
 def _causal_run_keys(block_mask: BlockMask, full: _Blocks, part: _Blocks, s: Shapes, prefix: int) -> list:
@@ -693,10 +753,13 @@ class _Executor:
         n1 = call.n0 + 1 if same_pattern else call.n1
         qpos = self.pos_q[call.n0 : n1]  # [ng' = 1 or ng, R]
         key = kpos[: qpos.shape[0], None, :]  # compared with the queries, no [ng', R, L] distance tensor
-        allowed = key <= qpos[:, :, None]  # [ng', R, L]; also drops the Tk tail (keys past every real query)
-        if self.window is not None:
-            allowed &= key > qpos[:, :, None] - self.window
-        allowed = allowed[:, None, None]  # [ng', 1, 1, R, L]
+        if self.plan.causal:
+            allowed = key <= qpos[:, :, None]  # [ng', R, L]; also drops the Tk tail (past every query)
+            if self.window is not None:
+                allowed &= key > qpos[:, :, None] - self.window
+        else:  # no position rule (prefix views): only the Tk tail is masked
+            allowed = key < s.kv_len  # [ng', 1, L]
+        allowed = allowed[:, None, None]  # [ng', 1, 1, R or 1, L]
         if self.ws_rows is not None:
             allowed = allowed & self._rule(kpos[: qpos.shape[0], None, None, None, :], call.n0, n1)
         if self.key_ok is not None:
