@@ -29,7 +29,7 @@ def launch():
 def _pruned(tuning, elt: int, d: int, block: int, q_len: int):
     q = torch.empty(1, dtype={2: torch.bfloat16, 4: torch.float32}[elt])
     kwargs = dict(BLOCK_Q=block, BLOCK_K=block, BLOCK_D=d, UPCAST=elt == 4)
-    return tuning.prune(tuning.candidates(), {"Q": q, "q_len": q_len}, **kwargs)
+    return tuning.prune(tuning.candidates(), {"Q": q, "q_len": q_len, "kv_len": max(q_len, 32768)}, **kwargs)
 
 
 @pytest.mark.parametrize("elt", [2, 4], ids=["bf16", "fp32"])
@@ -52,6 +52,15 @@ def test_pruned_configs_divide_blocks_and_fit_the_chip(launch, monkeypatch, elt,
     if tuning.fits(seed, block, block, d, elt, q_len):  # FlexAttention's default, clipped, is timed first
         first = configs[0]
         assert (first.kwargs, first.num_warps, first.num_stages) == (seed.kwargs, warps, stages)
+
+
+def test_small_problems_time_nothing(launch, monkeypatch):
+    _, tuning = launch
+    monkeypatch.setattr(tuning, "INTERPRET", False)
+    q = torch.empty(1, dtype=torch.bfloat16)
+    kwargs = dict(BLOCK_Q=128, BLOCK_K=128, BLOCK_D=64, UPCAST=False)
+    (config,) = tuning.prune(tuning.candidates(), {"Q": q, "q_len": 2048, "kv_len": 4096}, **kwargs)
+    assert config.kwargs == {"BLOCK_M": 128, "BLOCK_N": 64}  # the seed (128, 128) spills: see fits
 
 
 def test_interpreter_runs_one_16x16_config(launch, monkeypatch):
@@ -90,6 +99,7 @@ SM90_CASES = [
     pytest.param("bf16", 64, {}, id="bf16-d64"),
     pytest.param("bf16", 128, {}, id="bf16-d128"),
     pytest.param("bf16", 256, {}, id="bf16-d256"),
+    pytest.param("bf16", 128, {"q_len": 1}, id="bf16-d128-decode"),
     pytest.param(
         "fp16",
         128,
@@ -115,7 +125,8 @@ def _compile_sm90(launch, dtype: str, d: int, flags: dict):
 
     kernel, tuning = launch
     elt = 2 if dtype != "fp32" else 4
-    config = _pruned(tuning, elt, d, 128, 32768)[0]
+    q_len = flags.pop("q_len", 32768)
+    config = _pruned(tuning, elt, d, 128, q_len)[0]
     fn = kernel._block_sparse_fwd.fn
     names = fn.arg_names
     constants = dict(BLOCK_Q=128, BLOCK_K=128, BLOCK_D=d, EVEN_K=True, EVEN_D=True, CAUSAL=True)
@@ -148,12 +159,14 @@ def _compile_sm90(launch, dtype: str, d: int, flags: dict):
 def test_kernel_compiles_for_sm90(launch, monkeypatch, dtype, d, flags):
     _, tuning = launch
     monkeypatch.setattr(tuning, "INTERPRET", False)
-    compiled, config, elt = _compile_sm90(launch, dtype, d, flags)
+    decode = flags.get("q_len") == 1
+    compiled, config, elt = _compile_sm90(launch, dtype, d, dict(flags))
     m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     assert (
         compiled.metadata.shared <= tuning.shared_bytes(m, n, d, elt, config.num_stages) <= tuning.SMEM_LIMIT
     )
     ttgir = compiled.asm["ttgir"]
-    assert ttgir.count("ttng.warp_group_dot ") >= 4, "QK^T and PV on wgmma in both key loops"
+    if not decode:  # 16-row decode tiles are below wgmma's 64 rows: mma.sync
+        assert ttgir.count("ttng.warp_group_dot ") >= 4, "QK^T and PV on wgmma in both key loops"
     assert ttgir.count("ttg.async_copy_global_to_local") >= 4, "K and V prefetched in both key loops"
     assert compiled.asm["cubin"]

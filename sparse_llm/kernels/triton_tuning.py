@@ -1,12 +1,12 @@
 """Tile sizes of the Triton block-sparse kernel: candidates, pruning, FlexAttention's Hopper seeds.
 
 The autotuner times at most ``MAX_TUNED`` configs per key (a short GPU session pays one compile per
-config and head dim): the candidates that divide the mask blocks, fit shared memory and registers,
-ranked by closeness to FlexAttention's Hopper default for the dtype and head dim. The key holds
-log2 buckets of Tq and Tk, the mask blocks, the padded head dim, the dtype and the switches that
-change the inner loop's cost; results are cached on disk across processes where Triton can.
-Under ``TRITON_INTERPRET=1`` exactly one config runs: 16 x 16 tiles, the smallest, so the tests
-walk several tiles per mask block.
+config and head dim), and only the first below ``SMALL_WORK`` scores (tests, short prompts): the
+candidates that divide the mask blocks, fit shared memory and registers, ranked by closeness to
+FlexAttention's Hopper default for the dtype and head dim. The key holds log2 buckets of Tq and Tk,
+the mask blocks, the padded head dim, the dtype and the switches that change the inner loop's cost;
+results are cached on disk across processes where Triton can. Under ``TRITON_INTERPRET=1`` exactly
+one config runs: 16 x 16 tiles, the smallest, so the tests walk several tiles per mask block.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ TILES = (16, 32, 64, 128)
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block may use on Hopper (H100/H200)
 ACC_REGS = 160  # fp32 values per thread (see fits) above which ptxas starts to spill at sm_90
 MAX_TUNED = 6
+SMALL_WORK = 1 << 24  # Tq * Tk below which nothing is timed
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by (bytes per input element, head dim): FlexAttention's
 # Hopper forward defaults (torch/_inductor/template_heuristics/triton.py, h100_default_flex_config).
 HOPPER_SEEDS = {
@@ -101,12 +102,15 @@ def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[trit
     target = seed(elt, block_d, block_q, block_k, q_len)
     valid = [c for c in configs if fits(c, block_q, block_k, block_d, elt, q_len)]
 
-    def distance(c: triton.Config) -> float:
+    def distance(c: triton.Config) -> tuple[float, int]:
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         tiles = abs(math.log2(m / target[0])) + abs(math.log2(n / target[1]))
-        return tiles + (c.num_warps != target[2]) + (c.num_stages != target[3])
+        # ties go to taller query tiles: each K/V tile loaded serves more queries
+        return tiles + (c.num_warps != target[2]) + (c.num_stages != target[3]), -m
 
-    return sorted(valid, key=distance)[:MAX_TUNED]
+    ranked = sorted(valid, key=distance)
+    # Below ~4K x 4K scores a launch is latency-bound and its timing noise: take the best guess.
+    return ranked[:1] if q_len * named_args["kv_len"] < SMALL_WORK else ranked[:MAX_TUNED]
 
 
 def _autotune_options() -> dict:
