@@ -300,7 +300,9 @@ def _add_bench(sub) -> None:
     kernel.add_argument("--heads", type=_heads, default=(4, 1), help="query heads,KV heads (Gemma3-270M's)")
     kernel.add_argument("--head-dim", type=_positive_int, default=256, help="head dimension")
     kernel.add_argument("--block-size", type=_positive_int, default=64, help="block size in tokens")
-    kernel.add_argument("--flex", action="store_true", help="also time compiled flex_attention")
+    kernel.add_argument(
+        "--flex", action="store_true", help="also time FlexAttention on the same blocks (impl='flex')"
+    )
     bench.set_defaults(func=_cmd_bench)
 
 
