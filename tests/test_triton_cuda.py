@@ -33,6 +33,7 @@ FLEX_CASES = [
     BASE.but(
         dtype="bfloat16", key_rule=True, mask="full_rows", b=2, left_pad=(0, 29), block_q=64, block_k=64
     ),
+    BASE.but(dtype="bfloat16", tq=1, block_q=64, block_k=64),  # decode: flex's decoding kernel
     LONG,
 ]
 
