@@ -1,13 +1,16 @@
 """Long-range language modeling: perplexity on the second half of an 8K-token code text, per method.
 
-The text is the source of Hugging Face modeling files concatenated (Llama, then Gemma 2, then
-Gemma 3, from the installed transformers): later files repeat classes, names and docstrings of
-earlier ones thousands of tokens back, so a method that loses far context pays in perplexity. The
-same ids go through every method; each method's measured density of the global layers is recorded
-beside its perplexity (compare at equal density, not at equal nominal budget).
+The text is the source of Hugging Face modeling files concatenated (``--text gemma``: Llama, then
+Gemma 2, then Gemma 3; ``--text qwen``: Qwen2, Mistral, Phi-3, OLMo; from the installed
+transformers): later files repeat classes, names and docstrings of earlier ones thousands of tokens
+back, so a method that loses far context pays in perplexity. The second text is there so that no
+default is tuned to one text. The same ids go through every method; each method's measured density
+of the global layers is recorded beside its perplexity (compare at equal density, not at equal
+nominal budget).
 
-    python scripts/longrange_ppl.py [--tokens 8192] [--budget-fraction 0.125] [--methods dense,xattention]
-        [--method-params JSON] [--out docs/results/longrange_ppl_gemma3-270m_8k.json]
+    python scripts/longrange_ppl.py [--tokens 8192] [--text gemma] [--budget-fraction 0.125]
+        [--methods dense,xattention] [--method-params JSON]
+        [--out docs/results/longrange_ppl_gemma3-270m_8k.json]
 """
 
 from __future__ import annotations
@@ -25,13 +28,21 @@ from sparse_llm.eval.perplexity import perplexity
 from sparse_llm.models import load
 from sparse_llm.results import atomic_write_json, run_metadata
 
-FILES = ("llama/modeling_llama.py", "gemma2/modeling_gemma2.py", "gemma3/modeling_gemma3.py")
+TEXTS = {
+    "gemma": ("llama/modeling_llama.py", "gemma2/modeling_gemma2.py", "gemma3/modeling_gemma3.py"),
+    "qwen": (
+        "qwen2/modeling_qwen2.py",
+        "mistral/modeling_mistral.py",
+        "phi3/modeling_phi3.py",
+        "olmo/modeling_olmo.py",
+    ),
+}
 SELECTION = "dense,streaming,block_topk,dma,routing,dhsa,xattention,flexprefill"
 
 
-def code_text() -> str:
+def code_text(text: str = "gemma") -> str:
     root = Path(transformers.__file__).parent / "models"
-    return "\n\n".join((root / name).read_text() for name in FILES)
+    return "\n\n".join((root / name).read_text() for name in TEXTS[text])
 
 
 def method_params(name: str, budget: int, extra: dict) -> dict:
@@ -48,6 +59,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--text", choices=sorted(TEXTS), default="gemma")
     parser.add_argument("--budget-fraction", type=float, default=0.125)
     parser.add_argument("--methods", default=SELECTION)
     parser.add_argument(
@@ -60,7 +72,7 @@ def main() -> None:
     budget = int(args.tokens * args.budget_fraction)
 
     model, tokenizer = load("gemma3-270m")
-    ids = tokenizer(code_text(), return_tensors="pt").input_ids[:, : args.tokens]
+    ids = tokenizer(code_text(args.text), return_tensors="pt").input_ids[:, : args.tokens]
     if ids.shape[1] < args.tokens:
         raise ValueError(f"the code text gave only {ids.shape[1]} tokens")
     out = Path(args.out)
@@ -71,7 +83,7 @@ def main() -> None:
             "dtype": "float32",
             "tokens": args.tokens,
             "budget": budget,
-            "text": {"transformers": transformers.__version__, "files": list(FILES)},
+            "text": {"transformers": transformers.__version__, "files": list(TEXTS[args.text])},
             **run_metadata("cpu"),
         }
     )

@@ -248,9 +248,49 @@ def test_dhsa_ranks_the_chunk_the_query_block_matches():
     assert dense[-1].sum() == dense.shape[-1]  # the trailing query block attends densely
 
 
+@pytest.mark.parametrize("q_len", [200, 72], ids=["prompt", "chunk"])
+def test_dhsa_mass_scores_match_a_loop_reference(q_len):
+    """Per query head and block pair: the best chunk overlapping the key block, scored as
+    softcap(scale * mean query . mean key) + log(real keys), from real tokens only."""
+    from sparse_llm.backends.dhsa import chunk_boundaries, chunk_mass_scores
+    from sparse_llm.backends.selection import first_real_key
+
+    torch.manual_seed(0)
+    b, hq, hkv, t, d, bs = 2, 4, 2, 200, 16, 16
+    q, k = torch.randn(b, hq, q_len, d), torch.randn(b, hkv, t, d)
+    real = torch.ones(b, t, dtype=torch.bool)
+    real[1, :37] = False  # left padding: its chunks hold no real key
+    call = LayerCall(0, d**-0.5, softcap=3.0, key_padding_mask=real)
+    starts = chunk_boundaries(
+        k, chunking="dynamic", chunk_size=24, min_chunk=8, max_chunk=40, kv_start=first_real_key(real)
+    )
+    got = chunk_mass_scores(q, k, starts, call, bs)
+
+    chunk_id = starts.long().cumsum(-1) - 1
+    n_q, n_k = -(-q_len // bs), -(-t // bs)
+    want = torch.full((b, hq, n_q, n_k), float("-inf"))
+    for row in range(b):
+        q_real = real[row, t - q_len :]
+        for h in range(hq):
+            for i in range(n_q):
+                rows = torch.arange(i * bs, min((i + 1) * bs, q_len))
+                rows = rows[q_real[rows]]
+                q_mean = q[row, h, rows].mean(0) if len(rows) else torch.zeros(d)
+                for j in range(n_k):
+                    for c in chunk_id[row, j * bs : (j + 1) * bs].unique():
+                        members = (chunk_id[row] == c) & real[row]
+                        if not members.any():
+                            continue
+                        logit = call.scale * q_mean @ k[row, h // (hq // hkv), members].mean(0)
+                        score = 3.0 * torch.tanh(logit / 3.0) + members.sum().log()
+                        want[row, h, i, j] = torch.maximum(want[row, h, i, j], score)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "params, match",
     [
+        pytest.param(dict(score="peak"), "score must be one of", id="bad-score"),
         pytest.param(
             dict(min_chunk=300, max_chunk=200, chunk_size=250),
             "min_chunk .* must be <= max_chunk",
@@ -317,7 +357,8 @@ def test_budget_above_the_context_is_clamped_with_one_warning(name, caplog):
     [
         pytest.param("dma", dict(score="observation"), id="dma-observation"),
         pytest.param("dma", dict(key_norm=True), id="dma-key_norm"),
-        pytest.param("dhsa", dict(chunking="fixed"), id="dhsa-fixed"),
+        pytest.param("dhsa", dict(chunking="dynamic"), id="dhsa-dynamic"),
+        pytest.param("dhsa", dict(score="similarity"), id="dhsa-similarity"),
     ],
 )
 def test_options_at_a_full_budget_keep_every_block(name, params):
@@ -660,8 +701,8 @@ def test_bad_probes(name, probes):
     [
         pytest.param("routing", {}, id="routing"),  # clusters: round(sqrt(real keys)) per row
         pytest.param("routing", dict(n_clusters=12, top_clusters=3), id="routing-top3"),  # same count
-        pytest.param("dhsa", {}, id="dhsa"),  # boundaries: real keys // chunk_size - 1 per row
-        pytest.param("dhsa", dict(chunking="fixed", chunk_size=40), id="dhsa-fixed"),  # pad 96: not 40s
+        pytest.param("dhsa", dict(chunking="dynamic"), id="dhsa-dynamic"),  # real keys // chunk_size - 1
+        pytest.param("dhsa", dict(chunk_size=40), id="dhsa-fixed-40"),  # pad 96: not a multiple of 40
     ],
 )
 def test_left_padded_row_selects_the_blocks_of_its_unpadded_run(name, params):
