@@ -51,7 +51,7 @@ _MAX_SCORE_ELEMENTS = 1 << 25
 # Full and partial blocks share one call (one mask over all keys) up to this many keys per head dim.
 _SHARED_CALL_KEYS_PER_DIM = 4
 # A non-causal prefix segment (query blocks selecting runs from one first block) shares a view of its
-# first block's run and gathers the rest, up to this fraction of the shared run.
+# longest run; the keys past a block's own run are masked, at most this fraction of its shortest run.
 _PREFIX_REST = 0.25
 # Gathers of query blocks with unequal block counts share a call down to this ratio of counts (the
 # padded slots are masked: at most 1/0.75 - 1 = 33 % extra keys in that call, usually far less).
@@ -413,7 +413,7 @@ def plan_gather(
     alone = [n >= causal_blocks for n in range(s.n_q)]  # not yet served by a call
     views: list[CausalCall | ViewCall] = []
     if not causal and not s.per_q_head:
-        views, full, part = _plan_prefix_views(full, part, s, alone, cut_tail, padding)
+        views = _plan_prefix_views(full, part, s, alone)
     if causal and sliding_window is None and not padding and fused and not s.per_q_head:
         views = _plan_causal_runs(block_mask, full, part, s, prefix, alone)
     if causal and not s.per_q_head and s.block_q % s.block_k == 0:
@@ -432,27 +432,23 @@ def plan_gather(
     return GatherPlan(s, causal_blocks, full, part, calls, unwritten, rule, causal)
 
 
-def _plan_prefix_views(
-    full: _Blocks, part: _Blocks, s: Shapes, alone: list[bool], cut_tail: bool, padding: bool
-) -> tuple[list[ViewCall], _Blocks, _Blocks]:
+def _plan_prefix_views(full: _Blocks, part: _Blocks, s: Shapes, alone: list[bool]) -> list[ViewCall]:
     """Non-causal masks whose query blocks (the same in every row) each select one run of blocks from a
     common first block, longer from one query block to the next (a far field over collapsed keys,
-    ``backends/_collapse.py``). A segment of such query blocks shares one stride-0 view of its first
-    block's run (written, no copy); each block's rest of the run, at most ``_PREFIX_REST`` of the shared
-    part, moves to the partial list (no element mask without causality), gathered and merged by LSE.
-    Returns the view calls and the block lists the gathers then serve. Marks nothing in ``alone``:
-    the rests still need their gathers."""
+    ``backends/_collapse.py``): each segment of such query blocks takes one stride-0 view of its
+    longest run (no copy, one call), each block's keys past its own run masked; a segment ends before
+    that padding would exceed ``_PREFIX_REST`` of its shortest run. Marks them served in ``alone``."""
     runs = _selected_runs(full, part, s.n_k)
     if any(part.counts):  # without causality every selected block is full
-        return [], full, part
+        return []
     size = _MAX_SCORE_ELEMENTS // (s.b * s.r * s.block_k)
-    segments = []
+    calls = []
     n = 0
     while n < s.n_q:
         if not alone[n] or runs[n] is None or len(runs[n]) != 1:
             n += 1
             continue
-        (start, count), n1 = runs[n][0], n + 1
+        (start, count), n1, longest = runs[n][0], n + 1, runs[n][0][1]
         while (
             n1 < s.n_q
             and alone[n1]
@@ -460,30 +456,15 @@ def _plan_prefix_views(
             and len(runs[n1]) == 1
             and runs[n1][0][0] == start
             and count <= runs[n1][0][1] <= count * (1 + _PREFIX_REST)
-            and (n1 + 1 - n) * count <= size
+            and (n1 + 1 - n) * runs[n1][0][1] <= size
         ):
+            longest = max(longest, runs[n1][0][1])
             n1 += 1
         if n1 - n >= 2:
-            segments.append((n, n1, start, count))
+            calls.append(ViewCall(n, n1, start, longest, 0, merge=False))
+            alone[n:n1] = [False] * (n1 - n)
         n = n1
-    if not segments:
-        return [], full, part
-    full_num, full_idx = full.slot_ok.sum(-1), full.idx.clone()
-    rest = max(runs[n][0][1] - count for n0, n1, _, count in segments for n in range(n0, n1))
-    part_num = torch.zeros_like(full_num)
-    part_idx = torch.zeros(*full_idx.shape[:3], max(rest, 1), dtype=full_idx.dtype, device=full_idx.device)
-    for n0, n1, start, count in segments:
-        full_num[..., n0:n1] = 0
-        for n in range(n0, n1):
-            extra = runs[n][0][1] - count
-            part_num[..., n] = extra
-            part_idx[..., n, :extra] = torch.arange(start + count, start + count + extra)
-    views = [ViewCall(n0, n1, start, count, 0, merge=False) for n0, n1, start, count in segments]
-    lists = (
-        _block_list(num, idx, s.n_k, cut_tail, padding, False, True)
-        for num, idx in ((full_num, full_idx), (part_num, part_idx))
-    )
-    return views, *lists
+    return calls
 
 
 def _causal_run_keys(block_mask: BlockMask, full: _Blocks, part: _Blocks, s: Shapes, prefix: int) -> list:
@@ -757,8 +738,9 @@ class _Executor:
             allowed = key <= qpos[:, :, None]  # [ng', R, L]; also drops the Tk tail (past every query)
             if self.window is not None:
                 allowed &= key > qpos[:, :, None] - self.window
-        else:  # no position rule (prefix views): only the Tk tail is masked
-            allowed = key < s.kv_len  # [ng', 1, L]
+        else:  # prefix views: each query block's keys past its own run, and the Tk tail, are masked
+            counts = torch.tensor(self.plan.full.counts[call.n0 : call.n1], device=dev)
+            allowed = key < ((call.start + counts) * bk).clamp(max=s.kv_len)[:, None, None]  # [ng, 1, L]
         allowed = allowed[:, None, None]  # [ng', 1, 1, R or 1, L]
         if self.ws_rows is not None:
             allowed = allowed & self._rule(kpos[: qpos.shape[0], None, None, None, :], call.n0, n1)
