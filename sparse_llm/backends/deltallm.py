@@ -35,7 +35,7 @@ Speed: ``hold="channel"`` runs the far part densely through the kernel with held
 quality at dense cost, plus a sequential scan over Tk to build the held keys, run again at every step
 when ``decode="sparse"``). ``hold="key"`` reads one collapsed key per run (a key block's runs padded
 to a multiple of a quarter block: 16 slots at block_size 64) after a vectorized run search (Gram
-matrices of the key blocks, then at most ``block_size`` pointer steps over all blocks at once).
+matrices of the key blocks, then one host pass over the chain of held keys).
 """
 
 from __future__ import annotations
@@ -188,13 +188,20 @@ def held_key_runs(k: torch.Tensor, theta: float, real: torch.Tensor, keys: torch
     next_start = torch.cat([next_start, next_start.new_full((*next_start.shape[:-1], 1), block)], -1)
     grouped = torch.nn.functional.pad(keys, (0, n_k * block - kv_len)).view(b, 1, n_k, block)
     start = torch.where(grouped.any(-1), grouped.int().argmax(-1), block).expand(b, h, n_k)
-    held = torch.zeros(b, h, n_k, block + 1, dtype=torch.bool, device=k.device)
-    for _ in range(block):  # follow the runs: at most `block` steps, all blocks and heads at once
-        held.scatter_(-1, start[..., None], True)
-        start = next_start.gather(-1, start[..., None])[..., 0]
-        if bool((start == block).all()):
-            break
-    run = held[..., :block].cumsum(-1) - 1
+    # Follow each block's chain of held keys on the host: a few thousand integer steps, where tensor
+    # ops would pay a parallel-region wake-up per step.
+    rows, cols = [], []
+    for i, (chain, key) in enumerate(
+        zip(next_start.flatten(0, 2).tolist(), start.flatten().tolist(), strict=True)
+    ):
+        while key < block:
+            rows.append(i)
+            cols.append(key)
+            key = chain[key]
+    held = torch.zeros(b * h * n_k, block, dtype=torch.bool, device=k.device)
+    held[torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)] = True
+    held = held.view(b, h, n_k, block)
+    run = held.cumsum(-1) - 1
     run = torch.where(grouped & (run >= 0), run, -1)
     return run.flatten(2)[..., :kv_len]
 
