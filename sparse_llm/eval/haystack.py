@@ -177,6 +177,19 @@ def _haystack_sentences(
     return out
 
 
+def _checked_needle(context_tokens: object, depth: object, needle: str | Needle) -> Needle:
+    """The :class:`Needle` that ``needle`` names, after checking the prompt's length and depth."""
+    if isinstance(context_tokens, bool) or not isinstance(context_tokens, int) or context_tokens <= 0:
+        raise ValueError(f"context_tokens must be a positive int, got {context_tokens!r}")
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be a number in [0, 1], got {depth!r}")
+    if isinstance(needle, str):
+        if needle not in NEEDLES:
+            raise ValueError(f"unknown needle {needle!r}; presets: {', '.join(NEEDLES)} (or pass a Needle)")
+        return NEEDLES[needle]
+    return needle
+
+
 def build_needle_prompt(
     tokenizer,
     *,
@@ -205,14 +218,7 @@ def build_needle_prompt(
     Raises ``ValueError`` for a bad depth or length (e.g. too short to hold the needle and question)
     or an unknown needle name.
     """
-    if isinstance(context_tokens, bool) or not isinstance(context_tokens, int) or context_tokens <= 0:
-        raise ValueError(f"context_tokens must be a positive int, got {context_tokens!r}")
-    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be a number in [0, 1], got {depth!r}")
-    if isinstance(needle, str):
-        if needle not in NEEDLES:
-            raise ValueError(f"unknown needle {needle!r}; presets: {', '.join(NEEDLES)} (or pass a Needle)")
-        needle = NEEDLES[needle]
+    needle = _checked_needle(context_tokens, depth, needle)
     layout = PromptLayout() if layout is None else layout
     text = load_haystack_text() if haystack is None else haystack
     sentences = split_sentences(text) if layout.split else [text.strip()] if text.strip() else []
