@@ -1,50 +1,82 @@
-"""Quality of the approximate methods (deltallm, lightning, lla) next to dense and streaming, on CPU.
+"""The approximate methods (deltallm, lightning, lla) beside dense and streaming at the same exact budget.
 
 On the embedded Gemma3-270M (fp32; 3 of its 18 layers are global, the others keep their 512-token
-sliding window and run exactly): perplexity of the first ``--tokens`` tokens of the offline essay text,
-over all predicted tokens and over the second half (where keys outside the local window exist), and
-passkey retrieval in a ``--tokens``-token prompt of repeated filler at a few depths (greedy, 12 tokens).
-Writes a JSON (rewritten after each method, so a partial run keeps what finished) and prints a table.
+sliding window and run exactly), in one process:
 
-    python scripts/quality_approx.py [--tokens 4096] [--depths 0.1,0.5,0.9] [--methods dense,lla]
+- perplexity of the first ``--tokens`` tokens of the offline essay text, over its first and second
+  half (the second is where keys far outside a local window exist), one forward per variant;
+- with ``--rounds R``, end-to-end prefill time (``logits_to_keep=1``): every variant once per round,
+  interleaved over R rounds, so that the machine's drift hits all alike; the medians and the ratios
+  to ``dense`` and to each variant's ``streaming`` twin (the same sink + local blocks) are reported;
+- with ``--layer-rounds R``, the attention of the global layers alone on their captured q, k, v (the
+  part the methods change, free of the rest of the forward's noise), interleaved the same way;
+- with ``--depths``, passkey retrieval in a ``--tokens``-token prompt of repeated filler (greedy, 12
+  tokens) at those depths.
 
-Slow on CPU: lightning's order-2 state and LLA's per-query covariance cost ~D^3 and
-~selected * D^2 per query with D = 256 (see their module docstrings); the JSON stores each method's time.
+Each variant's exact density and far-field size (``attention_stats``) are stored beside its numbers.
+Writes a JSON (rewritten after each step, so a partial run keeps what finished) and prints a table.
+
+    python scripts/quality_approx.py [--tokens 8192] [--rounds 3] [--depths 0.1,0.5,0.9] [--variants ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import statistics
 import time
 
 import torch
 
 import sparse_llm
+from sparse_llm.backends import LayerCall
+from sparse_llm.backends.dense import Dense
 from sparse_llm.eval.haystack import build_needle_prompt, score_answer
-from sparse_llm.eval.perplexity import perplexity
 from sparse_llm.models import load
 from sparse_llm.patches.compat import cache_kwarg
 from sparse_llm.results import atomic_write_json, run_metadata
 from sparse_llm.texts import REPEAT_FILLER, load_haystack_text
 
-WINDOW = dict(sink_tokens=64, local_tokens=1024)
-METHODS = {
-    "dense": {},
-    "streaming": WINDOW,
-    "lightning": WINDOW,
-    "deltallm": {},  # defaults: theta=0.6, sink 64, local max(256, 5% of Tk)
-    # ridge 1 (the default) ruins a pretrained model (see lla.py); 1e4 is the best of a small sweep
-    "lla": dict(ridge=1e4, base="streaming", base_params=WINDOW),
+WIDE = dict(sink_tokens=64, local_tokens=1024)
+NARROW = dict(sink_tokens=64, local_tokens=410)  # deltallm's default window at 8K: 5 % of Tk
+# label -> (method, params, the streaming twin with the same exact blocks)
+VARIANTS = {
+    "dense": ("dense", {}, None),
+    "streaming": ("streaming", WIDE, None),
+    "lightning": ("lightning", WIDE, "streaming"),
+    "lightning_group8": ("lightning", {**WIDE, "far_group": 8}, "streaming"),
+    "lightning_taylor": ("lightning", {**WIDE, "far_keys": "taylor"}, "streaming"),
+    "lla": ("lla", dict(base="streaming", base_params=WIDE), "streaming"),
+    "streaming_410": ("streaming", NARROW, None),
+    "deltallm": ("deltallm", {}, "streaming_410"),
+    "deltallm_theta1.2": ("deltallm", {"theta": 1.2}, "streaming_410"),
+    "deltallm_channel": ("deltallm", {"hold": "channel"}, "streaming_410"),
 }
+FAST = "dense,streaming,lightning,lightning_group8,lla,streaming_410,deltallm,deltallm_theta1.2"
+
+
+@torch.inference_mode()
+def halves(model, ids: torch.Tensor, chunk: int = 512) -> tuple[float, float]:
+    """Perplexity over the first and the second half of the predicted tokens of ``ids`` [1, T]."""
+    hidden = model.model(input_ids=ids).last_hidden_state[0, :-1]
+    targets = ids[0, 1:]
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    parts = []
+    for lo in range(0, targets.shape[0], chunk):  # full logits of a 262K vocabulary need GBs
+        logits = model.lm_head(hidden[lo : lo + chunk]).float()
+        logits = cap * torch.tanh(logits / cap) if cap else logits
+        parts.append(torch.nn.functional.cross_entropy(logits, targets[lo : lo + chunk], reduction="none"))
+    nll = torch.cat(parts)
+    half = nll.shape[0] // 2
+    return math.exp(nll[:half].mean().item()), math.exp(nll[half:].mean().item())
 
 
 @torch.inference_mode()
 def retrieve(model, tokenizer, ids: torch.Tensor, max_new_tokens: int = 12) -> str:
     """Greedy answer after one prefill (KV cache, ``logits_to_keep=1``), decoded from that cache."""
     out = model(ids, use_cache=True, logits_to_keep=1)
-    first = out.logits[:, -1:].argmax(-1)
-    prompt = torch.cat([ids, first], dim=1)
+    prompt = torch.cat([ids, out.logits[:, -1:].argmax(-1)], dim=1)
     generated = model.generate(
         prompt,
         attention_mask=torch.ones_like(prompt),
@@ -55,74 +87,146 @@ def retrieve(model, tokenizer, ids: torch.Tensor, max_new_tokens: int = 12) -> s
     return tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+@torch.inference_mode()
+def prefill_seconds(model, ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(ids, logits_to_keep=1)
+    return time.perf_counter() - start
+
+
+class _Capture(Dense):
+    """Dense attention that keeps the q, k, v and LayerCall of each global (unwindowed) layer."""
+
+    def block_mask(self, q, k, v, call: LayerCall):
+        if call.sliding_window is None:
+            self.__dict__.setdefault("captured", []).append((q, k, v, call))
+        return super().block_mask(q, k, v, call)
+
+
+@torch.inference_mode()
+def attention_seconds(model, ids, methods: dict, rounds: int) -> dict[str, list[float]]:
+    """Per round (interleaved), each method's attention time summed over the global layers' inputs."""
+    capture = _Capture()
+    with sparse_llm.sparse_attention(model, capture):
+        model(ids, logits_to_keep=1)
+    times: dict[str, list[float]] = {label: [] for label in methods}
+    for _ in range(rounds):
+        for label, method in methods.items():
+            start = time.perf_counter()
+            for q, k, v, call in capture.captured:
+                method.attend(q, k, v, call)
+            times[label].append(time.perf_counter() - start)
+    return times
+
+
+def layer_stats(model) -> dict:
+    """Exact density and the far-field figures of the sparsified layers (attention_stats)."""
+    stats = sparse_llm.attention_stats(model)
+    return {"density": stats["density"], "layers": {i: v for i, v in stats["layers"].items() if v["sparse"]}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--depths", default="0.1,0.5,0.9")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--out", default="docs/results/quality_approx_cpu_gemma3-270m.json")
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--rounds", type=int, default=0, help="interleaved prefill timing rounds (0: none)")
+    parser.add_argument("--perplexity", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--layer-rounds", type=int, default=0, help="interleaved rounds of global-layer attention"
+    )
+    parser.add_argument("--depths", default="", help="needle depths, e.g. 0.1,0.5,0.9 (default: none)")
+    parser.add_argument("--variants", default=FAST, help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--out", default="docs/results/quality_approx_cpu_gemma3-270m_8k.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    depths = [float(d) for d in args.depths.split(",")]
-    names = args.methods.split(",")
-    methods = {name: sparse_llm.get_method(name, **METHODS.get(name, {})) for name in names}
+    labels = args.variants.split(",")
+    methods = {label: sparse_llm.get_method(VARIANTS[label][0], **VARIANTS[label][1]) for label in labels}
 
     model, tokenizer = load("gemma3-270m")
-    text_ids = tokenizer(load_haystack_text()[: 12 * args.tokens], return_tensors="pt").input_ids
-    text_ids = text_ids[:, : args.tokens]
-    if text_ids.shape[1] < args.tokens:
-        raise ValueError(f"the essay text gave only {text_ids.shape[1]} tokens")
-    needles = [
-        build_needle_prompt(tokenizer, context_tokens=args.tokens, depth=d, haystack=REPEAT_FILLER)
-        for d in depths
-    ]
+    ids = tokenizer(load_haystack_text()[: 12 * args.tokens], return_tensors="pt").input_ids[:, : args.tokens]
+    if ids.shape[1] < args.tokens:
+        raise ValueError(f"the essay text gave only {ids.shape[1]} tokens")
     report = {
         "model": "gemma3-270m",
         "dtype": "float32",
         "tokens": args.tokens,
         "threads": torch.get_num_threads(),
-        "methods": {},
+        "variants": {
+            label: {"method": VARIANTS[label][0], "params": m.params()} for label, m in methods.items()
+        },
         **run_metadata("cpu"),
     }
-    for name, method in methods.items():
-        start = time.perf_counter()
+    for label, method in methods.items() if args.perplexity else ():
         with sparse_llm.sparse_attention(model, method):
-            ppl, ppl_tail = perplexity(model, text_ids)
-            density = sparse_llm.attention_stats(model)["density"]
-            delta = dict(getattr(method, "last_delta_sparsity", {}))
-            answers = [retrieve(model, tokenizer, n.input_ids) for n in needles]
-        row = {
-            "params": method.params(),
-            "perplexity": ppl,
-            "perplexity_second_half": ppl_tail,
-            "density": density,
-            "needle": {
-                f"{n.depth:g}": {"answer": a, "correct": score_answer(a, n.answer)}
-                for n, a in zip(needles, answers, strict=True)
-            },
-            "seconds": time.perf_counter() - start,
-        }
-        if delta:
-            row["delta_sparsity"] = delta
-        report["methods"][name] = row
+            first, second = halves(model, ids)
+            report["variants"][label].update(
+                ppl_first_half=first, ppl_second_half=second, **layer_stats(model)
+            )
         atomic_write_json(args.out, report)
-        logging.info("%s: ppl %.3f (second half %.3f), %.0f s", name, ppl, ppl_tail, row["seconds"])
+        logging.info("%s: perplexity %.3f / %.3f", label, first, second)
 
-    print(f"\nGemma3-270M, {args.tokens} tokens, CPU fp32 ({torch.get_num_threads()} threads)\n")
-    print(
-        "| method | density | ppl | ppl (2nd half) | needle "
-        + " / ".join(f"{d:g}" for d in depths)
-        + " | s |"
-    )
-    print("|---|---|---|---|---|---|")
-    for name, row in report["methods"].items():
-        hits = " / ".join("yes" if cell["correct"] else "no" for cell in row["needle"].values())
-        print(
-            f"| {name} | {row['density']:.3f} | {row['perplexity']:.3f} "
-            f"| {row['perplexity_second_half']:.3f} | {hits} | {row['seconds']:.0f} |"
+    for depth in [float(d) for d in args.depths.split(",") if d]:
+        needle = build_needle_prompt(
+            tokenizer, context_tokens=args.tokens, depth=depth, haystack=REPEAT_FILLER
         )
+        for label, method in methods.items():
+            with sparse_llm.sparse_attention(model, method):
+                answer = retrieve(model, tokenizer, needle.input_ids)
+            cell = {"answer": answer, "correct": score_answer(answer, needle.answer)}
+            report["variants"][label].setdefault("needle", {})[f"{depth:g}"] = cell
+            atomic_write_json(args.out, report)
+
+    if args.layer_rounds:
+        layer_times = attention_seconds(model, ids, methods, args.layer_rounds)
+        for label in labels:
+            row, twin = report["variants"][label], VARIANTS[label][2]
+            row["attention_s"] = layer_times[label]
+            for ref in ("dense", twin):
+                if ref in layer_times and ref != label:
+                    ratios = [a / b for a, b in zip(layer_times[label], layer_times[ref], strict=True)]
+                    row[f"attention_vs_{ref}"] = statistics.median(ratios)
+        atomic_write_json(args.out, report)
+        logging.info("attention: %s", {k: round(statistics.median(v), 3) for k, v in layer_times.items()})
+
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for rnd in range(args.rounds):
+        for label, method in methods.items():
+            with sparse_llm.sparse_attention(model, method):
+                times[label].append(prefill_seconds(model, ids))
+                report["variants"][label].update(layer_stats(model))
+        logging.info("round %d: %s", rnd, {k: round(v[-1], 2) for k, v in times.items()})
+    if args.rounds:
+        for label in labels:
+            row, twin = report["variants"][label], VARIANTS[label][2]
+            row["prefill_s"] = times[label]
+            row["prefill_median_s"] = statistics.median(times[label])
+            # per-round ratios (interleaved), then their median: the drift between rounds cancels
+            for ref in ("dense", twin):
+                if ref in times and ref != label:
+                    ratios = [a / b for a, b in zip(times[label], times[ref], strict=True)]
+                    row[f"vs_{ref}"] = statistics.median(ratios)
+        atomic_write_json(args.out, report)
+
+    print(f"\nGemma3-270M, {args.tokens} tokens of essays, CPU fp32 ({torch.get_num_threads()} threads)\n")
+    head = "| variant | exact density | far density | ppl 1st / 2nd half | prefill s | vs dense / twin "
+    print(head + "| attention vs dense / twin |\n" + "|---" * 7 + "|")
+    for label, row in report["variants"].items():
+        far = [v["far_density"] for v in row.get("layers", {}).values() if "far_density" in v]
+        cells = [
+            f"{row['density']:.3f}" if "density" in row else "-",
+            f"{sum(far) / len(far):.3f}" if far else "-",
+            f"{row['ppl_first_half']:.3f} / {row['ppl_second_half']:.3f}" if "ppl_first_half" in row else "-",
+            f"{row['prefill_median_s']:.2f}" if "prefill_median_s" in row else "-",
+            _ratios(row, "vs_", VARIANTS[label][2]),
+            _ratios(row, "attention_vs_", VARIANTS[label][2]),
+        ]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+def _ratios(row: dict, prefix: str, twin: str | None) -> str:
+    keys = (f"{prefix}dense", f"{prefix}{twin}")
+    return " / ".join(f"{row[key]:.3f}" if key in row else "-" for key in keys)
 
 
 if __name__ == "__main__":
