@@ -21,7 +21,7 @@ with the element mask of partial blocks; a block is full only if the rule allows
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -427,19 +427,12 @@ class BlockMask:
         """Same selection with every block partial (element mask everywhere): valid for any geometry."""
         num, idx = _rows_from_dense(self.to_dense())
         empty = torch.zeros_like(self.full_kv_num_blocks)
-        return BlockMask(
-            num,
-            idx,
-            empty,
-            empty[..., None].clone(),
-            self.block_q,
-            self.block_k,
-            self.q_len,
-            self.kv_len,
-            self.is_causal,
-            self.sliding_window,
-            self.window_start,
-            self.sink_end,
+        return replace(
+            self,
+            kv_num_blocks=num,
+            kv_indices=idx,
+            full_kv_num_blocks=empty,
+            full_kv_indices=empty[..., None].clone(),
         )
 
     def validate(self) -> BlockMask:
@@ -481,20 +474,16 @@ class BlockMask:
         return self
 
     def to(self, device: torch.device | str) -> BlockMask:
-        t = [
-            x.to(device)
-            for x in (self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices)
-        ]
-        rule = [None if x is None else x.to(device) for x in (self.window_start, self.sink_end)]
-        return BlockMask(
-            *t,
-            self.block_q,
-            self.block_k,
-            self.q_len,
-            self.kv_len,
-            self.is_causal,
-            self.sliding_window,
-            *rule,
+        names = (
+            "kv_num_blocks",
+            "kv_indices",
+            "full_kv_num_blocks",
+            "full_kv_indices",
+            "window_start",
+            "sink_end",
+        )
+        return replace(
+            self, **{n: None if getattr(self, n) is None else getattr(self, n).to(device) for n in names}
         )
 
     def to_string(self, max_rows: int = 32, max_cols: int = 64) -> str:
