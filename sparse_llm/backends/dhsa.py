@@ -17,7 +17,7 @@ predictor; here boundaries are found without training:
    query would put on the chunk if its ``n`` keys all equalled their mean,
    ``softcap(scale * q_mean . k_mean) + log n`` (a chunk of similar keys weighs more than one stray
    key, as the paper's length normalization intends, in the units of attention logits).
-   ``score="similarity"`` is the paper's form: ``(q_mean sqrt(64)) . (k_mean sqrt(n))`` with the
+   ``score="similarity"`` is the paper's form: ``(q_mean sqrt(block_size)) . (k_mean sqrt(n))`` with the
    query block averaged over its GQA group, one mask row per KV head. Measured on Gemma3-270M at 8K
    (docs/evaluations.md), "similarity" loses most of what a budget of context/8 can keep (perplexity
    of the second half of a code text 1.95x dense, barely better than a sliding window) while "mass"
