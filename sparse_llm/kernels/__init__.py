@@ -169,6 +169,23 @@ def _resolve_impl(impl: str, q: Tensor) -> str:
     return impl
 
 
+def _run(
+    impl: str, q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, kwargs: dict
+) -> tuple[Tensor, Tensor]:
+    """(out in q's dtype, lse) from one resolved implementation: the kernels run forward-only, the
+    dense reference upcast to fp32."""
+    if impl == "reference":
+        out, lse = reference_attention(q, k, v, block_mask, return_lse=True, upcast=True, **kwargs)
+        return out.to(q.dtype), lse
+    if impl == "triton":
+        kernel = _triton_kernel()
+    elif impl == "flex":
+        from sparse_llm.kernels.flex import flex_block_sparse_attention as kernel
+    else:
+        from sparse_llm.kernels.cpu import gather_attention as kernel
+    return forward_only(lambda q, k, v: kernel(q, k, v, block_mask, **kwargs), q, k, v)
+
+
 def block_sparse_attention(
     q: Tensor,
     k: Tensor,
@@ -202,8 +219,6 @@ def block_sparse_attention(
             softmax; it enters the LSE. -inf masks a key. A run of n keys collapsed to one carries
             log n (deltallm, lightning's compressed far field).
         return_lse: also return the log-sum-exp.
-            Inputs may require grad (the forward runs as under ``torch.no_grad()``); calling backward
-            through the "triton", "cpu" or "flex" kernel raises NotImplementedError.
         impl: the implementation: "auto" (Triton on CUDA when triton imports, else the gather path),
             "triton", "cpu" (the gather path, any device), "flex" (PyTorch FlexAttention on the same
             blocks: compiled on CUDA, eager elsewhere, which only tests use), "reference" (dense; tests).
@@ -214,6 +229,8 @@ def block_sparse_attention(
     (``BlockMask.window_start``/``sink_end``: sinks plus a per-query window start; needs causal) is
     part of that element mask. If the mask was classified for another geometry
     (``is_causal``/``sliding_window``), every block is treated as partial.
+    Inputs may require grad (the forward runs as under ``torch.no_grad()``); calling backward through
+    the "triton", "cpu" or "flex" kernel raises NotImplementedError.
 
     Returns:
         out [B, Hq, Tq, D] in q's dtype, and with ``return_lse`` lse [B, Hq, Tq] float32: the natural
@@ -235,18 +252,7 @@ def block_sparse_attention(
         sliding_window=sliding_window,
         key_padding_mask=key_padding_mask,
     )
-    impl = _resolve_impl(impl, q)
     if key_bias is not None:
         kwargs["key_bias"] = key_bias
-    if impl in ("triton", "cpu", "flex"):
-        if impl == "triton":
-            kernel = _triton_kernel()
-        elif impl == "flex":
-            from sparse_llm.kernels.flex import flex_block_sparse_attention as kernel
-        else:
-            from sparse_llm.kernels.cpu import gather_attention as kernel
-        out, lse = forward_only(lambda q, k, v: kernel(q, k, v, block_mask, **kwargs), q, k, v)
-    else:
-        out, lse = reference_attention(q, k, v, block_mask, return_lse=True, upcast=True, **kwargs)
-        out = out.to(q.dtype)
+    out, lse = _run(_resolve_impl(impl, q), q, k, v, block_mask, kwargs)
     return (out, lse) if return_lse else out
