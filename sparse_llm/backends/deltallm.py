@@ -250,6 +250,79 @@ def held_keys(
     return held, changed
 
 
+def _reference_stds(keys: list, idx: list[int], d: int) -> list[float]:
+    """Per-channel population standard deviation of one head's keys (``[Tk][D]`` lists) over the
+    positions ``idx``."""
+    stds = []
+    for c in range(d):
+        vals = [keys[t][c] for t in idx]
+        mean = sum(vals) / max(len(vals), 1)
+        stds.append(math.sqrt(sum((x - mean) ** 2 for x in vals) / max(len(vals), 1)))
+    return stds
+
+
+def _reference_held_whole(
+    keys: list, real: list, stds: list, theta: float, block: int, sink_end: int
+) -> list:
+    """``hold="key"`` for one head: a far key takes the key that opened its run; a run restarts at each
+    key block and at the first key drifting (RMS over channels, in stds) more than theta from it."""
+    d = len(stds)
+    held = [list(r) for r in keys]
+    anchor = None
+    for t in range(len(keys)):
+        if (t // block) * block < sink_end or not real[t]:  # sink blocks and padding hold nothing (never far)
+            anchor = None
+            continue
+        if t % block == 0:  # runs restart at every key block
+            anchor = None
+        if anchor is not None:
+            drift = sum(((keys[t][c] - keys[anchor][c]) / (stds[c] or 1.0)) ** 2 for c in range(d))
+            anchor = anchor if drift / d <= theta * theta else None
+        anchor = t if anchor is None else anchor
+        held[t] = list(keys[anchor])
+    return held
+
+
+def _reference_held_channels(keys: list, real: list, stds: list, theta: float) -> list:
+    """``hold="channel"`` for one head: per channel, the held value moves to the key's only when they
+    differ by more than theta * std; it restarts at padding and where the previous key is padding."""
+    held = [list(r) for r in keys]
+    for c in range(len(stds)):
+        thr = theta * stds[c]
+        cur = None
+        for t in range(len(keys)):
+            x = keys[t][c]
+            if not real[t] or t == 0 or not real[t - 1] or abs(x - cur) > thr:
+                cur = x
+            held[t][c] = cur
+    return held
+
+
+def _reference_held_keys(
+    k: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    theta: float,
+    hold: str,
+    block: int,
+    sink_tokens: int,
+) -> list:
+    """The held keys ``[B][Hkv][Tk][D]`` (nested lists) of either form, one Python loop per head."""
+    b, _, kv_len, _ = k.shape
+    real = [[True] * kv_len for _ in range(b)] if key_padding_mask is None else key_padding_mask.tolist()
+    held = []
+    for keys_b, real_b in zip(k.tolist(), real, strict=True):
+        idx = [t for t, r in enumerate(real_b) if r]
+        sink_end = (idx[0] if idx else len(real_b)) + sink_tokens
+        held.append([])
+        for keys in keys_b:
+            stds = _reference_stds(keys, idx, k.shape[3])
+            if hold == "key":
+                held[-1].append(_reference_held_whole(keys, real_b, stds, theta, block, sink_end))
+            else:
+                held[-1].append(_reference_held_channels(keys, real_b, stds, theta))
+    return held
+
+
 def deltallm_reference(
     q,
     k,
@@ -272,45 +345,8 @@ def deltallm_reference(
     """
     from sparse_llm.kernels.reference import element_mask
 
-    (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
-    real = [[True] * kv_len for _ in range(b)] if key_padding_mask is None else key_padding_mask.tolist()
-    rows = k.tolist()
-    held = [[[list(r) for r in rows[i][j]] for j in range(hkv)] for i in range(b)]
-    for i in range(b):
-        idx = [t for t in range(kv_len) if real[i][t]]
-        first = idx[0] if idx else kv_len
-        for j in range(hkv):
-            stds = []
-            for c in range(d):
-                vals = [rows[i][j][t][c] for t in idx]
-                mean = sum(vals) / max(len(vals), 1)
-                stds.append(math.sqrt(sum((x - mean) ** 2 for x in vals) / max(len(vals), 1)))
-            if hold == "key":
-                anchor = None
-                for t in range(kv_len):
-                    sink = (t // block_size) * block_size < first + sink_tokens or not real[i][t]
-                    if sink:  # sink blocks and padding hold nothing (never far)
-                        anchor = None
-                        continue
-                    if t % block_size == 0:  # runs restart at every key block
-                        anchor = None
-                    if anchor is not None:
-                        drift = sum(
-                            ((rows[i][j][t][c] - rows[i][j][anchor][c]) / (stds[c] or 1.0)) ** 2
-                            for c in range(d)
-                        )
-                        anchor = anchor if drift / d <= theta * theta else None
-                    anchor = t if anchor is None else anchor
-                    held[i][j][t] = list(rows[i][j][anchor])
-                continue
-            for c in range(d):
-                thr = theta * stds[c]
-                cur = None
-                for t in range(kv_len):
-                    x = rows[i][j][t][c]
-                    if not real[i][t] or t == 0 or not real[i][t - 1] or abs(x - cur) > thr:
-                        cur = x
-                    held[i][j][t][c] = cur
+    (_, hq, q_len, _), (_, hkv, kv_len, _) = q.shape, k.shape
+    held = _reference_held_keys(k, key_padding_mask, theta, hold, block_size, sink_tokens)
     held = torch.tensor(held, dtype=k.dtype)
     geo = dict(q_len=q_len, kv_len=kv_len, block_q=block_size, block_k=block_size)
     exact = BlockMask.sink_window(
