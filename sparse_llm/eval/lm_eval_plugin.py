@@ -288,6 +288,7 @@ def main(argv: list[str]) -> int:
             if not any(found):
                 raise FileNotFoundError(f"no LongBench JSONL files in {longbench_data}; {HOW_TO_GET}")
             argv += ["--include_path", folder]
+        stack.enter_context(_one_line_usage_errors())
         saved = sys.argv
         sys.argv = ["lm-eval", *argv]
         try:
@@ -295,6 +296,23 @@ def main(argv: list[str]) -> int:
         finally:
             sys.argv = saved
     return 0
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors():
+    """While lm-eval parses its command line, a usage error is one line (``prog: error: message``,
+    exit 2) as in every other sparse-llm command, instead of argparse's usage block first."""
+    import argparse
+
+    def error(parser, message):
+        parser.exit(2, f"{parser.prog}: error: {message} (see sparse-llm eval lm-eval --help)\n")
+
+    saved = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = error
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = saved
 
 
 def _local_longbench(data_dir: str, folder: str, longbench_e: bool) -> list[str]:
