@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import pytest
 import torch
 
@@ -633,6 +636,85 @@ def test_routing_matches_the_one_hot_reference(tq, tk, top, window, padded, monk
     )
 
 
+def _routing_cell_reference(q, k, call, block, n_clusters, top_clusters, iterations, seed):
+    """cell_block_scores in float64 with a loop over query cells, key blocks and key cells."""
+    from sparse_llm.backends import routing
+
+    (b, hq, tq, _), (_, hkv, tk, _) = q.shape, k.shape
+    g, n_q, n_k, offset = hq // hkv, -(-tq // block), -(-tk // block), tk - tq
+    real = torch.ones(b, tk, dtype=torch.bool) if call.key_padding_mask is None else call.key_padding_mask
+    valid = real.repeat_interleave(hkv, 0)
+    centroids, assign = routing.spherical_kmeans(k.flatten(0, 1), n_clusters, iterations, seed, valid)
+    centroids = centroids.double()
+    out = torch.full((b, hq, n_q, n_k), float("-inf"), dtype=torch.float64)
+    for bi, h in itertools.product(range(b), range(hq)):
+        i, keys = bi * hkv + h // g, k[bi, h // g].double()
+        members = [valid[i] & (assign[i] == c) for c in range(centroids.shape[1])]
+        typical = torch.stack([centroids[i, c] * keys[m].norm(dim=-1).mean() for c, m in enumerate(members)])
+        typical = typical.nan_to_num(0.0)
+        q_assign = (torch.nn.functional.normalize(q[bi, h].double(), dim=-1) @ centroids[i].T).argmax(-1)
+        for n in range(n_q):
+            rows = [r for r in range(n * block, min((n + 1) * block, tq)) if real[bi, offset + r]]
+            first, last = offset + n * block, offset + min((n + 1) * block, tq) - 1
+            seen = [m for m in range(n_k) if m * block <= last]  # reachable from some query of the block
+            if call.sliding_window is not None:
+                seen = [m for m in seen if (m + 1) * block - 1 > first - call.sliding_window]
+            cells = {}  # (key block, cluster) -> keys
+            for j in range(min(tk, (seen[-1] + 1) * block) if seen else 0):
+                if valid[i, j] and j // block in seen:
+                    cells.setdefault((j // block, int(assign[i, j])), []).append(keys[j])
+            for c in sorted({int(q_assign[r]) for r in rows}):
+                rep = torch.stack([q[bi, h, r].double() for r in rows if q_assign[r] == c]).mean(0)
+                rep = rep * call.scale
+                routed = range(centroids.shape[1])
+                if top_clusters is not None and top_clusters < centroids.shape[1]:
+                    empty = torch.tensor([not m.any() for m in members])
+                    logit = (typical @ rep).masked_fill(empty, -math.inf)
+                    routed = logit.topk(top_clusters).indices.tolist()
+                mass = {}
+                for (m, cc), ks in cells.items():
+                    if cc in routed:
+                        logit = rep @ torch.stack(ks).mean(0)
+                        if call.softcap is not None:
+                            logit = torch.tanh(logit / call.softcap) * call.softcap
+                        mass[m] = mass.get(m, 0.0) + math.exp(logit + math.log(len(ks)))
+                total = sum(mass.values())
+                for m, value in mass.items():
+                    out[bi, h, n, m] = max(out[bi, h, n, m], math.log(value / total))
+    return out
+
+
+@pytest.mark.parametrize(
+    "tq, tk, top, window, softcap, padded",
+    [
+        pytest.param(96, 96, None, None, None, False, id="soft"),
+        pytest.param(50, 90, 2, None, None, False, id="top2-ragged"),
+        pytest.param(64, 64, None, 24, 5.0, False, id="window-softcap"),
+        pytest.param(80, 80, None, None, None, True, id="left-padding"),
+    ],
+)
+def test_routing_cells_match_the_loop_reference(tq, tk, top, window, softcap, padded, monkeypatch):
+    from sparse_llm.backends import routing
+
+    monkeypatch.setattr(routing, "MAX_SIMILARITIES", 100)  # several chunks of query cells
+    torch.manual_seed(6)
+    centers = torch.randn(5, 16) * 3
+    k = centers[torch.randint(0, 5, (2, 2, tk))] + torch.randn(2, 2, tk, 16)
+    q = centers[torch.randint(0, 5, (2, 4, tq))] + torch.randn(2, 4, tq, 16)
+    padding = None
+    if padded:
+        padding = torch.ones(2, tk, dtype=torch.bool)
+        padding[1, :37] = False
+    call = LayerCall(0, 0.25, softcap=softcap, sliding_window=window, key_padding_mask=padding)
+    kw = dict(n_clusters=7, top_clusters=top, iterations=3, seed=1)
+    got = routing.cell_block_scores(q, k, call, block=16, **kw)
+    want = _routing_cell_reference(q, k, call, 16, **kw)
+    assert got.isneginf().equal(want.isneginf())
+    # fp32 log shares against a float64 reference
+    got, want = got.double().nan_to_num(neginf=0), want.nan_to_num(neginf=0)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
 def test_routing_ties_go_to_the_recent_blocks():
     k = torch.ones(1, 1, 512, 16)  # every key alike: every full block has the same routed mass
     q = torch.randn(1, 2, 512, 16, generator=torch.Generator().manual_seed(0))
@@ -699,8 +781,10 @@ def test_bad_probes(name, probes):
 @pytest.mark.parametrize(
     "name, params",
     [
-        pytest.param("routing", {}, id="routing"),  # clusters: round(sqrt(real keys)) per row
-        pytest.param("routing", dict(n_clusters=12, top_clusters=3), id="routing-top3"),  # same count
+        pytest.param("routing", {}, id="routing"),  # cells, 12 clusters in each row
+        pytest.param("routing", dict(n_clusters=200), id="routing-200"),  # the padded row: 160, every key
+        pytest.param("routing", dict(n_clusters=12, top_clusters=3), id="routing-top3"),
+        pytest.param("routing", dict(summary="cluster"), id="routing-cluster"),  # round(sqrt(real keys))
         pytest.param("dhsa", dict(chunking="dynamic"), id="dhsa-dynamic"),  # real keys // chunk_size - 1
         pytest.param("dhsa", dict(chunk_size=40), id="dhsa-fixed-40"),  # pad 96: not a multiple of 40
     ],

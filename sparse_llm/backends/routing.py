@@ -1,25 +1,35 @@
 """``routing``: content-based routing by clustering, training-free.
 
-The Routing Transformer (Roy et al., TACL 2021, arXiv 2003.05997) routes queries and keys to learned
+The Routing Transformer (Roy et al., TACL 2021, arXiv 2003.05997) routes queries and keys to shared
 k-means centroids and attends within clusters. Training-free, at prefill:
 
-1. Clusters: spherical k-means on the normalized real keys of each KV head (about sqrt(n) centroids
-   for n real keys), farthest-point initialization so that an outlying key, e.g. a needle, gets a
-   centroid of its own, then a few Lloyd iterations; batched over batch and heads; no one-hot
-   tensors. Both depend on a row's real keys only: a left-padded row clusters as its unpadded run.
-2. Routing, per query head (GQA heads are never averaged): each query block's representatives (its
-   mean query and ``probes`` single queries ending at its last query) give cluster ``c`` the logit
-   ``scale * q . centroid_c * mean key norm of c``, i.e. the attention logit of the cluster's typical
-   key (soft-capped like the layer's).
-3. Routed mass: a key block's score is the share of the representative's attention that its keys
-   would receive if each key scored like its cluster, each key weighted by its affinity (cosine) to
-   its centroid: ``sum_c exp(logit_c) * sum_{j in block, cluster(j) = c} cos(k_j, centroid_c)``,
-   divided by the same sum over the blocks the query block can see; the maximum over
-   representatives. With ``top_clusters`` only that many clusters per representative carry mass
-   (hard routing as in the paper) and blocks without routed keys are never taken.
+1. Clusters: spherical k-means on the normalized real keys of each KV head (``n_clusters``
+   centroids), farthest-point initialization so that an outlying key, e.g. a needle, gets a centroid
+   of its own, then a few Lloyd iterations; batched over batch and heads; no one-hot tensors. Both
+   depend on a row's real keys only: a left-padded row clusters as its unpadded run.
+2. Cells (``summary="cell"``, default): queries are routed to the same centroids as keys (shared QK
+   routing, as in the paper). A key cell is one cluster's keys inside one key block, a query cell one
+   cluster's queries of one query head inside one query block; each is summarized by its mean and
+   its size n. Per query cell, a key cell gets the log attention mass of n copies of its mean key,
+   ``softcap(scale * q_mean . k_mean) + log n``; a key block gets the log-sum-exp of its cells as a
+   share of everything the query block can see; a query block's score for a key block is the largest
+   share over its query cells (a block that one group of queries needs is not outvoted by the rest).
+   With ``top_clusters`` only the key cells of a query cell's top clusters (by its logit on each
+   cluster's typical key, the centroid times its members' mean norm) carry mass: hard routing.
+   Cost: about ``2 C^2 / block_size^2`` of the dense ``q k^T`` for C clusters, hence a fixed,
+   small default C = 12 (cells of ~5 keys) rather than one growing with the length.
+3. ``summary="cluster"`` (the first form, kept as a reference): each query block's representatives
+   (its mean query and ``probes`` single queries ending at its last query) score whole clusters by
+   their typical key, and a key block gets the routed mass of its keys, each weighted by its cosine
+   to its centroid, ``sum_c exp(logit_c) * sum_{j in block, cluster(j) = c} cos(k_j, centroid_c)``,
+   as a share of what the block can see, the maximum over representatives; about sqrt(n) clusters
+   for n real keys. A cluster spans the whole prompt, so this cannot tell a query which of the
+   blocks of a cluster it needs: on 8K code it loses 1.42x perplexity where cells lose 1.03-1.04x
+   (docs/evaluations.md).
 4. Each query block keeps the sink and local blocks plus the blocks of most routed mass, ``budget``
-   tokens in all; equal scores go to the later (more recent) block. Padding keys join no cluster and
-   are never selected. The selection is approximate; attention over the selected blocks is exact.
+   tokens in all; equal scores go to the later (more recent) block. Padding keys and queries join no
+   cell and padding keys are never selected. The selection is approximate; attention over the
+   selected blocks is exact.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import torch.nn.functional as F
 
 from sparse_llm.backends.base import BudgetedMethod, LayerCall, register_method, require_positive
 from sparse_llm.backends.selection import (
+    CAUSAL_CHUNKS,
     check_probes,
     key_blocks_with_real_keys,
     prefer_late_ties,
@@ -40,7 +51,9 @@ from sparse_llm.backends.selection import (
 from sparse_llm.kernels import BlockMask
 from sparse_llm.kernels.block_mask import block_geometry
 
-MAX_SIMILARITIES = 2**25  # key-centroid similarities held at once
+MAX_SIMILARITIES = 2**25  # key-centroid (or query-cell) similarities held at once
+SUMMARIES = ("cell", "cluster")
+CELL_CLUSTERS = 12  # default centroids per KV head with cells (module docstring, step 2)
 
 
 def spherical_kmeans(
@@ -112,20 +125,25 @@ def nearest(
 @register_method
 @dataclass
 class Routing(BudgetedMethod):
-    """Args: budget (tokens per query block incl. sinks and window, default 2048), n_clusters
-    (default: round(sqrt(n)) for a row of n real keys), top_clusters (None (default): every cluster
-    carries its soft share of mass; an int: only that many clusters per representative query),
-    probes (single queries per query block besides its mean query, default 1: the block's last
-    query), iterations (k-means steps, default 4), seed (0), sink_tokens (64), local_tokens (512)."""
+    """Args: budget (tokens per query block incl. sinks and window, default 2048), summary
+    (``"cell"`` default, or ``"cluster"``), n_clusters (default None: 12 with cells, round(sqrt(n))
+    for a row of n real keys with clusters), top_clusters (None (default): every cluster carries its
+    soft share of mass; an int: only that many clusters per query cell or representative), probes
+    (``"cluster"`` only: single queries per query block besides its mean query, default 1: the
+    block's last query), iterations (k-means steps, default 4), seed (0), sink_tokens (64),
+    local_tokens (512)."""
 
     name = "routing"
-    description = "Spherical k-means on keys per KV head; key blocks ranked by routed mass per query head."
+    description = (
+        "Shared k-means routing of queries and keys; key blocks ranked by the mass their cells draw."
+    )
 
     n_clusters: int | None = None
     top_clusters: int | None = None
     probes: int = 1
     iterations: int = 4
     seed: int = 0
+    summary: str = "cell"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -135,24 +153,24 @@ class Routing(BudgetedMethod):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be None (automatic) or an int >= 1, got {value!r}")
         check_probes(self.probes, self.block_size)
+        if self.summary not in SUMMARIES:
+            raise ValueError(f"summary must be one of {SUMMARIES}, got {self.summary!r}")
 
     def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
         n_c = self.n_clusters
-        if n_c is None:  # per batch row, from its real keys: a left-padded row clusters as if unpadded
+        if n_c is None and self.summary == "cell":
+            n_c = CELL_CLUSTERS  # spherical_kmeans gives a row at most as many clusters as real keys
+        elif n_c is None:  # per batch row, from its real keys: a left-padded row clusters as if unpadded
             real = call.key_padding_mask
             n_real = torch.full((k.shape[0],), k.shape[2]) if real is None else real.sum(-1)
             n_c = n_real.double().sqrt().round().long()  # = round(math.sqrt(n)); never exactly .5
-        scores = routed_block_scores(
-            q,
-            k,
-            call,
-            block=self.block_size,
-            n_clusters=n_c,
-            top_clusters=self.top_clusters,
-            probes=self.probes,
-            iterations=self.iterations,
-            seed=self.seed,
+        kw = dict(
+            block=self.block_size, n_clusters=n_c, top_clusters=self.top_clusters, iterations=self.iterations
         )
+        if self.summary == "cell":
+            scores = cell_block_scores(q, k, call, seed=self.seed, **kw)
+        else:
+            scores = routed_block_scores(q, k, call, probes=self.probes, seed=self.seed, **kw)
         return self.mask_from_scores(prefer_late_ties(scores), q, k, call)
 
 
@@ -229,3 +247,129 @@ def cluster_stats(
     mass = torch.zeros(n * n_k * n_c, device=keys.device)
     mass.index_add_(0, by_block, (affinity.clamp_min(0) * weight).flatten())
     return typical, mass.view(n, n_k, n_c), sizes.view(n, n_c)
+
+
+def cell_block_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    call: LayerCall,
+    *,
+    block: int,
+    n_clusters: int | torch.Tensor,
+    top_clusters: int | None,
+    iterations: int,
+    seed: int,
+) -> torch.Tensor:
+    """Block scores of ``summary="cell"``, ``[B, Hq, nQ, nK]`` fp32 (module docstring): per query head
+    and query block, the largest log share of attention mass that one of its query cells routes to
+    the key block; -inf for blocks never to select. Arguments as :func:`routed_block_scores`."""
+    (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
+    n_k, n_q, dev, n, g = -(-kv_len // block), -(-q_len // block), q.device, b * hkv, hq // hkv
+    real = real_keys(call.key_padding_mask, b, kv_len, dev)
+    valid = real.repeat_interleave(hkv, 0)  # [N, Tk]
+    n_clusters = torch.as_tensor(n_clusters, device=dev).expand(b).repeat_interleave(hkv)
+    keys = k.flatten(0, 1)
+    centroids, assign = spherical_kmeans(keys, n_clusters, iterations, seed, valid)
+    c = centroids.shape[1]
+    cells = cell_summaries(keys, assign, valid, torch.arange(kv_len, device=dev) // block, n_k, c)
+    # Query cells: the queries of one head in one query block routed to one centroid (shared QK
+    # routing). Grouped by query block first, so that slots come in causal order.
+    qs = q.reshape(n, g * q_len, d)
+    q_valid = real[:, -q_len:].repeat(1, g).repeat_interleave(hkv, 0)
+    active = torch.arange(c, device=dev) < n_clusters.minimum(valid.sum(-1)).clamp_min(1)[:, None]
+    _, q_assign = nearest(F.normalize(qs.float(), dim=-1), centroids, active)
+    pos = torch.arange(g * q_len, device=dev)
+    q_cells = cell_summaries(qs, q_assign, q_valid, pos % q_len // block * g + pos // q_len, n_q * g, c)
+    reps, q_block = q_cells.mean * call.scale, q_cells.group // g  # [N, R, D], [N, R]
+    reach = block_geometry(
+        q_len=q_len,
+        kv_len=kv_len,
+        block_q=block,
+        block_k=block,
+        sliding_window=call.sliding_window,
+        device=dev,
+    )[0]
+    first = torch.where(reach.any(-1), reach.to(torch.int8).argmax(-1), n_k)  # reach is one run per row
+    last = first + reach.sum(-1) - 1
+    allowed = None
+    if top_clusters is not None and top_clusters < c:  # hard routing: a query cell's top clusters only
+        typical, _, sizes = cluster_stats(keys, centroids, assign, valid, block)
+        routed = (reps @ typical.transpose(1, 2)).masked_fill(sizes[:, None, :] == 0, float("-inf"))
+        allowed = torch.zeros_like(routed, dtype=torch.bool).scatter_(
+            2, routed.topk(top_clusters, -1).indices, True
+        )
+    by_block = F.one_hot(cells.group, n_k).float()  # [N, P, nK]: a cell's key block
+    out = torch.full((n, n_q * g, n_k), float("-inf"), device=dev)
+    # Chunks of query cells (in causal order), each against the key cells it can see: with ~8 chunks
+    # the causal upper triangle costs ~1/16 of the square instead of 1/2.
+    step = max(
+        1, min(MAX_SIMILARITIES // max(n * cells.mean.shape[1], 1), -(-reps.shape[1] // CAUSAL_CHUNKS))
+    )
+    for lo in range(0, reps.shape[1], step):
+        rows = slice(lo, lo + step)
+        blocks = q_block[:, rows]
+        seen = int((cells.group <= last[blocks.amax()]).sum(-1).max())  # causal: a prefix of the key cells
+        logits = reps[:, rows] @ cells.mean[:, :seen].transpose(1, 2)  # [N, r, P']
+        if call.softcap is not None:
+            logits = torch.tanh(logits / call.softcap) * call.softcap
+        logits += cells.log_n[:, None, :seen]  # -inf for slots without real keys
+        group = cells.group[:, None, :seen]
+        hidden = (group < first[blocks][..., None]) | (group > last[blocks][..., None])
+        if allowed is not None:
+            hidden |= ~allowed[:, rows].gather(2, cells.cluster[:, None, :seen].expand_as(logits))
+        logits.masked_fill_(hidden, float("-inf"))
+        top = logits.amax(-1, keepdim=True).clamp_min(torch.finfo(logits.dtype).min)
+        mass = logits.sub_(top).exp_() @ by_block[:, :seen]  # [N, r, nK]
+        share = (
+            (mass / mass.sum(-1, keepdim=True)).log_().nan_to_num_(float("-inf"), neginf=float("-inf"))
+        )  # nan: sees no key
+        share.masked_fill_(q_cells.log_n[:, rows, None] == float("-inf"), float("-inf"))  # unused slots
+        out.scatter_reduce_(1, q_cells.group[:, rows, None].expand_as(share), share, "amax")
+    out = out.view(b, hkv, n_q, g, n_k).transpose(2, 3).reshape(b, hq, n_q, n_k)
+    return out.masked_fill(~reach, float("-inf"))
+
+
+@dataclass
+class Cells:
+    """Per cell (one cluster's real rows inside one group, e.g. a key block), padded to the largest
+    cell count P of the N rows: mean ``[N, P, D]`` fp32, log member count ``[N, P]`` (-inf for an
+    unused slot), group and cluster ``[N, P]`` int64."""
+
+    mean: torch.Tensor
+    log_n: torch.Tensor
+    group: torch.Tensor
+    cluster: torch.Tensor
+
+
+def cell_summaries(
+    x: torch.Tensor,
+    assign: torch.Tensor,
+    valid: torch.Tensor,
+    group: torch.Tensor,
+    n_groups: int,
+    n_clusters: int,
+) -> Cells:
+    """The :class:`Cells` of rows ``x`` ``[N, T, D]`` with their cluster ``assign`` ``[N, T]`` and group
+    ``group`` ``[T]`` (< ``n_groups``); invalid rows (``valid`` False, padding) join no cell. Memory
+    O(N T D): only cells that hold rows get a slot."""
+    n, t, d = x.shape
+    cell_id = group * n_clusters + assign
+    cell_id = cell_id.masked_fill(~valid, n_groups * n_clusters)  # one slot for all padding, count 0
+    ordered, order = cell_id.sort(-1)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    slot = torch.empty_like(order).scatter_(1, order, first.long().cumsum(-1) - 1)  # [N, T]
+    p = int(slot.max()) + 1
+    weight = valid.float().flatten()
+    flat = (slot + torch.arange(n, device=x.device)[:, None] * p).flatten()
+    sums = torch.zeros(n * p, d, device=x.device).index_add_(
+        0, flat, x.flatten(0, 1).float() * weight[:, None]
+    )
+    counts = torch.zeros(n * p, device=x.device).index_add_(0, flat, weight).view(n, p)
+    ids = torch.zeros(n, p, dtype=torch.long, device=x.device).scatter_(1, slot, cell_id)
+    return Cells(
+        mean=sums.view(n, p, d) / counts.clamp_min(1)[..., None],
+        log_n=counts.log(),
+        group=(ids // n_clusters).clamp_max(n_groups - 1),
+        cluster=ids % n_clusters,
+    )
