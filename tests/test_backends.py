@@ -597,6 +597,20 @@ def _routing_reference(q, k, call, block, n_clusters, top_clusters, probes, iter
     return out.masked_fill(padding_only, float("-inf"))
 
 
+def _clustered_inputs(tq: int, tk: int, padded: bool):
+    """q [2, 4, tq, 16] and k [2, 2, tk, 16] around 5 shared centres; the second row's first 37 keys
+    are padding when ``padded`` (key_padding_mask, else None)."""
+    torch.manual_seed(6)
+    centers = torch.randn(5, 16) * 3
+    k = centers[torch.randint(0, 5, (2, 2, tk))] + torch.randn(2, 2, tk, 16)
+    q = centers[torch.randint(0, 5, (2, 4, tq))] + torch.randn(2, 4, tq, 16)
+    padding = None
+    if padded:
+        padding = torch.ones(2, tk, dtype=torch.bool)
+        padding[1, :37] = False
+    return q, k, padding
+
+
 @pytest.mark.parametrize(
     "tq, tk, top, window, padded",
     [
@@ -610,14 +624,7 @@ def test_routing_matches_the_one_hot_reference(tq, tk, top, window, padded, monk
     from sparse_llm.backends import routing
 
     monkeypatch.setattr(routing, "MAX_SIMILARITIES", 100)  # several chunks of keys
-    torch.manual_seed(6)
-    centers = torch.randn(5, 16) * 3
-    k = centers[torch.randint(0, 5, (2, 2, tk))] + torch.randn(2, 2, tk, 16)
-    q = centers[torch.randint(0, 5, (2, 4, tq))] + torch.randn(2, 4, tq, 16)
-    padding = None
-    if padded:
-        padding = torch.ones(2, tk, dtype=torch.bool)
-        padding[1, :37] = False
+    q, k, padding = _clustered_inputs(tq, tk, padded)
     call = LayerCall(0, 0.25, sliding_window=window, key_padding_mask=padding)
     kw = dict(n_clusters=7, top_clusters=top, probes=2, iterations=3, seed=1)
     valid = (torch.ones(2, tk, dtype=torch.bool) if padding is None else padding).repeat_interleave(2, 0)
@@ -697,14 +704,7 @@ def test_routing_cells_match_the_loop_reference(tq, tk, top, window, softcap, pa
     from sparse_llm.backends import routing
 
     monkeypatch.setattr(routing, "MAX_SIMILARITIES", 100)  # several chunks of query cells
-    torch.manual_seed(6)
-    centers = torch.randn(5, 16) * 3
-    k = centers[torch.randint(0, 5, (2, 2, tk))] + torch.randn(2, 2, tk, 16)
-    q = centers[torch.randint(0, 5, (2, 4, tq))] + torch.randn(2, 4, tq, 16)
-    padding = None
-    if padded:
-        padding = torch.ones(2, tk, dtype=torch.bool)
-        padding[1, :37] = False
+    q, k, padding = _clustered_inputs(tq, tk, padded)
     call = LayerCall(0, 0.25, softcap=softcap, sliding_window=window, key_padding_mask=padding)
     kw = dict(n_clusters=7, top_clusters=top, iterations=3, seed=1)
     got = routing.cell_block_scores(q, k, call, block=16, **kw)

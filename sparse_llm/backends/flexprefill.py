@@ -39,9 +39,8 @@ import torch
 from torch import Tensor
 
 from sparse_llm.backends.base import BudgetedMethod, LayerCall, register_method
-from sparse_llm.backends.selection import block_means, key_blocks_with_real_keys
+from sparse_llm.backends.selection import block_means, key_blocks_with_real_keys, reachable_blocks
 from sparse_llm.kernels import BlockMask
-from sparse_llm.kernels.block_mask import block_geometry
 
 NEG_INF = float("-inf")
 MAX_DISTANCE = math.sqrt(math.log(2))  # the largest sqrt(JSD) in nats: tau above it = all query-aware
@@ -85,14 +84,7 @@ class FlexPrefill(BudgetedMethod):
         q_valid = None if pad is None else pad[:, -q_len:]
         q_means = block_means(q, bs, q_valid).view(b, hkv, hq // hkv, n_q, d)
         pooled = _softcap_((q_means @ k_means[:, :, None].transpose(-1, -2)).mul_(call.scale), call.softcap)
-        visible = block_geometry(
-            q_len=q_len,
-            kv_len=kv_len,
-            block_q=bs,
-            block_k=bs,
-            sliding_window=call.sliding_window,
-            device=q.device,
-        )[0]
+        visible = reachable_blocks(q_len, kv_len, bs, call.sliding_window, q.device)
         visible = visible & real[:, None, None, :]
         pooled = pooled.view(b, hq, n_q, n_k).masked_fill(~visible, NEG_INF).softmax(-1).nan_to_num_(0.0)
         selected, scores = _cover(pooled, self.gamma), pooled

@@ -46,10 +46,10 @@ from sparse_llm.backends.selection import (
     key_blocks_with_real_keys,
     prefer_late_ties,
     probe_queries,
+    reachable_blocks,
     real_keys,
 )
 from sparse_llm.kernels import BlockMask
-from sparse_llm.kernels.block_mask import block_geometry
 
 MAX_SIMILARITIES = 2**25  # key-centroid (or query-cell) similarities held at once
 SUMMARIES = ("cell", "cluster")
@@ -210,14 +210,7 @@ def routed_block_scores(
     best = logits.amax(-1, keepdim=True)
     weight = torch.where(logits > float("-inf"), (logits - best).clamp_min(-80.0).exp(), 0.0)
     routed_mass = (weight @ mass.transpose(1, 2)).view(b, hq, -1, index.shape[1], n_k)  # [B, Hq, nQ, R, nK]
-    reach = block_geometry(
-        q_len=q_len,
-        kv_len=kv_len,
-        block_q=block,
-        block_k=block,
-        sliding_window=call.sliding_window,
-        device=dev,
-    )[0]
+    reach = reachable_blocks(q_len, kv_len, block, call.sliding_window, dev)
     share = routed_mass / (routed_mass * reach[:, None, :]).sum(-1, keepdim=True)
     scores = share.nan_to_num(0.0).amax(3).masked_fill(~reach, float("-inf"))  # max over representatives
     if top_clusters is not None:
@@ -281,14 +274,7 @@ def cell_block_scores(
     pos = torch.arange(g * q_len, device=dev)
     q_cells = cell_summaries(qs, q_assign, q_valid, pos % q_len // block * g + pos // q_len, n_q * g, c)
     reps, q_block = q_cells.mean * call.scale, q_cells.group // g  # [N, R, D], [N, R]
-    reach = block_geometry(
-        q_len=q_len,
-        kv_len=kv_len,
-        block_q=block,
-        block_k=block,
-        sliding_window=call.sliding_window,
-        device=dev,
-    )[0]
+    reach = reachable_blocks(q_len, kv_len, block, call.sliding_window, dev)
     first = torch.where(reach.any(-1), reach.to(torch.int8).argmax(-1), n_k)  # reach is one run per row
     last = first + reach.sum(-1) - 1
     allowed = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from sparse_llm.kernels.block_mask import block_geometry
+
 # Scorers split a prompt's query blocks into this many chunks, each scored against the keys it can
 # see: the causal upper triangle then costs ~1/16 of the full score matrix instead of 1/2.
 CAUSAL_CHUNKS = 8
@@ -96,3 +98,11 @@ def key_blocks_with_real_keys(
     n_k = -(-kv_len // block)
     padded = torch.nn.functional.pad(key_padding_mask, (0, n_k * block - kv_len))
     return padded.view(-1, n_k, block).any(-1)
+
+
+def reachable_blocks(q_len: int, kv_len: int, block: int, sliding_window: int | None, device) -> torch.Tensor:
+    """bool ``[nQ, nK]``: key blocks holding a key that some query of the query block may attend
+    (causal, bottom-right aligned, within ``sliding_window``), square ``block``-token blocks."""
+    return block_geometry(
+        q_len=q_len, kv_len=kv_len, block_q=block, block_k=block, sliding_window=sliding_window, device=device
+    )[0]

@@ -22,9 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from sparse_llm.backends.base import BudgetedMethod, LayerCall, register_method
-from sparse_llm.backends.selection import CAUSAL_CHUNKS, key_blocks_with_real_keys, real_keys
+from sparse_llm.backends.selection import (
+    CAUSAL_CHUNKS,
+    key_blocks_with_real_keys,
+    reachable_blocks,
+    real_keys,
+)
 from sparse_llm.kernels import BlockMask
-from sparse_llm.kernels.block_mask import block_geometry
 
 
 def antidiagonal_block_scores(
@@ -105,14 +109,7 @@ class XAttention(BudgetedMethod):
         scores = antidiagonal_block_scores(q, k, call, bs, self.stride)  # [B, Hq, nQ, nK]
         n_k = scores.shape[-1]
         real = key_blocks_with_real_keys(call.key_padding_mask, kv_len, bs)
-        valid = block_geometry(
-            q_len=q_len,
-            kv_len=kv_len,
-            block_q=bs,
-            block_k=bs,
-            sliding_window=call.sliding_window,
-            device=q.device,
-        )[0]
+        valid = reachable_blocks(q_len, kv_len, bs, call.sliding_window, q.device)
         if real is not None:  # key blocks of padding only are never selected
             valid = valid & real[:, None, None, :]
         forced = self.forced_blocks(q, k, call) & valid
