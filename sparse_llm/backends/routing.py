@@ -78,9 +78,7 @@ def spherical_kmeans(
     n, t, d = x.shape
     xn = F.normalize(x.float(), dim=-1)
     valid = torch.ones(n, t, dtype=torch.bool, device=x.device) if valid is None else valid
-    counts = torch.as_tensor(n_clusters, device=x.device).expand(n).minimum(valid.sum(-1)).clamp_min(1)
-    fewest, c = torch.stack(counts.aminmax()).tolist()
-    active = None if fewest == c else torch.arange(c, device=x.device) < counts[:, None]  # [N, C]
+    c, active = active_clusters(n_clusters, valid)
     priority = torch.rand(t, generator=torch.Generator().manual_seed(seed)).to(x.device)
     first = valid.to(torch.int8).argmax(-1, keepdim=True)  # [N, 1]
     relative = (torch.arange(t, device=x.device) - first).clamp_min(0)  # [N, T]
@@ -104,6 +102,30 @@ def spherical_kmeans(
         empty = (members == 0).view(n, c, 1)
         centroids = torch.where(empty, centroids, F.normalize(sums.view(n, c, d), dim=-1))
     return centroids, nearest(xn, centroids, active)[1]
+
+
+def active_clusters(n_clusters: int | torch.Tensor, valid: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    """(C, active ``[N, C]`` bool) for :func:`spherical_kmeans`: entry i of ``valid`` ``[N, T]`` gets
+    min(n_clusters[i], its valid rows) clusters, at least 1; C is the largest count and ``active``
+    None when every entry has C."""
+    n = valid.shape[0]
+    counts = torch.as_tensor(n_clusters, device=valid.device).expand(n).minimum(valid.sum(-1)).clamp_min(1)
+    fewest, c = torch.stack(counts.aminmax()).tolist()
+    return c, None if fewest == c else torch.arange(c, device=valid.device) < counts[:, None]
+
+
+def key_clusters(
+    k: torch.Tensor, call: LayerCall, n_clusters: int | torch.Tensor, iterations: int, seed: int
+):
+    """:func:`spherical_kmeans` of each KV head's real keys, rows N = B * Hkv: (real keys ``[B, Tk]``
+    bool, valid ``[N, Tk]`` bool, per-row cluster request ``[N]``, centroids ``[N, C, D]``,
+    assignment ``[N, Tk]``). ``n_clusters`` is an int or ``[B]``."""
+    b, hkv, kv_len, _ = k.shape
+    real = real_keys(call.key_padding_mask, b, kv_len, k.device)
+    valid = real.repeat_interleave(hkv, 0)
+    n_clusters = torch.as_tensor(n_clusters, device=k.device).expand(b).repeat_interleave(hkv)
+    centroids, assign = spherical_kmeans(k.flatten(0, 1), n_clusters, iterations, seed, valid)
+    return real, valid, n_clusters, centroids, assign
 
 
 def nearest(
@@ -192,10 +214,7 @@ def routed_block_scores(
     (each row gets at most as many clusters as it has real keys)."""
     (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
     n_k, dev = -(-kv_len // block), q.device
-    real = real_keys(call.key_padding_mask, b, kv_len, dev)
-    valid = real.repeat_interleave(hkv, 0)  # [B * Hkv, Tk]
-    n_clusters = torch.as_tensor(n_clusters, device=dev).expand(b).repeat_interleave(hkv)
-    centroids, assign = spherical_kmeans(k.flatten(0, 1), n_clusters, iterations, seed, valid)
+    real, valid, _, centroids, assign = key_clusters(k, call, n_clusters, iterations, seed)
     typical, mass, sizes = cluster_stats(k.flatten(0, 1), centroids, assign, valid, block)
     # Routing logits of each representative query, per query head: [B * Hkv, G * nQ * R, C].
     reps, index = probe_queries(q, block, probes, real[:, -q_len:])  # [B, Hq, nQ, R, D]
@@ -258,19 +277,14 @@ def cell_block_scores(
     the key block; -inf for blocks never to select. Arguments as :func:`routed_block_scores`."""
     (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
     n_k, n_q, dev, n, g = -(-kv_len // block), -(-q_len // block), q.device, b * hkv, hq // hkv
-    real = real_keys(call.key_padding_mask, b, kv_len, dev)
-    valid = real.repeat_interleave(hkv, 0)  # [N, Tk]
-    n_clusters = torch.as_tensor(n_clusters, device=dev).expand(b).repeat_interleave(hkv)
-    keys = k.flatten(0, 1)
-    centroids, assign = spherical_kmeans(keys, n_clusters, iterations, seed, valid)
-    c = centroids.shape[1]
+    real, valid, n_clusters, centroids, assign = key_clusters(k, call, n_clusters, iterations, seed)
+    keys, c = k.flatten(0, 1), centroids.shape[1]
     cells = cell_summaries(keys, assign, valid, torch.arange(kv_len, device=dev) // block, n_k, c)
     # Query cells: the queries of one head in one query block routed to one centroid (shared QK
     # routing). Grouped by query block first, so that slots come in causal order.
     qs = q.reshape(n, g * q_len, d)
     q_valid = real[:, -q_len:].repeat(1, g).repeat_interleave(hkv, 0)
-    active = torch.arange(c, device=dev) < n_clusters.minimum(valid.sum(-1)).clamp_min(1)[:, None]
-    _, q_assign = nearest(F.normalize(qs.float(), dim=-1), centroids, active)
+    _, q_assign = nearest(F.normalize(qs.float(), dim=-1), centroids, active_clusters(n_clusters, valid)[1])
     pos = torch.arange(g * q_len, device=dev)
     q_cells = cell_summaries(qs, q_assign, q_valid, pos % q_len // block * g + pos // q_len, n_q * g, c)
     reps, q_block = q_cells.mean * call.scale, q_cells.group // g  # [N, R, D], [N, R]
