@@ -295,7 +295,18 @@ def main(argv: list[str]) -> int:
             cli_evaluate()
         finally:
             sys.argv = saved
+            _close_process_group()
     return 0
+
+
+def _close_process_group():
+    """Shut down the process group that ``accelerate launch`` / ``torchrun`` made us join: left to the
+    interpreter's exit, gloo's worker threads can outlive it and abort the process (SIGABRT) after
+    the work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager
