@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sparse_llm.backends.selection import real_keys
 from sparse_llm.kernels import BlockMask, block_sparse_attention
 from sparse_llm.kernels.block_mask import block_geometry
 
@@ -119,3 +120,65 @@ def collapsed_far_field(
         "far_density": float(selected.sum()) * width / reach,
     }
     return out, lse, stats
+
+
+def mean_far_field(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, call, far_group: int):
+    """The keys ``mask`` leaves out (:func:`far_blocks`: whole key blocks before each query block),
+    every ``far_group`` consecutive real keys of a key block collapsed into their mean key (bias log n,
+    the mean of their values): NSA's compression branch, training-free. ``far_group`` is a power of
+    two <= ``mask.block_k``; 1 is exact. Returns :func:`collapsed_far_field`'s ``(out, lse, stats)``."""
+    far = far_blocks(mask)
+    real = real_keys(call.key_padding_mask, k.shape[0], k.shape[2], k.device)
+    keys = far_key_mask(far, real, mask.block_k)
+    group = (torch.arange(k.shape[2], device=k.device) % mask.block_k) // far_group
+    group = torch.where(keys, group, -1)[:, None].expand(-1, k.shape[1], -1)
+    width = mask.block_k // far_group
+    return collapsed_far_field(q, k, v, group, far, mask, call, key="mean", width=width)
+
+
+def merge_reference(lse_near, out_near, lse_far, out_far):
+    """Written-out log-sum-exp merge of two parts ``[B, Hkv, G, Tq(, D)]``; returns ``[B, Hq, Tq, D]``."""
+    lse = torch.logaddexp(lse_near, lse_far)
+    safe = torch.where(torch.isneginf(lse), 0.0, lse)
+    out = torch.exp(lse_near - safe)[..., None] * out_near + torch.exp(lse_far - safe)[..., None] * out_far
+    return out.flatten(1, 2)
+
+
+def mean_far_reference(q, k, v, far, scale, group, softcap, key_padding_mask):
+    """(lse, out) of the compressed far field, written out: per query, each run of ``group`` positions
+    holding n > 0 of its far keys scores ``cap(scale q . mean k) + log n`` and carries the mean value
+    (means over the run's real keys, all far together since far keys come in whole key blocks)."""
+    (b, hq, _, _), (_, hkv, kv_len, d) = q.shape, k.shape
+    pad = -kv_len % group
+    real = torch.ones(b, kv_len, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
+    w = torch.nn.functional.pad(real, (0, pad)).to(k.dtype).view(b, 1, -1, group, 1)
+
+    def runs(x):
+        return torch.nn.functional.pad(x, (0, 0, 0, pad)).view(b, hkv, -1, group, d)
+
+    count = w.sum(3).clamp_min(1)
+    k_mean, v_mean = (runs(k) * w).sum(3) / count, (runs(v) * w).sum(3) / count  # [B, Hkv, nG, D]
+    n = torch.nn.functional.pad(far, (0, pad)).unflatten(-1, (-1, group)).sum(-1)  # [B, Hkv, G, Tq, nG]
+    s = torch.einsum("bhgqd,bhkd->bhgqk", q.unflatten(1, (hkv, hq // hkv)), k_mean) * scale
+    s = s if softcap is None else softcap * torch.tanh(s / softcap)
+    logits = torch.where(n > 0, s + n.to(s.dtype).log(), float("-inf"))
+    lse = logits.logsumexp(-1)
+    return lse, logits.softmax(-1).nan_to_num(0.0) @ v_mean[:, :, None]
+
+
+def selection_far_reference(q, k, v, mask: BlockMask, scale, far_group, softcap=None, key_padding_mask=None):
+    """Slow, written-out attention over ``mask``'s blocks plus :func:`mean_far_field` over every other
+    causal real key, for tests: q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]``; returns ``[B, Hq, Tq, D]``."""
+    from sparse_llm.kernels.reference import element_mask
+
+    (_, hq, q_len, _), (_, hkv, kv_len, _) = q.shape, k.shape
+    heads = dict(num_q_heads=hq, num_kv_heads=hkv, key_padding_mask=key_padding_mask)
+    causal = BlockMask.causal(q_len=q_len, kv_len=kv_len, block_q=mask.block_q, block_k=mask.block_k)
+    near = element_mask(mask, **heads)
+    far = element_mask(causal, **heads) & ~near
+    s = torch.einsum("bhgqd,bhkd->bhgqk", q.unflatten(1, (hkv, hq // hkv)), k) * scale
+    s = s if softcap is None else softcap * torch.tanh(s / softcap)
+    lse_near = s.masked_fill(~near, float("-inf")).logsumexp(-1)
+    out_near = s.masked_fill(~near, float("-inf")).softmax(-1).nan_to_num(0.0) @ v[:, :, None]
+    lse_far, out_far = mean_far_reference(q, k, v, far, scale, far_group, softcap, key_padding_mask)
+    return merge_reference(lse_near, out_near, lse_far, out_far)

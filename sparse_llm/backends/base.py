@@ -19,6 +19,7 @@ from typing import ClassVar
 
 import torch
 
+from sparse_llm.backends._collapse import mean_far_field
 from sparse_llm.backends.selection import first_real_key, key_blocks_with_real_keys
 from sparse_llm.kernels import BlockMask, block_sparse_attention, merge_attention
 from sparse_llm.names import unknown_name
@@ -26,6 +27,7 @@ from sparse_llm.names import unknown_name
 logger = logging.getLogger(__name__)
 
 DECODE_MODES = ("dense", "sparse")
+BUDGETED_FAR_KEYS = ("none", "mean")
 WHOLE_PROMPT = 1 << 20  # tokens: a budget or window this large covers any prompt the tests use
 
 
@@ -155,6 +157,13 @@ class BudgetedMethod(SparseMethod):
     blocks (the question at the end of a prompt) attend every causal key; those rows are part of the
     mask, so the density that :func:`sparse_llm.attention_stats` reports counts them.
 
+    ``far_keys="mean"`` adds a far field over every causal key the selection leaves out: each
+    ``far_group`` consecutive keys of an unselected block become one mean key with bias log n and
+    their mean value (NSA's compression branch, no training), merged with the exact blocks by
+    log-sum-exp. It keeps what diffuse heads spread over the whole context (a selection keeps only
+    part of their mass) at ``1 / far_group`` of the left-out keys' cost; ``attention_stats`` reports
+    it per layer as ``far_density``. ``"none"`` (default) attends the selected blocks only.
+
     Chunked prefill: sinks, windows and budgets are placed at each query block's absolute position,
     so a chunk whose start is a multiple of ``block_size`` keeps the whole prompt's block grid. The
     dense tail belongs to the end of the prompt: only a call that may end it gets one. A call marked
@@ -171,10 +180,15 @@ class BudgetedMethod(SparseMethod):
     sink_tokens: int = 64
     local_tokens: int = 512
     dense_tail_blocks: int = 1
+    far_keys: str = "none"
+    far_group: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require_positive(budget=self.budget, sink_tokens=self.sink_tokens, local_tokens=self.local_tokens)
+        if self.far_keys not in BUDGETED_FAR_KEYS:
+            raise ValueError(f"far_keys must be one of {BUDGETED_FAR_KEYS}, got {self.far_keys!r}")
+        check_far_group(self.far_group, self.block_size)
         if self.budget < self.sink_tokens + self.local_tokens:
             raise ValueError(
                 f"budget ({self.budget}) must cover sink_tokens + local_tokens "
@@ -186,6 +200,14 @@ class BudgetedMethod(SparseMethod):
             or self.dense_tail_blocks < 0
         ):
             raise ValueError(f"dense_tail_blocks must be an int >= 0, got {self.dense_tail_blocks!r}")
+
+    def far_field(self, q, k, v, mask: BlockMask, call: LayerCall):
+        """With ``far_keys="mean"``, the mean-key far field over the blocks ``mask`` leaves out."""
+        if self.far_keys == "none":
+            return None
+        out, lse, stats = mean_far_field(q, k, v, mask, call, self.far_group)
+        self.layer_stats()[call.layer_idx] = stats
+        return out, lse
 
     @property
     def budget_blocks(self) -> int:
@@ -280,6 +302,18 @@ def exact_attention(q, k, v, mask: BlockMask, call: LayerCall, return_lse: bool 
         key_padding_mask=call.key_padding_mask,
         return_lse=return_lse,
     )
+
+
+def check_far_group(far_group: int, block_size: int) -> None:
+    """``far_group`` (keys per mean key of a far field) must be a power of two <= ``block_size``."""
+    if (
+        not isinstance(far_group, int)
+        or isinstance(far_group, bool)
+        or far_group < 1
+        or far_group & (far_group - 1)
+        or far_group > block_size
+    ):
+        raise ValueError(f"far_group must be a power of two <= block_size ({block_size}), got {far_group!r}")
 
 
 def require_positive(**values: int) -> None:

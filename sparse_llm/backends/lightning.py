@@ -44,11 +44,12 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_llm.backends._collapse import collapsed_far_field, far_blocks, far_key_mask
+from sparse_llm.backends._collapse import mean_far_field, mean_far_reference, merge_reference
 from sparse_llm.backends.base import (
     WHOLE_PROMPT,
     LayerCall,
     SparseMethod,
+    check_far_group,
     register_method,
     require_positive,
 )
@@ -85,16 +86,7 @@ class Lightning(SparseMethod):
         super().__post_init__()
         if self.far_keys not in FAR_KEYS:
             raise ValueError(f"far_keys must be one of {FAR_KEYS}, got {self.far_keys!r}")
-        if (
-            not isinstance(self.far_group, int)
-            or isinstance(self.far_group, bool)
-            or self.far_group < 1
-            or self.far_group & (self.far_group - 1)
-            or self.far_group > self.block_size
-        ):
-            raise ValueError(
-                f"far_group must be a power of two <= block_size ({self.block_size}), got {self.far_group!r}"
-            )
+        check_far_group(self.far_group, self.block_size)
         if self.taylor_order not in (1, 2) or isinstance(self.taylor_order, bool):
             raise ValueError(f"taylor_order must be 1 or 2, got {self.taylor_order!r}")
         require_positive(sink_tokens=self.sink_tokens, local_tokens=self.local_tokens)
@@ -115,13 +107,7 @@ class Lightning(SparseMethod):
         if call.sliding_window is not None:
             raise NotImplementedError("lightning's far field has no sliding window (the patch runs it dense)")
         if self.far_keys == "mean":
-            far = far_blocks(mask)
-            real = real_keys(call.key_padding_mask, k.shape[0], k.shape[2], k.device)
-            keys = far_key_mask(far, real, mask.block_k)
-            group = (torch.arange(k.shape[2], device=k.device) % mask.block_k) // self.far_group
-            group = torch.where(keys, group, -1)[:, None].expand(-1, k.shape[1], -1)
-            width = mask.block_k // self.far_group
-            out, lse, stats = collapsed_far_field(q, k, v, group, far, mask, call, key="mean", width=width)
+            out, lse, stats = mean_far_field(q, k, v, mask, call, self.far_group)
             self.layer_stats()[call.layer_idx] = stats
             return out, lse
         return taylor_far_field(
@@ -282,8 +268,8 @@ def lightning_reference(
     lse_near = capped.masked_fill(~near, float("-inf")).logsumexp(-1)
     out_near = capped.masked_fill(~near, float("-inf")).softmax(-1).nan_to_num(0.0) @ v[:, :, None]
     if far_keys == "mean":
-        lse_far, out_far = _mean_far_reference(q, k, v, far, scale, far_group, softcap, key_padding_mask)
-        return _merge_reference(lse_near, out_near, lse_far, out_far)
+        lse_far, out_far = mean_far_reference(q, k, v, far, scale, far_group, softcap, key_padding_mask)
+        return merge_reference(lse_near, out_near, lse_far, out_far)
     n_far = far.sum(-1)
     m = (s * far).sum(-1) / n_far.clamp_min(1)
     slope = torch.ones_like(m)
@@ -295,33 +281,4 @@ def lightning_reference(
     shift = m if softcap is None else softcap * torch.tanh(m / softcap)
     lse_far = torch.where(n_far > 0, shift + den.log(), float("-inf"))
     out_far = (weight @ v[:, :, None]) / den[..., None]
-    return _merge_reference(lse_near, out_near, lse_far, out_far)
-
-
-def _merge_reference(lse_near, out_near, lse_far, out_far):
-    lse = torch.logaddexp(lse_near, lse_far)
-    safe = torch.where(torch.isneginf(lse), 0.0, lse)
-    out = torch.exp(lse_near - safe)[..., None] * out_near + torch.exp(lse_far - safe)[..., None] * out_far
-    return out.flatten(1, 2)
-
-
-def _mean_far_reference(q, k, v, far, scale, group, softcap, key_padding_mask):
-    """(lse, out) of the compressed far field, written out: per query, each run of ``group`` positions
-    holding n > 0 of its far keys scores ``cap(scale q . mean k) + log n`` and carries the mean value
-    (means over the run's real keys, all far together since far keys come in whole key blocks)."""
-    (b, hq, _, _), (_, hkv, kv_len, d) = q.shape, k.shape
-    pad = -kv_len % group
-    real = torch.ones(b, kv_len, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
-    w = torch.nn.functional.pad(real, (0, pad)).to(k.dtype).view(b, 1, -1, group, 1)
-
-    def runs(x):
-        return torch.nn.functional.pad(x, (0, 0, 0, pad)).view(b, hkv, -1, group, d)
-
-    count = w.sum(3).clamp_min(1)
-    k_mean, v_mean = (runs(k) * w).sum(3) / count, (runs(v) * w).sum(3) / count  # [B, Hkv, nG, D]
-    n = torch.nn.functional.pad(far, (0, pad)).unflatten(-1, (-1, group)).sum(-1)  # [B, Hkv, G, Tq, nG]
-    s = torch.einsum("bhgqd,bhkd->bhgqk", q.unflatten(1, (hkv, hq // hkv)), k_mean) * scale
-    s = s if softcap is None else softcap * torch.tanh(s / softcap)
-    logits = torch.where(n > 0, s + n.to(s.dtype).log(), float("-inf"))
-    lse = logits.logsumexp(-1)
-    return lse, logits.softmax(-1).nan_to_num(0.0) @ v_mean[:, :, None]
+    return merge_reference(lse_near, out_near, lse_far, out_far)

@@ -1,0 +1,117 @@
+"""The mean-key far field every budgeted selection method can add (``far_keys="mean"``): equal to its
+written-out reference on the method's own mask, exact with groups of one, reported by
+``attention_stats``, validated.
+
+Comparisons use the tolerance rule of ``attention_cases.py``: the method in fp32 against the reference
+in fp64 (truth), bounded by a multiple of the fp32 reference's own error plus the rounding floor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attention_cases import assert_within_rule
+from conftest import float64_reference, random_ids, rule_bound
+from method_cases import model_of, sparse_setting
+
+import sparse_llm
+from sparse_llm.backends import LayerCall, get_method
+from sparse_llm.backends._collapse import selection_far_reference
+from sparse_llm.backends.base import BudgetedMethod
+from sparse_llm.kernels import BlockMask, reference_attention
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors run faster on one thread
+
+BUDGETED = [
+    pytest.param(name, id=name)
+    for name in sparse_llm.list_methods()
+    if isinstance(get_method(name), BudgetedMethod)
+]
+SCALE = 32**-0.5
+
+
+def inputs(seed=0, b=2, hq=4, hkv=2, tq=181, tk=245, d=32, left_pad=(0, 37)):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, tq, d, generator=gen) * 2.0
+    k, v = torch.randn(b, hkv, tk, d, generator=gen), torch.randn(b, hkv, tk, d, generator=gen)
+    padding = torch.ones(b, tk, dtype=torch.bool)
+    for row, pad in enumerate(left_pad):
+        padding[row, :pad] = False
+    return q, k, v, padding
+
+
+@pytest.mark.parametrize("name", BUDGETED)
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("softcap", [None, 5.0], ids=["plain", "softcap5"])
+def test_far_field_matches_reference_on_the_methods_own_mask(name, group, softcap):
+    """Selected blocks exact, every other causal real key in mean keys of ``group``: through the kernel
+    (key_bias log n) as written out, for per-query-head and shared masks, GQA, padding, Tq < Tk."""
+    q, k, v, padding = inputs()
+    method = get_method(name, **sparse_setting(name), far_keys="mean", far_group=group)
+    call = LayerCall(3, SCALE, softcap=softcap, key_padding_mask=padding)
+    out, mask = method.attend(q, k, v, call)
+    assert mask.density() < 1.0  # there is a far field to test
+    kwargs = dict(scale=SCALE, far_group=group, softcap=softcap, key_padding_mask=padding)
+    truth = selection_far_reference(q.double(), k.double(), v.double(), mask, **kwargs)
+    pt = selection_far_reference(q, k, v, mask, **kwargs)
+    real_rows = padding[:, -q.shape[2] :]  # fully padded query rows are garbage in any method
+    real_rows = real_rows[:, None, :, None]
+    assert torch.isfinite(out).all()
+    assert_within_rule(
+        f"{name} far {group}",
+        out * real_rows,
+        truth * real_rows,
+        pt * real_rows,
+        3.0 if softcap else 2.0,
+    )
+    stats = method.layer_stats()[3]
+    assert 0 < stats["far_density"] <= 1 / group + 1e-9
+    assert stats["far_groups"] * group >= stats["far_keys"] > 0
+
+
+@pytest.mark.parametrize("name", BUDGETED)
+def test_far_field_with_groups_of_one_is_dense_attention(name):
+    """With one key per group the far field is exact, so selection + far field = dense attention."""
+    q, k, v, padding = inputs(seed=1, left_pad=(0, 0))
+    call = LayerCall(0, SCALE)
+    out, _ = get_method(name, **sparse_setting(name), far_keys="mean", far_group=1).attend(q, k, v, call)
+    causal = BlockMask.causal(q_len=q.shape[2], kv_len=k.shape[2], block_q=16, block_k=16)
+    truth = reference_attention(q.double(), k.double(), v.double(), causal, scale=SCALE)
+    pt = reference_attention(q, k, v, causal, scale=SCALE)
+    assert_within_rule(f"{name} far 1 vs dense", out, truth, pt, 2.0)
+
+
+def test_far_field_off_by_default_and_reported_by_attention_stats():
+    """Default methods attend their blocks only; with ``far_keys="mean"`` every sparsified layer of a
+    model reports its far field, and with groups of one the model's logits are dense attention's."""
+    model, ids = model_of("llama"), random_ids(2, 200, seed=3)
+    params = sparse_setting("block_topk")
+    assert get_method("block_topk").far_keys == "none"
+    with torch.no_grad():
+        truth, pt = float64_reference(model)(ids).logits, model(ids).logits
+        with sparse_llm.sparse_attention(model, "block_topk", **params):
+            plain = model(ids).logits
+            layers = sparse_llm.attention_stats(model)["layers"].values()
+            assert not any("far_density" in layer for layer in layers)
+        with sparse_llm.sparse_attention(model, "block_topk", **params, far_keys="mean", far_group=1):
+            far = model(ids).logits
+            stats = sparse_llm.attention_stats(model)
+    assert stats["density"] < 1.0
+    assert all(layer["far_density"] > 0 for layer in stats["layers"].values() if layer["sparse"])
+    bound = rule_bound(truth, pt)
+    assert (far.double() - truth).abs().max().item() <= bound
+    assert (plain.double() - truth).abs().max().item() > bound  # the selection alone is not dense
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (dict(far_keys="taylor"), "far_keys must be one of"),
+        (dict(far_group=3), "far_group must be a power of two"),
+        (dict(far_group=128), "far_group must be a power of two"),
+        (dict(far_group=True), "far_group must be a power of two"),
+    ],
+)
+def test_far_field_bad_parameters(params, match):
+    with pytest.raises(ValueError, match=match):
+        get_method("xattention", **params)
