@@ -67,12 +67,16 @@ def sparse_attention(model: torch.nn.Module, method: str | SparseMethod = "dense
 def attention_stats(model: torch.nn.Module) -> dict:
     """Density of the most recent forward, and of the most recent prefill, of a sparsified model.
 
-    Returns ``{"method", "density", "layers": {layer_idx: {"density", "sparse"}}, "prefill"}``. A
+    Returns ``{"method", "density", "far_density", "layers": {layer_idx: {"density", "sparse"}},
+    "prefill"}``. A
     layer's density is the fraction of its causally (and window-) reachable blocks that were
     computed exactly in the most recent forward (a decode step after ``generate``, the last chunk
     after a chunked prefill); ``density`` is the mean over the layers the method sparsified (1.0 if
     none). A method with a far field adds its size to each sparse layer's entry
-    (:meth:`SparseMethod.layer_stats`: ``far_keys``, ``far_groups``, ``far_slots``, ``far_density``).
+    (:meth:`SparseMethod.layer_stats`: ``far_keys``, ``far_groups``, ``far_slots``, ``far_density``:
+    the far keys read over the reachable (query, key) pairs, in the units of ``density``), and
+    ``far_density`` is its mean over the sparsified layers (0.0 without a far field): the attention
+    computed is ``density + far_density``.
 
     ``prefill`` covers every call of the most recent prompt, from its first call (no cached keys,
     or the first after decode steps) to its last chunk: ``{"density", "chunks": [{"start",
@@ -80,7 +84,7 @@ def attention_stats(model: torch.nn.Module) -> dict:
     ``length`` its query count. Over the layers the method sparsified in any chunk, a chunk's
     density is their mean density in that chunk, and ``prefill["density"]`` their mean of computed
     over reachable blocks summed over all chunks (cost-weighted; equal to ``density`` for a prompt
-    in one piece). None until a prefill has run.
+    in one piece); ``far_density`` likewise, per chunk and in total. None until a prefill has run.
     """
     method = active_method(model)
     if method is None:
@@ -90,10 +94,11 @@ def attention_stats(model: torch.nn.Module) -> dict:
         idx: {"density": mask.density(), "sparse": sparse, **(extra.get(idx, {}) if sparse else {})}
         for idx, (mask, sparse) in hf.last_masks(model).items()
     }
-    sparse = [info["density"] for info in layers.values() if info["sparse"]]
+    sparse = [info for info in layers.values() if info["sparse"]]
     return {
         "method": method.name,
-        "density": sum(sparse) / len(sparse) if sparse else 1.0,
+        "density": sum(info["density"] for info in sparse) / len(sparse) if sparse else 1.0,
+        "far_density": sum(info.get("far_density", 0.0) for info in sparse) / len(sparse) if sparse else 0.0,
         "layers": dict(sorted(layers.items())),
         "prefill": _prefill_stats(hf.prefill_counts(model)),
     }
@@ -104,18 +109,25 @@ def _prefill_stats(counts: dict[int, list[hf.ChunkCount]]) -> dict | None:
         return None
     sparse = [calls for calls in counts.values() if any(c.sparse for c in calls)]
     n_chunks = min(len(calls) for calls in counts.values())
+
+    def mean(values: list[float], empty: float) -> float:
+        return sum(values) / len(values) if values else empty
+
     chunks = []
     for i in range(n_chunks):
-        ratios = [int(calls[i].selected) / calls[i].reachable for calls in sparse]
+        here = [calls[i] for calls in sparse]
         chunks.append(
             {
                 "start": max(calls[i].start for calls in counts.values()),  # sliding caches hold fewer keys
                 "length": next(iter(counts.values()))[i].length,
-                "density": sum(ratios) / len(ratios) if ratios else 1.0,
+                "density": mean([int(c.selected) / c.reachable for c in here], 1.0),
+                "far_density": mean([c.far / c.reachable for c in here], 0.0),
             }
         )
-    totals = [sum(int(c.selected) for c in calls) / sum(c.reachable for c in calls) for calls in sparse]
-    return {"density": sum(totals) / len(totals) if totals else 1.0, "chunks": chunks}
+    reachable = [sum(c.reachable for c in calls) for calls in sparse]
+    totals = [sum(int(c.selected) for c in calls) / n for calls, n in zip(sparse, reachable, strict=True)]
+    far = [sum(c.far for c in calls) / n for calls, n in zip(sparse, reachable, strict=True)]
+    return {"density": mean(totals, 1.0), "far_density": mean(far, 0.0), "chunks": chunks}
 
 
 @torch.no_grad()

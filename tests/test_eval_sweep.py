@@ -511,3 +511,28 @@ def test_cli_unknown_task_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli("--task", "mqar")
     assert exit_.value.code == 2 and "invalid choice: 'mqar'" in capsys.readouterr().err
+
+
+def test_far_field_counts_in_the_attended_density():
+    """A point with a far field is placed, matched and tabled by what it computed: exact density plus
+    its far field's, so a cheap-looking exact part cannot hide the far keys it reads."""
+    points, records = [], []
+    for method, params, density, far, accuracy in [
+        ("sdpa", {}, None, None, 1.0),
+        ("block_topk", {"budget": 256}, 0.25, 0.2, 1.0),
+        ("block_topk", {"budget": 384}, 0.4, None, 1.0),
+    ]:
+        point = sweep.Point(method, params, 1024, params.get("budget"))
+        points.append(point)
+        record = {"id": point.id, "method": method, "label": point.spec.label, "length": 1024}
+        record |= {"params": point.params, "budget": point.budget, "density": density, "far_density": far}
+        records.append({**record, "prefill_s": 1.0, "accuracy": accuracy, "accuracy_far": accuracy})
+    scores = sweep.summarize(records, points, [])
+    rows = {r["id"]: r for r in scores["rows"]}
+    assert rows["L1024-block_topk[budget=256]"]["attended"] == pytest.approx(0.45)
+    assert rows["L1024-block_topk[budget=384]"]["attended"] == pytest.approx(0.4)
+    info = scores["by_length"]["1024"]
+    assert info["matches_reference"]["block_topk"]["id"] == "L1024-block_topk[budget=384]"
+    assert info["pareto_density"] == ["L1024-block_topk[budget=384]"]
+    table = sweep.markdown_table(scores)
+    assert "| 0.250 + 0.200 |" in table and "from density 0.400" in table

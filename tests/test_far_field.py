@@ -115,3 +115,20 @@ def test_far_field_off_by_default_and_reported_by_attention_stats():
 def test_far_field_bad_parameters(params, match):
     with pytest.raises(ValueError, match=match):
         get_method("xattention", **params)
+
+
+def test_far_density_of_a_chunked_prefill_equals_the_whole_prompts():
+    """``attention_stats``: the far field's reads per chunk and in total, cost-weighted like the
+    density, so that a prompt in chunks reports what the same prompt reports in one piece."""
+    model, ids = model_of("llama"), random_ids(1, 200, seed=3)
+    params = {**sparse_setting("xattention"), "far_keys": "mean", "dense_tail_blocks": 0}
+    with torch.no_grad(), sparse_llm.sparse_attention(model, "xattention", **params):
+        model(ids)
+        whole = sparse_llm.attention_stats(model)
+        sparse_llm.prefill(model, ids, 64)
+        chunked = sparse_llm.attention_stats(model)["prefill"]
+    assert whole["far_density"] > 0 and whole["prefill"]["far_density"] == pytest.approx(whole["far_density"])
+    assert chunked["far_density"] == pytest.approx(whole["far_density"])
+    assert chunked["density"] == pytest.approx(whole["density"])
+    assert chunked["chunks"][0]["far_density"] == 0.0  # the first chunk has nothing far
+    assert any(c["far_density"] > 0 for c in chunked["chunks"])

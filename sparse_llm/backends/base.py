@@ -139,6 +139,7 @@ class SparseMethod:
         :meth:`block_mask`'s blocks, merged by log-sum-exp with :meth:`far_field` if it returns one.
 
         Methods override ``block_mask`` and ``far_field``, not this."""
+        self.layer_stats().pop(call.layer_idx, None)  # a call without a far field reports none
         mask = self.block_mask(q, k, v, call)
         far = self.far_field(q, k, v, mask, call)
         if far is None:

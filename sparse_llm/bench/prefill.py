@@ -39,6 +39,7 @@ class PrefillResult:
     sparse_attention_s: float | None = None  # ... and the rest of its attention calls (kernel, far field)
     prefill_chunk: int | None = None  # tokens per forward through the cache; None = the whole prompt
     chunk_densities: list[float] | None = None  # a sparse method's density per chunk (chunked runs)
+    far_density: float | None = None  # a far field's reads in density units (attention_stats); 0 without
     median_s: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -120,7 +121,7 @@ def bench_prefill(
     device = input_ids.device
     times = []
     peak = 0
-    density = chunk_densities = None
+    density = chunk_densities = far_density = None
 
     def run():
         return sparse_llm.prefill(model, input_ids, prefill_chunk)
@@ -140,7 +141,7 @@ def bench_prefill(
         sparse = method not in HF_BASELINES and method != FLOOR
         if sparse:
             stats = sparse_llm.attention_stats(model)["prefill"]
-            density = stats["density"]
+            density, far_density = stats["density"], stats["far_density"]
             if prefill_chunk is not None:
                 chunk_densities = [c["density"] for c in stats["chunks"]]
         if sparse and split:
@@ -156,6 +157,7 @@ def bench_prefill(
         times_s=times,
         peak_mem_mb=peak / 2**20,
         density=density,
+        far_density=far_density,
         device=str(device),
         selection_s=selection,
         sparse_attention_s=sparse_s,

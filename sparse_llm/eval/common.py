@@ -128,12 +128,14 @@ def show_progress(args) -> bool:
 @dataclass
 class Generation:
     """One prompt's greedy answer: ``ids`` ``[1, <= max_new_tokens]`` int64, the seconds of the prefill
-    alone, and the density of that prefill (None when the model was not sparsified)."""
+    alone, and the density of that prefill and of its far field (None when the model was not
+    sparsified; see :func:`sparse_llm.attention_stats`)."""
 
     ids: torch.Tensor
     prefill_s: float
     density: float | None
     peak_mem_bytes: int | None = None  # with measure_memory: peak memory of the prefill above its start
+    far_density: float | None = None
 
 
 @torch.inference_mode()
@@ -168,12 +170,13 @@ def prefill_and_generate(
         out = run()
     synchronize(input_ids.device)
     prefill_s = time.perf_counter() - start
-    density = sparse_llm.attention_stats(model)["prefill"]["density"] if sparse else None
+    stats = sparse_llm.attention_stats(model)["prefill"] if sparse else {}
+    density, far_density = stats.get("density"), stats.get("far_density")
     first = out.logits[:, -1:].argmax(-1)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     if max_new_tokens == 1 or first.item() in eos:
-        return Generation(first, prefill_s, density, peak)
+        return Generation(first, prefill_s, density, peak, far_density)
     name = cache_kwarg(model)
     prompt = torch.cat([input_ids, first], dim=1)
     generated = model.generate(
@@ -183,4 +186,4 @@ def prefill_and_generate(
         do_sample=False,
         **{name: getattr(out, name)},
     )
-    return Generation(generated[:, input_ids.shape[1] :], prefill_s, density, peak)
+    return Generation(generated[:, input_ids.shape[1] :], prefill_s, density, peak, far_density)

@@ -141,7 +141,8 @@ class SparseLLM(HFLM):
     """``HFLM`` with a sparse attention method around every forward pass (see the module docstring).
 
     ``densities`` collects, per forward or generation, the density of the prefill (the fraction of
-    causally reachable blocks computed) as reported by :func:`sparse_llm.attention_stats`.
+    causally reachable blocks computed) as reported by :func:`sparse_llm.attention_stats`, and
+    ``far_densities`` its far field's (0.0 without one).
     """
 
     def __init__(self, pretrained="gemma3-270m", method: str = "dense", **kwargs):
@@ -152,6 +153,7 @@ class SparseLLM(HFLM):
             pretrained = resolve_pretrained(pretrained)
         super().__init__(pretrained=pretrained, **kwargs)
         self.densities: list[float] = []
+        self.far_densities: list[float] = []
         accelerator = getattr(self, "accelerator", None)
         if accelerator is not None and self._world_size == 1 and accelerator.num_processes > 1:
             # HFLM shares the work out between the processes of `accelerate launch` only when it
@@ -168,7 +170,9 @@ class SparseLLM(HFLM):
         with self._sparse():
             logits = super()._model_call(*args, **kwargs)
             if self.method is not None:
-                self.densities.append(sparse_llm.attention_stats(self.model)["density"])
+                stats = sparse_llm.attention_stats(self.model)
+                self.densities.append(stats["density"])
+                self.far_densities.append(stats["far_density"])
         return logits
 
     def _model_generate(self, *args, **kwargs):
@@ -182,6 +186,7 @@ class SparseLLM(HFLM):
             out = super()._model_generate(*args, **kwargs)
         if probe is not None and probe.density is not None:
             self.densities.append(probe.density)
+            self.far_densities.append(probe.far_density)
         return out
 
     def get_model_info(self) -> dict:
@@ -189,6 +194,7 @@ class SparseLLM(HFLM):
         density (this process's share under data parallelism; None for ``sdpa``), into lm-eval's
         ``results["config"]``."""
         density = sum(self.densities) / len(self.densities) if self.densities else None
+        far = sum(self.far_densities) / len(self.far_densities) if self.far_densities else None
         return {
             **super().get_model_info(),
             "sparse_llm": {
@@ -196,6 +202,7 @@ class SparseLLM(HFLM):
                 "method": self.method_name,
                 "params": self.method_params,
                 "density": density,
+                "far_density": far,
                 "forwards": len(self.densities),
             },
         }

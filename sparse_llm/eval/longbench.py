@@ -107,14 +107,16 @@ def default_max_length(model) -> int:
 
 
 class PrefillDensity:
-    """A logits processor that reads :func:`sparse_llm.attention_stats` once, right after the prefill."""
+    """A logits processor that reads :func:`sparse_llm.attention_stats` once, right after the prefill:
+    its ``density`` and ``far_density``."""
 
     def __init__(self, model):
-        self.model, self.density = model, None
+        self.model, self.density, self.far_density = model, None, None
 
     def __call__(self, input_ids, scores):
         if self.density is None:
-            self.density = sparse_llm.attention_stats(self.model)["density"]
+            stats = sparse_llm.attention_stats(self.model)
+            self.density, self.far_density = stats["density"], stats["far_density"]
         return scores
 
 

@@ -369,6 +369,7 @@ def _run_cell(model, tokenizer, p, length: int, depth: float, spec, config: Niah
         **score_reply(reply, p.answer, config.protocol),
         "prefill_s": gen.prefill_s,
         "density": gen.density,
+        "far_density": gen.far_density,
     }
 
 

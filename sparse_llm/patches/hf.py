@@ -38,13 +38,15 @@ _NAMES = itertools.count()
 @dataclass(frozen=True)
 class ChunkCount:
     """One prefill call of one layer: its queries' first absolute position and number, the blocks it
-    computed (a 0-dim int tensor, read only when reported) and the reachable ones over all rows."""
+    computed (a 0-dim int tensor, read only when reported), the reachable ones over all rows, and the
+    far field it read in the same units (reachable blocks x its ``far_density``; 0 without one)."""
 
     start: int
     length: int
     selected: torch.Tensor
     reachable: int
     sparse: bool
+    far: float = 0.0
 
 
 @dataclass
@@ -58,7 +60,7 @@ class _Patch:
     prompt_continues: bool = False  # set by more_prompt_follows
 
 
-def _count(mask: BlockMask, sparse: bool) -> ChunkCount:
+def _count(mask: BlockMask, sparse: bool, far_density: float) -> ChunkCount:
     reach = block_geometry(
         q_len=mask.q_len,
         kv_len=mask.kv_len,
@@ -69,10 +71,12 @@ def _count(mask: BlockMask, sparse: bool) -> ChunkCount:
     )[0]
     rows = mask.kv_num_blocks.shape[0] * mask.kv_num_blocks.shape[1]
     selected = mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum()
-    return ChunkCount(mask.kv_len - mask.q_len, mask.q_len, selected, rows * int(reach.sum()), sparse)
+    reachable = rows * int(reach.sum())
+    start = mask.kv_len - mask.q_len
+    return ChunkCount(start, mask.q_len, selected, reachable, sparse, far_density * reachable)
 
 
-def _record(patch: _Patch, layer_idx: int, mask: BlockMask, sparse: bool) -> None:
+def _record(patch: _Patch, layer_idx: int, mask: BlockMask, sparse: bool, far_density: float = 0.0) -> None:
     patch.last_masks[layer_idx] = (mask, sparse)
     if mask.q_len == 1:
         patch.decoded.add(layer_idx)
@@ -81,7 +85,7 @@ def _record(patch: _Patch, layer_idx: int, mask: BlockMask, sparse: bool) -> Non
     if mask.q_len == mask.kv_len or layer_idx in patch.decoded:  # a new prompt (or turn) starts here
         calls.clear()
         patch.decoded.discard(layer_idx)
-    calls.append(_count(mask, sparse))
+    calls.append(_count(mask, sparse, far_density))
 
 
 def _make_attention_function(patch: _Patch):
@@ -122,7 +126,8 @@ def _make_attention_function(patch: _Patch):
             return out
 
         out = forward_only(attend, query, key, value)
-        _record(patch, layer_idx, masks[0], not stay_dense)
+        far = 0.0 if stay_dense else method.layer_stats().get(layer_idx, {}).get("far_density", 0.0)
+        _record(patch, layer_idx, masks[0], not stay_dense, far)
         return out.transpose(1, 2).contiguous(), None
 
     return attention
