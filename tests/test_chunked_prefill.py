@@ -276,7 +276,10 @@ def test_prefill_stats_cover_the_latest_prompt_and_survive_decoding():
         whole = sparse_llm.attention_stats(model)
         assert whole["prefill"] == {
             "density": pytest.approx(whole["density"]),
-            "chunks": [{"start": 0, "length": SEQ, "density": pytest.approx(whole["density"])}],
+            "far_density": 0.0,  # streaming has no far field
+            "chunks": [
+                {"start": 0, "length": SEQ, "density": pytest.approx(whole["density"]), "far_density": 0.0}
+            ],
         }
         model.generate(
             IDS[:, :100], prefill_chunk_size=40, max_new_tokens=3, min_new_tokens=3, do_sample=False
