@@ -166,6 +166,17 @@ def mean_far_reference(q, k, v, far, scale, group, softcap, key_padding_mask):
     return lse, logits.softmax(-1).nan_to_num(0.0) @ v_mean[:, :, None]
 
 
+def near_reference(q, k, v, near, scale, softcap):
+    """Written-out softmax over the keys ``near`` ``[B, Hkv, G, Tq, Tk]`` allows: (scores before the
+    softcap ``[B, Hkv, G, Tq, Tk]``, lse, out ``[B, Hkv, G, Tq, D]``), rows without keys lse -inf, out 0."""
+    hq, hkv = q.shape[1], k.shape[1]
+    s = torch.einsum("bhgqd,bhkd->bhgqk", q.unflatten(1, (hkv, hq // hkv)), k) * scale
+    capped = s if softcap is None else softcap * torch.tanh(s / softcap)
+    lse = capped.masked_fill(~near, float("-inf")).logsumexp(-1)
+    out = capped.masked_fill(~near, float("-inf")).softmax(-1).nan_to_num(0.0) @ v[:, :, None]
+    return s, lse, out
+
+
 def selection_far_reference(q, k, v, mask: BlockMask, scale, far_group, softcap=None, key_padding_mask=None):
     """Slow, written-out attention over ``mask``'s blocks plus :func:`mean_far_field` over every other
     causal real key, for tests: q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]``; returns ``[B, Hq, Tq, D]``."""
@@ -176,9 +187,6 @@ def selection_far_reference(q, k, v, mask: BlockMask, scale, far_group, softcap=
     causal = BlockMask.causal(q_len=q_len, kv_len=kv_len, block_q=mask.block_q, block_k=mask.block_k)
     near = element_mask(mask, **heads)
     far = element_mask(causal, **heads) & ~near
-    s = torch.einsum("bhgqd,bhkd->bhgqk", q.unflatten(1, (hkv, hq // hkv)), k) * scale
-    s = s if softcap is None else softcap * torch.tanh(s / softcap)
-    lse_near = s.masked_fill(~near, float("-inf")).logsumexp(-1)
-    out_near = s.masked_fill(~near, float("-inf")).softmax(-1).nan_to_num(0.0) @ v[:, :, None]
+    _, lse_near, out_near = near_reference(q, k, v, near, scale, softcap)
     lse_far, out_far = mean_far_reference(q, k, v, far, scale, far_group, softcap, key_padding_mask)
     return merge_reference(lse_near, out_near, lse_far, out_far)

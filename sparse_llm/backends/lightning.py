@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_llm.backends._collapse import mean_far_field, mean_far_reference, merge_reference
+from sparse_llm.backends._collapse import mean_far_field, mean_far_reference, merge_reference, near_reference
 from sparse_llm.backends.base import (
     WHOLE_PROMPT,
     LayerCall,
@@ -263,10 +263,7 @@ def lightning_reference(
     far = element_mask(BlockMask.causal(**geo), **heads) & ~near
     if not far_field:
         far = torch.zeros_like(far)
-    s = torch.einsum("bhgqd,bhkd->bhgqk", q.unflatten(1, (hkv, hq // hkv)), k) * scale
-    capped = s if softcap is None else softcap * torch.tanh(s / softcap)
-    lse_near = capped.masked_fill(~near, float("-inf")).logsumexp(-1)
-    out_near = capped.masked_fill(~near, float("-inf")).softmax(-1).nan_to_num(0.0) @ v[:, :, None]
+    s, lse_near, out_near = near_reference(q, k, v, near, scale, softcap)
     if far_keys == "mean":
         lse_far, out_far = mean_far_reference(q, k, v, far, scale, far_group, softcap, key_padding_mask)
         return merge_reference(lse_near, out_near, lse_far, out_far)
