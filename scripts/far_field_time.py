@@ -1,0 +1,101 @@
+"""Attention time of selection methods with and without the mean-key far field (``far_keys="mean"``),
+on the q, k, v of Gemma3-270M's global layers captured from one prefill of the long-range code text.
+
+Each variant's ``attend`` (selection, kernel and far field) runs over the captured layers, all variants
+in turn per round (the machine's speed drifts); the median over rounds is reported as a fraction of
+the ``dense`` method's time, beside the exact and far densities (means over the layers).
+
+    python scripts/far_field_time.py --tokens 8192 --budget 1024 --out docs/results/far_field_time.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from longrange_ppl import code_text
+
+import sparse_llm
+from sparse_llm.backends import get_method
+from sparse_llm.models import load
+from sparse_llm.results import atomic_write_json, run_metadata
+
+
+def capture_global_layers(model, ids) -> list[tuple]:
+    """(q, k, v, call) of every global (non-windowed) layer of one prefill of ``ids``."""
+    method = get_method("dense")
+    captured, attend = [], method.attend
+
+    def capturing(q, k, v, call):
+        if call.sliding_window is None and q.shape[2] > 1:
+            captured.append((q, k, v, call))
+        return attend(q, k, v, call)
+
+    object.__setattr__(method, "attend", capturing)
+    with torch.no_grad(), sparse_llm.sparse_attention(model, method):
+        model(ids, logits_to_keep=1)
+    return captured
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--budget", type=int, default=1024)
+    parser.add_argument("--methods", default="block_topk,xattention,dma")
+    parser.add_argument("--far-groups", default="4,8", help="far_group values to time with far_keys='mean'")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    model, tokenizer = load("gemma3-270m")
+    ids = tokenizer(code_text("gemma"), return_tensors="pt").input_ids[:, : args.tokens]
+    layers = capture_global_layers(model, ids)
+    variants = [("dense", {})]
+    for name in args.methods.split(","):
+        variants.append((name, {"budget": args.budget}))
+        for group in args.far_groups.split(","):
+            variants.append((name, {"budget": args.budget, "far_keys": "mean", "far_group": int(group)}))
+    methods = [get_method(name, **params) for name, params in variants]
+    times = [[] for _ in methods]
+    with torch.inference_mode():
+        for _ in range(args.rounds + 1):  # the first round warms up and is dropped
+            for method, spent in zip(methods, times, strict=True):
+                start = time.perf_counter()
+                for q, k, v, call in layers:
+                    method.attend(q, k, v, call)
+                spent.append(time.perf_counter() - start)
+    dense_s = statistics.median(times[0][1:])
+    rows = []
+    for (name, params), method, spent in zip(variants, methods, times, strict=True):
+        exact, far = [], []
+        with torch.inference_mode():
+            for q, k, v, call in layers:
+                exact.append(method.attend(q, k, v, call)[1].density())
+                far.append(method.layer_stats().get(call.layer_idx, {}).get("far_density", 0.0))
+        density, far_density = statistics.mean(exact), statistics.mean(far)
+        median = statistics.median(spent[1:])
+        rows.append(
+            {
+                "method": name,
+                "params": params,
+                "density": density,
+                "far_density": far_density,
+                "seconds": median,
+                "vs_dense": median / dense_s,
+            }
+        )
+        print(
+            f"| {name} | {params} | {density:.3f} + {far_density:.3f} | {median:.3f} s | "
+            f"{median / dense_s:.2f} |"
+        )
+    if args.out:
+        config = {"tokens": args.tokens, "layers": [c.layer_idx for *_, c in layers], "rounds": args.rounds}
+        atomic_write_json(args.out, {**run_metadata(), "config": config, "results": rows})
+
+
+if __name__ == "__main__":
+    main()
