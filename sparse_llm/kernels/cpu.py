@@ -50,8 +50,8 @@ from sparse_llm.kernels.merge import merge_attention
 _MAX_SCORE_ELEMENTS = 1 << 25
 # Full and partial blocks share one call (one mask over all keys) up to this many keys per head dim.
 _SHARED_CALL_KEYS_PER_DIM = 4
-# A non-causal prefix segment (query blocks selecting runs from one first block) shares a view of its
-# longest run; the keys past a block's own run are masked, at most this fraction of its shortest run.
+# A non-causal prefix segment (query blocks selecting most blocks of runs from one first block) shares a
+# view of its longest run; each row's masked keys in it are at most this fraction of its own count.
 _PREFIX_REST = 0.25
 # Gathers of query blocks with unequal block counts share a call down to this ratio of counts (the
 # padded slots are masked: at most 1/0.75 - 1 = 33 % extra keys in that call, usually far less).
@@ -412,7 +412,7 @@ def plan_gather(
     causal_blocks = prefix if prefix > 1 else 0  # a lone dense block is left to the gathers
     alone = [n >= causal_blocks for n in range(s.n_q)]  # not yet served by a call
     views: list[CausalCall | ViewCall] = []
-    if not causal and not s.per_q_head:
+    if not causal:
         views = _plan_prefix_views(full, part, s, alone)
     if causal and sliding_window is None and not padding and fused and not s.per_q_head:
         views = _plan_causal_runs(block_mask, full, part, s, prefix, alone)
@@ -433,36 +433,34 @@ def plan_gather(
 
 
 def _plan_prefix_views(full: _Blocks, part: _Blocks, s: Shapes, alone: list[bool]) -> list[ViewCall]:
-    """Non-causal masks whose query blocks (the same in every row) each select one run of blocks from a
-    common first block, longer from one query block to the next (a far field over collapsed keys,
-    ``backends/_collapse.py``): each segment of such query blocks takes one stride-0 view of its
-    longest run (no copy, one call), each block's keys past its own run masked; a segment ends before
-    that padding would exceed ``_PREFIX_REST`` of its shortest run. Marks them served in ``alone``."""
-    runs = _selected_runs(full, part, s.n_k)
+    """Non-causal masks (far fields over collapsed keys, ``backends/_collapse.py``) whose query blocks
+    select, in every row, most blocks of one run [start, end): the far keys before the local window,
+    less a few selected blocks per head. Each segment of such query blocks takes one stride-0 view of
+    its longest run (no copy, one call); each row's unselected blocks in it are masked. A segment
+    grows while every row's masked keys stay within ``_PREFIX_REST`` of its own count. Rows may differ
+    (per-head masks), unlike the other views. Marks the query blocks served in ``alone``."""
     if any(part.counts):  # without causality every selected block is full
         return []
-    size = _MAX_SCORE_ELEMENTS // (s.b * s.r * s.block_k)
+    ok, n_k = full.slot_ok, s.n_k
+    lo = torch.where(ok, full.idx, n_k).amin(-1).flatten(0, 1).amin(0).tolist()  # [nQ]
+    hi = (torch.where(ok, full.idx, -1).amax(-1).flatten(0, 1).amax(0) + 1).tolist()
+    least = ok.sum(-1).flatten(0, 1).amin(0).tolist()  # the smallest row count
+    size = _MAX_SCORE_ELEMENTS // (s.b * s.hq * s.block_q * s.block_k)  # bounds ng x run blocks
     calls = []
     n = 0
     while n < s.n_q:
-        if not alone[n] or runs[n] is None or len(runs[n]) != 1:
+        span = hi[n] - lo[n]
+        if not alone[n] or least[n] == 0 or span > least[n] * (1 + _PREFIX_REST):
             n += 1
             continue
-        (start, count), n1, longest = runs[n][0], n + 1, runs[n][0][1]
-        while (
-            n1 < s.n_q
-            and alone[n1]
-            and runs[n1] is not None
-            and len(runs[n1]) == 1
-            and runs[n1][0][0] == start
-            and count <= runs[n1][0][1] <= count * (1 + _PREFIX_REST)
-            and (n1 + 1 - n) * runs[n1][0][1] <= size
-        ):
-            longest = max(longest, runs[n1][0][1])
-            n1 += 1
-        if n1 - n >= 2:
-            calls.append(ViewCall(n, n1, start, longest, 0, merge=False))
-            alone[n:n1] = [False] * (n1 - n)
+        n1, longest, fewest = n + 1, span, least[n]
+        while n1 < s.n_q and alone[n1] and lo[n1] == lo[n] and least[n1] > 0:
+            grown, fewer = max(longest, hi[n1] - lo[n]), min(fewest, least[n1])
+            if grown > fewer * (1 + _PREFIX_REST) or (n1 + 1 - n) * grown > size:
+                break
+            longest, fewest, n1 = grown, fewer, n1 + 1
+        calls.append(ViewCall(n, n1, lo[n], longest, 0, merge=False))
+        alone[n:n1] = [False] * (n1 - n)
         n = n1
     return calls
 
@@ -681,8 +679,12 @@ class _Executor:
         for call in plan.calls:
             if isinstance(call, CausalCall):
                 o, o_lse = self._causal_tiles(call)
+            elif isinstance(call, GatherCall):
+                o, o_lse = self._gather(call)
+            elif not plan.causal:
+                o, o_lse = self._prefix_view(call)
             else:
-                o, o_lse = self._view(call) if isinstance(call, ViewCall) else self._gather(call)
+                o, o_lse = self._view(call)
             n0, n1 = call.n0, call.n1
             if call.merge:
                 o, o_lse = merge_attention(acc[n0:n1], acc_lse[n0:n1], o, o_lse)
@@ -734,13 +736,9 @@ class _Executor:
         n1 = call.n0 + 1 if same_pattern else call.n1
         qpos = self.pos_q[call.n0 : n1]  # [ng' = 1 or ng, R]
         key = kpos[: qpos.shape[0], None, :]  # compared with the queries, no [ng', R, L] distance tensor
-        if self.plan.causal:
-            allowed = key <= qpos[:, :, None]  # [ng', R, L]; also drops the Tk tail (past every query)
-            if self.window is not None:
-                allowed &= key > qpos[:, :, None] - self.window
-        else:  # prefix views: each query block's keys past its own run, and the Tk tail, are masked
-            counts = torch.tensor(self.plan.full.counts[call.n0 : call.n1], device=dev)
-            allowed = key < ((call.start + counts) * bk).clamp(max=s.kv_len)[:, None, None]  # [ng, 1, L]
+        allowed = key <= qpos[:, :, None]  # [ng', R, L]; also drops the Tk tail (past every query)
+        if self.window is not None:
+            allowed &= key > qpos[:, :, None] - self.window
         allowed = allowed[:, None, None]  # [ng', 1, 1, R or 1, L]
         if self.ws_rows is not None:
             allowed = allowed & self._rule(kpos[: qpos.shape[0], None, None, None, :], call.n0, n1)
@@ -756,6 +754,45 @@ class _Executor:
             bias = bias.expand(-1, -1, s.hr, -1, -1).flatten(1, 2) if bias.shape[1] > 1 else bias[:, 0]
             empty = ~allowed.any(-1)  # [ng', B', 1, R]
         qs = self.qb[call.n0 : call.n1].reshape(ng, s.b * s.hr, s.r, s.d)
+        o, lse = _attend(qs, ks, vs, bias, self.scale, self.softcap)
+        return self._tiles(o, lse, empty, ng)
+
+    def _prefix_view(self, call: ViewCall) -> tuple[Tensor, Tensor]:
+        """A non-causal ViewCall (``_plan_prefix_views``) as tiles: each row attends to its own selected
+        blocks of the shared run; its other blocks, keys past Tk, padding and -inf key biases are masked.
+        With a per-query-head mask the G query heads of a KV head are stacked into one G * block_q-row
+        tile with a mask per row, so K/V stay one view per KV head (no per-head copies)."""
+        s, dev, bk = self.s, self.dev, self.s.block_k
+        n0, n1, ng, count = call.n0, call.n1, call.n1 - call.n0, call.count
+        length = count * bk
+        shape, strides = (ng, s.b * s.hkv, length, s.d), (0, s.n_k * bk * s.d, s.d, 1)
+        ks, vs = (
+            t.as_strided(shape, strides, t.storage_offset() + call.start * bk * s.d)
+            for t in (self.k4, self.v4)
+        )
+        blocks = self.plan.full
+        rel = torch.where(blocks.slot_ok[:, :, n0:n1], blocks.idx[:, :, n0:n1] - call.start, count)
+        member = torch.zeros(*rel.shape[:3], count + 1, dtype=torch.bool, device=dev)
+        member = member.scatter_(-1, rel, True)[..., :count]  # [Bm, Hr, ng, count]
+        kpos = call.start * bk + torch.arange(length, device=dev)
+        allowed = member.repeat_interleave(bk, -1).permute(2, 0, 1, 3) & (kpos < s.kv_len)  # [ng, Bm, Hr, L]
+        if self.key_ok is not None:
+            allowed = allowed & self.key_ok[None, :, None, kpos]
+        if self.kbias is not None:  # per-key logits [B, Hkv, L], each row head reading its KV head's
+            kb = self.kbias[:, :, kpos]
+            kb = kb.repeat_interleave(s.g, 1) if s.per_q_head else kb
+            allowed = allowed & (kb > float("-inf"))
+            bias = torch.where(allowed, kb, float("-inf"))
+        else:
+            bias = torch.where(allowed, 0.0, float("-inf"))
+        empty = ~allowed.any(-1)[..., None]  # [ng, B', Hr, 1]
+        bias = bias.expand(ng, s.b, s.hr, length)
+        qs = self.qb[n0:n1]  # [ng, B, Hr, R, D]
+        if s.per_q_head:  # rows (head, position) of the group: one query tile per KV head
+            qs = qs.reshape(ng, s.b * s.hkv, s.g * s.r, s.d)
+            bias = bias[..., None, :].expand(-1, -1, -1, s.r, -1).reshape(ng, s.b * s.hkv, s.g * s.r, length)
+        else:
+            qs, bias = qs.reshape(ng, s.b * s.hr, s.r, s.d), bias.reshape(ng, s.b * s.hr, 1, length)
         o, lse = _attend(qs, ks, vs, bias, self.scale, self.softcap)
         return self._tiles(o, lse, empty, ng)
 
