@@ -48,12 +48,16 @@ def antidiagonal_block_scores(
     n_q, n_k = -(-q_len // block_size), -(-kv_len // block_size)
     real = real_keys(call.key_padding_mask, b, kv_len, q.device).bool()
     real = F.pad(real, (0, n_k * block_size - kv_len))
-    kr = F.pad(k, (0, 0, 0, n_k * block_size - kv_len))
+    kr = F.pad(k, (0, 0, 0, n_k * block_size - kv_len)) if kv_len % block_size else k
     if call.key_padding_mask is not None:
         kr = kr * real[:, None, :, None].to(k.dtype)
-    kr = kr.reshape(b, hkv, n_k * per, s * d)
-    qr = F.pad(q, (0, 0, 0, n_q * block_size - q_len)).reshape(b, hkv, g, n_q * per, s, d)
-    qr = qr.flip(4).reshape(b, hkv, g, n_q * per, s * d)
+    # The antidiagonal sum of tile (i, j) is q[iS + t] . k[jS + S - 1 - t] summed over t: the keys of a
+    # group are reversed (K is G times smaller than Q). One copy of the queries, rows (group, head), so
+    # each chunk of query groups is a contiguous [rows * G, S * D] slice for the GEMM.
+    kr = kr.reshape(b, hkv, n_k * per, s, d).flip(3).reshape(b, hkv, n_k * per, s * d)
+    qr = F.pad(q, (0, 0, 0, n_q * block_size - q_len)) if q_len % block_size else q
+    qr = qr.unflatten(1, (hkv, g)).unflatten(3, (n_q * per, s)).permute(0, 1, 3, 2, 4, 5)
+    qr = qr.reshape(b, hkv, n_q * per, g, s * d)  # one copy
     group_real = real.view(b, n_k * per, s).any(-1)  # [B, nK * per]
     rows_all = torch.arange(n_q * per, device=q.device)
     last_q = (rows_all * s + s - 1).clamp(max=q_len - 1) + kv_len - q_len  # absolute position
@@ -66,14 +70,15 @@ def antidiagonal_block_scores(
         n1 = min(n0 + step, n_q)
         m1 = min(n_k, (min(n1 * block_size, q_len) - 1 + kv_len - q_len) // block_size + 1)
         rows, cols = slice(n0 * per, n1 * per), m1 * per  # key blocks past m1 are all in the future
-        logits = qr[:, :, :, rows].reshape(b, hkv, -1, s * d) @ kr[:, :, :cols].transpose(-1, -2)
-        logits = logits.float().view(b, hkv, g, -1, cols) * (call.scale / s)
+        logits = qr[:, :, rows].flatten(2, 3) @ kr[:, :, :cols].transpose(-1, -2)  # [B, Hkv, rows * G, cols]
+        logits = logits.float().view(b, hkv, -1, g, cols) * (call.scale / s)
         if call.softcap is not None:
             logits = call.softcap * torch.tanh(logits / call.softcap)
         allowed = (first_k[:cols] <= last_q[rows, None]) & (rows_all[rows, None] * s < q_len)
         allowed = allowed & group_real[:, None, :cols]  # [B, rows, cols]
-        probs = logits.masked_fill(~allowed[:, None, None], float("-inf")).softmax(-1).nan_to_num_(0.0)
-        out[..., n0:n1, :m1] = probs.view(b, hkv, g, n1 - n0, per, m1, per).sum((4, 6))
+        probs = logits.masked_fill(~allowed[:, None, :, None], float("-inf")).softmax(-1).nan_to_num_(0.0)
+        sums = probs.view(b, hkv, n1 - n0, per, g, m1, per).sum((3, 6))  # [B, Hkv, n, G, m1]
+        out[..., n0:n1, :m1] = sums.transpose(2, 3)
     return out.view(b, hq, n_q, n_k)
 
 
