@@ -81,15 +81,16 @@ def test_far_field_with_groups_of_one_is_dense_attention(name):
     assert_within_rule(f"{name} far 1 vs dense", out, truth, pt, 2.0)
 
 
-def test_far_field_off_by_default_and_reported_by_attention_stats():
-    """Default methods attend their blocks only; with ``far_keys="mean"`` every sparsified layer of a
-    model reports its far field, and with groups of one the model's logits are dense attention's."""
+def test_far_field_on_by_default_and_reported_by_attention_stats():
+    """Selection methods add the far field by default (``far_keys="none"`` turns it off); every
+    sparsified layer of a model reports it, and with groups of one the model's logits are dense
+    attention's."""
     model, ids = model_of("llama"), random_ids(2, 200, seed=3)
     params = sparse_setting("block_topk")
-    assert get_method("block_topk").far_keys == "none"
+    assert len(BUDGETED) >= 6 and all(get_method(p.values[0]).far_keys == "mean" for p in BUDGETED)
     with torch.no_grad():
         truth, pt = float64_reference(model)(ids).logits, model(ids).logits
-        with sparse_llm.sparse_attention(model, "block_topk", **params):
+        with sparse_llm.sparse_attention(model, "block_topk", **params, far_keys="none"):
             plain = model(ids).logits
             layers = sparse_llm.attention_stats(model)["layers"].values()
             assert not any("far_density" in layer for layer in layers)

@@ -163,7 +163,9 @@ class BudgetedMethod(SparseMethod):
     their mean value (NSA's compression branch, no training), merged with the exact blocks by
     log-sum-exp. It keeps what diffuse heads spread over the whole context (a selection keeps only
     part of their mass) at ``1 / far_group`` of the left-out keys' cost; ``attention_stats`` reports
-    it per layer as ``far_density``. ``"none"`` (default) attends the selected blocks only.
+    it per layer as ``far_density``. It is the default: on RULER at 4K it lifts every selection
+    method from 0.55 to 0.75-0.90 (sdpa 0.80), more than the same cost spent on a larger budget
+    (docs/evaluations.md). ``"none"`` attends the selected blocks only (faster, forgets more).
 
     Chunked prefill: sinks, windows and budgets are placed at each query block's absolute position,
     so a chunk whose start is a multiple of ``block_size`` keeps the whole prompt's block grid. The
@@ -181,7 +183,7 @@ class BudgetedMethod(SparseMethod):
     sink_tokens: int = 64
     local_tokens: int = 512
     dense_tail_blocks: int = 1
-    far_keys: str = "none"
+    far_keys: str = "mean"
     far_group: int = 4
 
     def __post_init__(self) -> None:
