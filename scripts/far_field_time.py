@@ -56,7 +56,7 @@ def main() -> None:
     layers = capture_global_layers(model, ids)
     variants = [("dense", {})]
     for name in args.methods.split(","):
-        variants.append((name, {"budget": args.budget}))
+        variants.append((name, {"budget": args.budget, "far_keys": "none"}))
         for group in args.far_groups.split(","):
             variants.append((name, {"budget": args.budget, "far_keys": "mean", "far_group": int(group)}))
     methods = [get_method(name, **params) for name, params in variants]

@@ -31,19 +31,22 @@ def _save(plt, fig, report_path: Path) -> Path:
 
 
 def plot_prefill(report_path: str | Path) -> Path:
-    """``<report>.png``: prefill latency vs length per method, and speedup over our ``dense`` vs density."""
+    """``<report>.png``: prefill latency and peak activation memory vs length per method (and prefill
+    chunk), and the sparse layers' speedup over our ``dense`` vs density."""
     path = Path(report_path)
     report = json.loads(path.read_text())
     rows = report["results"]
     plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(18, 4.5))
     for method, chunk in dict.fromkeys((r["method"], r.get("prefill_chunk")) for r in rows):
         mine = sorted(
             (r for r in rows if (r["method"], r.get("prefill_chunk")) == (method, chunk)),
             key=lambda r: r["length"],
         )
         label = method if chunk is None else f"{method} (chunks of {chunk})"
-        left.plot([r["length"] for r in mine], [r["median_s"] for r in mine], "o-", label=label)
+        lengths = [r["length"] for r in mine]
+        left.plot(lengths, [r["median_s"] for r in mine], "o-", label=label)
+        middle.plot(lengths, [r["peak_mem_mb"] for r in mine], "o-", label=label)
     left.set(
         xscale="log",
         yscale="log",
@@ -52,6 +55,14 @@ def plot_prefill(report_path: str | Path) -> Path:
         title="prefill latency",
     )
     left.legend(fontsize=8)
+    middle.set(
+        xscale="log",
+        yscale="log",
+        xlabel="prompt tokens",
+        ylabel="peak activation MiB (first timed run)",
+        title="peak memory",
+    )
+    middle.legend(fontsize=8)
 
     # The sparse layers' own attention time (selection included, from the split run) against our
     # dense on the same layers: the speedup that 1/density bounds (end to end, Amdahl caps it).

@@ -15,6 +15,10 @@ ways to feed it, cheapest first:
    the first query block and broadcast over the segment (the relative pattern is the same for all).
 3. Otherwise the K/V blocks are gathered by one ``index_select`` and stacked along the batch dimension.
 
+Non-causal masks (far fields over collapsed keys, ``backends/_collapse.py``) whose query blocks select
+most blocks of one run from a common first block take one stride-0 view of that run per segment of
+query blocks, each row's unselected blocks masked (``_plan_prefix_views``); rows may differ per head.
+
 GQA is never expanded: with a mask shared by a KV head's group, the group's queries are stacked into
 one [G * block_q, D] tile (fla's ``naive.py`` grouping); with a per-query-head mask each query head
 gathers from its own KV head. Full blocks need no element mask (only an additive per-key mask for key
@@ -361,6 +365,8 @@ class GatherPlan:
       to their diagonal, with ``ViewCall``s for their sinks and cut first blocks (merged);
     - ``ViewCall``s (causal, one mask row per KV head, block_q a multiple of block_k): its first key
       run (written) and the second run of sink + local rows (merged);
+    - a stride-0 ``ViewCall`` (non-causal masks, any rows): one run shared by a segment of query
+      blocks, each row's own blocks in it (written);
     - ``GatherCall``s: full + partial blocks in one call (written), or its full blocks (written) and
       its partial blocks (merged), each in its own call where present.
 
