@@ -43,6 +43,7 @@ class DemoRow:
     """One method's result.
 
     ``density``: fraction of causally reachable key blocks the prefill computed (None for ``sdpa``);
+    ``far_density``: what a far field read (collapsed keys, same units; 0 without one, None for sdpa);
     ``prefill_s``: seconds; ``peak_mem_mb``: MiB above the pre-prefill level; ``answer``: the greedy
     continuation; ``correct``: :func:`~sparse_llm.eval.haystack.score_answer` of it.
     """
@@ -53,13 +54,15 @@ class DemoRow:
     peak_mem_mb: float
     answer: str
     correct: bool
+    far_density: float | None = None
 
 
 def _run_one(model, tokenizer, input_ids: torch.Tensor, answer: str, max_new_tokens: int, sparse: bool):
     gen = prefill_and_generate(model, input_ids, max_new_tokens, sparse=sparse, measure_memory=True)
     text = tokenizer.decode(gen.ids[0], skip_special_tokens=True)
     peak_mb = gen.peak_mem_bytes / 2**20
-    return DemoRow(None, gen.density, gen.prefill_s, peak_mb, text, score_answer(text, answer))
+    correct = score_answer(text, answer)
+    return DemoRow(None, gen.density, gen.prefill_s, peak_mb, text, correct, gen.far_density)
 
 
 def run_demo(
@@ -141,13 +144,14 @@ def run_demo(
 def format_table(rows: Sequence[DemoRow]) -> str:
     """A plain-text table of demo rows, with the prefill speedup against the first (``sdpa``) row."""
     base = rows[0].prefill_s if rows else None
-    header = ("method", "density", "prefill s", "speedup", "peak MiB", "correct", "answer")
+    header = ("method", "density", "far", "prefill s", "speedup", "peak MiB", "correct", "answer")
     lines = [header]
     for row in rows:
         lines.append(
             (
                 row.method,
                 "-" if row.density is None else f"{row.density:.3f}",
+                f"{row.far_density:.3f}" if row.far_density else "-",
                 f"{row.prefill_s:.2f}",
                 f"{base / row.prefill_s:.2f}x" if base and row.prefill_s > 0 else "-",
                 f"{row.peak_mem_mb:.0f}",

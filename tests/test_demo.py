@@ -45,8 +45,23 @@ def test_demo_rows_start_with_the_sdpa_baseline(tiny_load):
     # Same weights, exact method: the same greedy answer.
     assert rows[1].answer == rows[0].answer
     table = demo.format_table(rows).splitlines()
-    assert table[0].split()[:3] == ["method", "density", "prefill"]
+    assert table[0].split()[:4] == ["method", "density", "far", "prefill"]
     assert table[2].startswith("sdpa") and table[3].startswith("dense") and "1.000" in table[3]
+    assert rows[1].far_density == 0.0 and table[3].split()[2] == "-"  # dense has no far field
+
+
+def test_demo_table_shows_the_far_field_of_a_selection_method(tiny_load):
+    rows = demo.run_demo(
+        "tiny",
+        context_tokens=300,
+        methods=("block_topk",),
+        method_params={"block_topk": {"block_size": 16, "budget": 64, "sink_tokens": 16, "local_tokens": 32}},
+        max_new_tokens=2,
+        progress=False,
+    )
+    far = rows[1].far_density
+    assert 0 < far < 1 and rows[1].density < 1
+    assert demo.format_table(rows).splitlines()[3].split()[2] == f"{far:.3f}"
 
 
 @pytest.mark.parametrize(
