@@ -47,22 +47,12 @@ def plot_prefill(report_path: str | Path) -> Path:
         lengths = [r["length"] for r in mine]
         left.plot(lengths, [r["median_s"] for r in mine], "o-", label=label)
         middle.plot(lengths, [r["peak_mem_mb"] for r in mine], "o-", label=label)
-    left.set(
-        xscale="log",
-        yscale="log",
-        xlabel="prompt tokens",
-        ylabel="prefill s (median)",
-        title="prefill latency",
-    )
-    left.legend(fontsize=8)
-    middle.set(
-        xscale="log",
-        yscale="log",
-        xlabel="prompt tokens",
-        ylabel="peak activation MiB (first timed run)",
-        title="peak memory",
-    )
-    middle.legend(fontsize=8)
+    for ax, ylabel, title in (
+        (left, "prefill s (median)", "prefill latency"),
+        (middle, "peak activation MiB (first timed run)", "peak memory"),
+    ):
+        ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel=ylabel, title=title)
+        ax.legend(fontsize=8)
 
     # The sparse layers' own attention time (selection included, from the split run) against our
     # dense on the same layers: the speedup that 1/density bounds (end to end, Amdahl caps it).
