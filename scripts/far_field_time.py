@@ -12,31 +12,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from longrange_ppl import code_text
+from quality_approx import attention_seconds, capture_global_layers
 
-import sparse_llm
 from sparse_llm.backends import get_method
 from sparse_llm.models import load
 from sparse_llm.results import atomic_write_json, run_metadata
-
-
-def capture_global_layers(model, ids) -> list[tuple]:
-    """(q, k, v, call) of every global (non-windowed) layer of one prefill of ``ids``."""
-    method = get_method("dense")
-    captured, attend = [], method.attend
-
-    def capturing(q, k, v, call):
-        if call.sliding_window is None and q.shape[2] > 1:
-            captured.append((q, k, v, call))
-        return attend(q, k, v, call)
-
-    object.__setattr__(method, "attend", capturing)
-    with torch.no_grad(), sparse_llm.sparse_attention(model, method):
-        model(ids, logits_to_keep=1)
-    return captured
 
 
 def main() -> None:
@@ -60,14 +43,9 @@ def main() -> None:
         for group in args.far_groups.split(","):
             variants.append((name, {"budget": args.budget, "far_keys": "mean", "far_group": int(group)}))
     methods = [get_method(name, **params) for name, params in variants]
-    times = [[] for _ in methods]
-    with torch.inference_mode():
-        for _ in range(args.rounds + 1):  # the first round warms up and is dropped
-            for method, spent in zip(methods, times, strict=True):
-                start = time.perf_counter()
-                for q, k, v, call in layers:
-                    method.attend(q, k, v, call)
-                spent.append(time.perf_counter() - start)
+    # one round more than asked: the first warms up and is dropped
+    by_index = attention_seconds(layers, dict(enumerate(methods)), args.rounds + 1)
+    times = [by_index[i] for i in range(len(methods))]
     dense_s = statistics.median(times[0][1:])
     rows = []
     for (name, params), method, spent in zip(variants, methods, times, strict=True):

@@ -104,16 +104,22 @@ class _Capture(Dense):
 
 
 @torch.inference_mode()
-def attention_seconds(model, ids, methods: dict, rounds: int) -> dict[str, list[float]]:
-    """Per round (interleaved), each method's attention time summed over the global layers' inputs."""
+def capture_global_layers(model, ids) -> list[tuple]:
+    """(q, k, v, call) of every global (unwindowed) layer of one prefill of ``ids``."""
     capture = _Capture()
     with sparse_llm.sparse_attention(model, capture):
         model(ids, logits_to_keep=1)
+    return capture.captured
+
+
+@torch.inference_mode()
+def attention_seconds(layers: list[tuple], methods: dict, rounds: int) -> dict[str, list[float]]:
+    """Per round (interleaved), each method's attention time summed over the captured ``layers``."""
     times: dict[str, list[float]] = {label: [] for label in methods}
     for _ in range(rounds):
         for label, method in methods.items():
             start = time.perf_counter()
-            for q, k, v, call in capture.captured:
+            for q, k, v, call in layers:
                 method.attend(q, k, v, call)
             times[label].append(time.perf_counter() - start)
     return times
@@ -178,7 +184,7 @@ def main() -> None:
             atomic_write_json(args.out, report)
 
     if args.layer_rounds:
-        layer_times = attention_seconds(model, ids, methods, args.layer_rounds)
+        layer_times = attention_seconds(capture_global_layers(model, ids), methods, args.layer_rounds)
         for label in labels:
             row, twin = report["variants"][label], VARIANTS[label][2]
             row["attention_s"] = layer_times[label]
