@@ -722,17 +722,22 @@ class _Executor:
             return o.transpose(3, 4), lse.transpose(3, 4)
         return o.unflatten(3, (s.block_q, s.g)), lse.unflatten(3, (s.block_q, s.g))  # (position, head) rows
 
+    def _run_views(self, call: ViewCall) -> tuple[Tensor, Tensor]:
+        """K and V of a ViewCall as [ng, B * Hkv, count * block_k, D] strided views of the padded K/V
+        (no copy): query block n0 + i reads the run from block ``start + i * stride``."""
+        s, bk = self.s, self.s.block_k
+        shape = (call.n1 - call.n0, s.b * s.hkv, call.count * bk, s.d)
+        strides = (call.stride * bk * s.d, s.n_k * bk * s.d, s.d, 1)
+        offset = call.start * bk * s.d
+        return tuple(t.as_strided(shape, strides, t.storage_offset() + offset) for t in (self.k4, self.v4))
+
     def _view(self, call: ViewCall) -> tuple[Tensor, Tensor]:
         """A ViewCall as tiles. The mask is built once for the first query block when every query block
         sees the same relative pattern (stride * block_k == block_q; under a key rule also the same
         window starts relative to the queries and no sink key in the run), else per query block."""
         s, dev, bk = self.s, self.dev, self.s.block_k
         ng, length = call.n1 - call.n0, call.count * bk
-        shape, strides = (ng, s.b * s.hkv, length, s.d), (call.stride * bk * s.d, s.n_k * bk * s.d, s.d, 1)
-        ks, vs = (
-            t.as_strided(shape, strides, t.storage_offset() + call.start * bk * s.d)
-            for t in (self.k4, self.v4)
-        )
+        ks, vs = self._run_views(call)
         first = call.start + torch.arange(ng, device=dev)[:, None] * call.stride
         kpos = first * bk + torch.arange(length, device=dev)  # [ng, L]
         same_pattern = call.stride * bk == s.block_q
@@ -771,11 +776,7 @@ class _Executor:
         s, dev, bk = self.s, self.dev, self.s.block_k
         n0, n1, ng, count = call.n0, call.n1, call.n1 - call.n0, call.count
         length = count * bk
-        shape, strides = (ng, s.b * s.hkv, length, s.d), (0, s.n_k * bk * s.d, s.d, 1)
-        ks, vs = (
-            t.as_strided(shape, strides, t.storage_offset() + call.start * bk * s.d)
-            for t in (self.k4, self.v4)
-        )
+        ks, vs = self._run_views(call)
         blocks = self.plan.full
         rel = torch.where(blocks.slot_ok[:, :, n0:n1], blocks.idx[:, :, n0:n1] - call.start, count)
         member = torch.zeros(*rel.shape[:3], count + 1, dtype=torch.bool, device=dev)
