@@ -6,7 +6,7 @@ import pytest
 import torch
 from attention_cases import BASE, GRID, Case, build, check_attention, params, rounding_floor, truth_and_pt
 
-from sparse_llm.kernels import BlockMask, block_sparse_attention, merge_attention
+from sparse_llm.kernels import BlockMask, block_sparse_attention, merge_attention, merge_attention_
 from sparse_llm.kernels import cpu as cpu_kernel
 
 
@@ -185,6 +185,27 @@ def test_merge_handles_empty_rows():
     assert (out[:, 2] == 0).all() and torch.isneginf(lse[:, 2]).all()
     torch.testing.assert_close(out[1, 0], (out_a[1, 0] + out_b[1, 0]) / 2)
     torch.testing.assert_close(lse[1, 0], torch.tensor(1.0 + torch.log(torch.tensor(2.0)).item()))
+
+
+def test_in_place_merge_equals_merge_on_strided_tiles():
+    """merge_attention_ writes merge_attention's result, bit for bit, into a strided view of another
+    tensor's memory (as the CPU kernel's output tiles are), empty rows included."""
+    torch.manual_seed(0)
+    memory, lse_memory = torch.randn(2, 7, 3, 8), torch.randn(2, 7, 3)
+    out_a, lse_a = memory.transpose(1, 2), lse_memory.transpose(1, 2)  # [2, 3, 7, 8] over [2, 7, 3, 8]
+    out_b, lse_b = torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7)
+    lse_a[0, 0, :2], lse_b[0, 0, 1:3] = float("-inf"), float("-inf")  # empty in a, in both, in b
+    out_a[0, 0, :2], out_b[0, 0, 1:3] = 0.0, 0.0
+    expected, expected_lse = merge_attention(out_a, lse_a, out_b, lse_b)
+    merge_attention_(out_a, lse_a, out_b, lse_b)
+    assert torch.equal(memory.transpose(1, 2), expected) and torch.equal(
+        lse_memory.transpose(1, 2), expected_lse
+    )
+    assert (expected[0, 0, 1] == 0).all() and torch.isneginf(expected_lse[0, 0, 1])
+    with pytest.raises(TypeError, match="float32"):
+        merge_attention_(out_a.bfloat16(), lse_a, out_b, lse_b)
+    with pytest.raises(ValueError, match="same shape"):
+        merge_attention_(out_a, lse_a, out_b[..., :4], lse_b)
 
 
 def test_merge_rejects_mismatched_shapes():

@@ -21,7 +21,7 @@ import torch
 
 from sparse_llm.backends._collapse import mean_far_field
 from sparse_llm.backends.selection import first_real_key, key_blocks_with_real_keys
-from sparse_llm.kernels import BlockMask, block_sparse_attention, merge_attention
+from sparse_llm.kernels import BlockMask, block_sparse_attention, merge_attention, merge_attention_
 from sparse_llm.names import unknown_name
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,10 @@ class SparseMethod:
         if far is None:
             return exact_attention(q, k, v, mask, call), mask
         out, lse = exact_attention(q, k, v, mask, call, return_lse=True)
-        return merge_attention(out, lse, *far)[0], mask
+        if out.dtype != torch.float32:  # low precision: merge in fp32, round once
+            return merge_attention(out, lse, *far)[0], mask
+        merge_attention_(out, lse, *far)  # the kernel's fresh output: no temporary, no copy
+        return out, mask
 
 
 @dataclass

@@ -16,11 +16,18 @@ import torch
 from torch import Tensor
 
 from sparse_llm.kernels.block_mask import BlockMask
-from sparse_llm.kernels.merge import merge_attention
+from sparse_llm.kernels.merge import merge_attention, merge_attention_
 from sparse_llm.kernels.reference import reference_attention
 from sparse_llm.names import DTYPES
 
-__all__ = ["BlockMask", "block_sparse_attention", "forward_only", "merge_attention", "reference_attention"]
+__all__ = [
+    "BlockMask",
+    "block_sparse_attention",
+    "forward_only",
+    "merge_attention",
+    "merge_attention_",
+    "reference_attention",
+]
 
 logger = logging.getLogger(__name__)
 

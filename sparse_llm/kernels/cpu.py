@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_llm.kernels.block_mask import BlockMask, block_geometry
-from sparse_llm.kernels.merge import merge_attention
+from sparse_llm.kernels.merge import merge_attention_
 
 # fp32 elements per segment (gathered K/V + masks) and per score tile of the matmul path: 2^25 = 128 MiB.
 _MAX_SCORE_ELEMENTS = 1 << 25
@@ -89,8 +89,8 @@ def _attend(qs, k, v, bias: Tensor | None, scale: float, softcap: float | None):
             for s in range(0, length, step)
         ]
         out, lse = parts[0]
-        for o, lse_part in parts[1:]:
-            out, lse = merge_attention(out, lse, o, lse_part)
+        for part in parts[1:]:
+            merge_attention_(out, lse, *part)
         return out, lse
     if op is not None:  # flash tiles: no [R, L] scores in memory, so no key chunks either
         return op(qs, k, v, attn_mask=bias, scale=scale)
@@ -214,7 +214,7 @@ def _causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, op) -> tupl
     prefix = k.shape[2] - q.shape[2]
     out, lse = op(q32, k32[:, :, prefix:], v32[:, :, prefix:], is_causal=True, scale=scale)
     if prefix:
-        out, lse = merge_attention(out, lse, *op(q32, k32[:, :, :prefix], v32[:, :, :prefix], scale=scale))
+        merge_attention_(out, lse, *op(q32, k32[:, :, :prefix], v32[:, :, :prefix], scale=scale))
     return out, lse  # fp32: a caller may merge more into it
 
 
@@ -693,9 +693,10 @@ class _Executor:
                 o, o_lse = self._view(call)
             n0, n1 = call.n0, call.n1
             if call.merge:
-                o, o_lse = merge_attention(acc[n0:n1], acc_lse[n0:n1], o, o_lse)
-            acc[n0:n1].copy_(o)
-            acc_lse[n0:n1].copy_(o_lse)
+                merge_attention_(acc[n0:n1], acc_lse[n0:n1], o, o_lse)
+            else:
+                acc[n0:n1].copy_(o)
+                acc_lse[n0:n1].copy_(o_lse)
         out = out.transpose(1, 2)[:, :, : s.q_len].to(self.q.dtype)
         return out, lse.transpose(1, 2)[:, :, : s.q_len].contiguous()
 
