@@ -263,6 +263,8 @@ def run_kernel_bench(
     for length in config.lengths:
         shapes = ((config.q_heads, length), (config.kv_heads, length), (config.kv_heads, length))
         q, k, v = (torch.randn(1, h, t, config.head_dim, generator=gen).to(device, dtype) for h, t in shapes)
+        # the queries as a model's attention receives them: [B, Hq, T, D] over [B, T, Hq, D] memory
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
         dense = BlockMask.causal(
             q_len=length, kv_len=length, block_q=config.block_size, block_k=config.block_size, device=device
         )
