@@ -5,8 +5,8 @@ Gemma 2, then Gemma 3; ``--text qwen``: Qwen2, Mistral, Phi-3, OLMo; from the in
 transformers): later files repeat classes, names and docstrings of earlier ones thousands of tokens
 back, so a method that loses far context pays in perplexity. The second text is there so that no
 default is tuned to one text. The same ids go through every method; each method's measured density
-of the global layers is recorded beside its perplexity (compare at equal density, not at equal
-nominal budget).
+of the global layers (and that of the far field, which selection methods read by default) is recorded
+beside its perplexity (compare at equal density, not at equal nominal budget).
 
     python scripts/longrange_ppl.py [--tokens 8192] [--text gemma] [--budget-fraction 0.125]
         [--methods dense,xattention] [--method-params JSON]
@@ -94,24 +94,29 @@ def main() -> None:
         start = time.perf_counter()
         with sparse_llm.sparse_attention(model, name, **params):
             ppl, ppl_tail = perplexity(model, ids)
-            density = sparse_llm.attention_stats(model)["density"]
+            stats = sparse_llm.attention_stats(model)
+        density, far_density = stats["density"], stats["far_density"]
         report["methods"][key] = {
             "method": name,
             "params": params,
             "perplexity": ppl,
             "perplexity_second_half": ppl_tail,
             "density": density,
+            "far_density": far_density,
             "seconds": time.perf_counter() - start,
         }
         atomic_write_json(out, report)
-        logging.info("%s: density %.3f, ppl %.3f (second half %.3f)", key, density, ppl, ppl_tail)
+        logging.info(
+            "%s: density %.3f + far %.3f, ppl %.3f (second half %.3f)",
+            *(key, density, far_density, ppl, ppl_tail),
+        )
 
     dense = report["methods"].get("dense", {}).get("perplexity_second_half")
     print(f"\nGemma3-270M, {args.tokens} tokens of code, budget {budget}\n")
-    print("| method | density | ppl | ppl, 2nd half | vs dense |\n|---|---|---|---|---|")
+    print("| method | density | far density | ppl | ppl, 2nd half | vs dense |\n|---|---|---|---|---|---|")
     for key, row in report["methods"].items():
         ratio = f"{row['perplexity_second_half'] / dense:.3f}" if dense else "-"
-        nums = (row["density"], row["perplexity"], row["perplexity_second_half"])
+        nums = (row["density"], row.get("far_density", 0.0), row["perplexity"], row["perplexity_second_half"])
         cells = (key, *(f"{x:.3f}" for x in nums))
         print("| " + " | ".join((*cells, ratio)) + " |")
 
