@@ -3,7 +3,9 @@ on the q, k, v of Gemma3-270M's global layers captured from one prefill of the l
 
 Each variant's ``attend`` (selection, kernel and far field) runs over the captured layers, all variants
 in turn per round (the machine's speed drifts); the median over rounds is reported as a fraction of
-the ``dense`` method's time, beside the exact and far densities (means over the layers).
+the ``dense`` method's time, beside the exact and far densities (means over the layers). The
+selection alone (``block_mask``) is timed too, as a share of the attention it saves (dense time less
+the method's kernel and far field), the bench's split.
 
     python scripts/far_field_time.py --tokens 8192 --budget 1024 --out docs/results/far_field_time.json
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 from longrange_ppl import code_text
@@ -47,8 +50,9 @@ def main() -> None:
     by_index = attention_seconds(layers, dict(enumerate(methods)), args.rounds + 1)
     times = [by_index[i] for i in range(len(methods))]
     dense_s = statistics.median(times[0][1:])
+    selection = [selection_seconds(layers, method, args.rounds) for method in methods]
     rows = []
-    for (name, params), method, spent in zip(variants, methods, times, strict=True):
+    for (name, params), method, spent, chosen in zip(variants, methods, times, selection, strict=True):
         exact, far = [], []
         with torch.inference_mode():
             for q, k, v, call in layers:
@@ -56,6 +60,7 @@ def main() -> None:
                 far.append(method.layer_stats().get(call.layer_idx, {}).get("far_density", 0.0))
         density, far_density = statistics.mean(exact), statistics.mean(far)
         median = statistics.median(spent[1:])
+        saved = dense_s - (median - chosen)  # attention (kernel + far field) saved, selection apart
         rows.append(
             {
                 "method": name,
@@ -64,15 +69,30 @@ def main() -> None:
                 "far_density": far_density,
                 "seconds": median,
                 "vs_dense": median / dense_s,
+                "selection_seconds": chosen,
+                "selection_over_saved": chosen / saved if name != "dense" and saved > 0 else None,
             }
         )
+        share = rows[-1]["selection_over_saved"]
         print(
             f"| {name} | {params} | {density:.3f} + {far_density:.3f} | {median:.3f} s | "
-            f"{median / dense_s:.2f} |"
+            f"{median / dense_s:.2f} | {chosen:.3f} s | {'-' if share is None else f'{share:.2f}'} |"
         )
     if args.out:
         config = {"tokens": args.tokens, "layers": [c.layer_idx for *_, c in layers], "rounds": args.rounds}
         atomic_write_json(args.out, {**run_metadata(), "config": config, "results": rows})
+
+
+@torch.inference_mode()
+def selection_seconds(layers: list[tuple], method, rounds: int) -> float:
+    """Median over ``rounds`` of ``method.block_mask`` (the selection alone) summed over the layers."""
+    spent = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for q, k, v, call in layers:
+            method.block_mask(q, k, v, call)
+        spent.append(time.perf_counter() - start)
+    return statistics.median(spent)
 
 
 if __name__ == "__main__":
