@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from longrange_ppl import code_text
@@ -50,7 +49,8 @@ def main() -> None:
     by_index = attention_seconds(layers, dict(enumerate(methods)), args.rounds + 1)
     times = [by_index[i] for i in range(len(methods))]
     dense_s = statistics.median(times[0][1:])
-    selection = [selection_seconds(layers, method, args.rounds) for method in methods]
+    by_index = attention_seconds(layers, dict(enumerate(methods)), args.rounds, step="block_mask")
+    selection = [statistics.median(by_index[i]) for i in range(len(methods))]
     rows = []
     for (name, params), method, spent, chosen in zip(variants, methods, times, selection, strict=True):
         exact, far = [], []
@@ -81,18 +81,6 @@ def main() -> None:
     if args.out:
         config = {"tokens": args.tokens, "layers": [c.layer_idx for *_, c in layers], "rounds": args.rounds}
         atomic_write_json(args.out, {**run_metadata(), "config": config, "results": rows})
-
-
-@torch.inference_mode()
-def selection_seconds(layers: list[tuple], method, rounds: int) -> float:
-    """Median over ``rounds`` of ``method.block_mask`` (the selection alone) summed over the layers."""
-    spent = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for q, k, v, call in layers:
-            method.block_mask(q, k, v, call)
-        spent.append(time.perf_counter() - start)
-    return statistics.median(spent)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,11 @@ def main() -> None:
         atomic_write_json(out, report)
         logging.info(
             "%s: density %.3f + far %.3f, ppl %.3f (second half %.3f)",
-            *(key, density, far_density, ppl, ppl_tail),
+            key,
+            density,
+            far_density,
+            ppl,
+            ppl_tail,
         )
 
     dense = report["methods"].get("dense", {}).get("perplexity_second_half")

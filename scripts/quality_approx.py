@@ -113,14 +113,18 @@ def capture_global_layers(model, ids) -> list[tuple]:
 
 
 @torch.inference_mode()
-def attention_seconds(layers: list[tuple], methods: dict, rounds: int) -> dict[str, list[float]]:
-    """Per round (interleaved), each method's attention time summed over the captured ``layers``."""
+def attention_seconds(
+    layers: list[tuple], methods: dict, rounds: int, step: str = "attend"
+) -> dict[str, list[float]]:
+    """Per round (interleaved), each method's time summed over the captured ``layers``: its ``attend``,
+    or another ``(q, k, v, call)`` step by name (``"block_mask"``: the selection alone)."""
     times: dict[str, list[float]] = {label: [] for label in methods}
     for _ in range(rounds):
         for label, method in methods.items():
+            run = getattr(method, step)
             start = time.perf_counter()
             for q, k, v, call in layers:
-                method.attend(q, k, v, call)
+                run(q, k, v, call)
             times[label].append(time.perf_counter() - start)
     return times
 
