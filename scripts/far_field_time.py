@@ -7,7 +7,7 @@ the ``dense`` method's time, beside the exact and far densities (means over the 
 selection alone (``block_mask``) is timed too, as a share of the attention it saves (dense time less
 the method's kernel and far field), the bench's split.
 
-    python scripts/far_field_time.py --tokens 8192 --budget 1024 --out docs/results/far_field_time.json
+    python scripts/far_field_time.py --tokens 8192 --budget 1024 [--far-groups 4,8,4:1024] --out docs/results/far_field_time.json
 """
 
 from __future__ import annotations
@@ -31,7 +31,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--methods", default="block_topk,xattention,dma")
-    parser.add_argument("--far-groups", default="4,8", help="far_group values to time with far_keys='mean'")
+    parser.add_argument(
+        "--far-groups",
+        default="4,8",
+        help="far fields to time (far_keys='mean'): far_group, or far_group:far_span for a pyramid",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -42,8 +46,10 @@ def main() -> None:
     variants = [("dense", {})]
     for name in args.methods.split(","):
         variants.append((name, {"budget": args.budget, "far_keys": "none"}))
-        for group in args.far_groups.split(","):
-            variants.append((name, {"budget": args.budget, "far_keys": "mean", "far_group": int(group)}))
+        for spec in args.far_groups.split(","):
+            group, _, span = spec.partition(":")
+            far = {"far_keys": "mean", "far_group": int(group), **({"far_span": int(span)} if span else {})}
+            variants.append((name, {"budget": args.budget, **far}))
     methods = [get_method(name, **params) for name, params in variants]
     # one round more than asked: the first warms up and is dropped
     by_index = attention_seconds(layers, dict(enumerate(methods)), args.rounds + 1)

@@ -14,6 +14,7 @@ from attention_cases import assert_within_rule, rounding_floor
 
 import sparse_llm
 from sparse_llm.backends import LayerCall, get_method
+from sparse_llm.backends._collapse import selection_far_reference
 from sparse_llm.backends.deltallm import deltallm_reference, held_key_runs, held_keys
 from sparse_llm.backends.lightning import lightning_reference
 from sparse_llm.backends.lla import lla_reference
@@ -217,6 +218,21 @@ def test_lightning_mean_far_field_matches_reference(case, group):
     check_rule(f"lightning mean {group}", out, truth, pt, softcap)
     stats = method.layer_stats()[4]
     assert stats["far_density"] <= 1 / group + 1e-9 and stats["far_groups"] * group >= stats["far_keys"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lightning_pyramid_far_field_matches_reference(case):
+    """With ``far_span`` the far keys' groups grow 4x per level with distance: the kernel's result
+    equals the written-out pyramid over lightning's own sink + window mask."""
+    (q, k, v, padding), softcap = split(case)
+    method = get_method("lightning", far_span=16, sink_tokens=16, local_tokens=32, block_size=BS)
+    out, mask = method.attend(q, k, v, LayerCall(4, 64**-0.5, softcap=softcap, key_padding_mask=padding))
+    kwargs = dict(scale=64**-0.5, far_group=4, softcap=softcap, key_padding_mask=padding, far_span=16)
+    truth = selection_far_reference(q.double(), k.double(), v.double(), mask, **kwargs)
+    pt = selection_far_reference(q, k, v, mask, **kwargs)
+    check_rule("lightning pyramid", out, truth, pt, softcap)
+    stats = method.layer_stats()[4]
+    assert 0 < stats["far_density"] < get_method("lightning").far_group ** -1
 
 
 def test_lightning_mean_far_field_is_exact_with_groups_of_one_and_degrades_with_size():

@@ -16,7 +16,12 @@ from method_cases import model_of, sparse_setting
 
 import sparse_llm
 from sparse_llm.backends import LayerCall, get_method
-from sparse_llm.backends._collapse import selection_far_reference
+from sparse_llm.backends._collapse import (
+    far_blocks,
+    far_levels,
+    pyramid_levels_reference,
+    selection_far_reference,
+)
 from sparse_llm.backends.base import BudgetedMethod
 from sparse_llm.kernels import BlockMask, reference_attention
 
@@ -41,17 +46,18 @@ def inputs(seed=0, b=2, hq=4, hkv=2, tq=181, tk=245, d=32, left_pad=(0, 37)):
 
 
 @pytest.mark.parametrize("name", BUDGETED)
-@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("group, span", [(1, None), (4, None), (4, 16), (2, 32)])
 @pytest.mark.parametrize("softcap", [None, 5.0], ids=["plain", "softcap5"])
-def test_far_field_matches_reference_on_the_methods_own_mask(name, group, softcap):
-    """Selected blocks exact, every other causal real key in mean keys of ``group``: through the kernel
-    (key_bias log n) as written out, for per-query-head and shared masks, GQA, padding, Tq < Tk."""
+def test_far_field_matches_reference_on_the_methods_own_mask(name, group, span, softcap):
+    """Selected blocks exact, every other causal real key in mean keys of ``group`` (growing 4x per
+    level past ``span`` tokens): through the kernel (key_bias log n) as written out, for per-query-head
+    and shared masks, GQA, padding, Tq < Tk."""
     q, k, v, padding = inputs()
-    method = get_method(name, **sparse_setting(name), far_keys="mean", far_group=group)
+    method = get_method(name, **sparse_setting(name), far_keys="mean", far_group=group, far_span=span)
     call = LayerCall(3, SCALE, softcap=softcap, key_padding_mask=padding)
     out, mask = method.attend(q, k, v, call)
     assert mask.density() < 1.0  # there is a far field to test
-    kwargs = dict(scale=SCALE, far_group=group, softcap=softcap, key_padding_mask=padding)
+    kwargs = dict(scale=SCALE, far_group=group, softcap=softcap, key_padding_mask=padding, far_span=span)
     truth = selection_far_reference(q.double(), k.double(), v.double(), mask, **kwargs)
     pt = selection_far_reference(q, k, v, mask, **kwargs)
     real_rows = padding[:, -q.shape[2] :]  # fully padded query rows are garbage in any method
@@ -104,9 +110,47 @@ def test_far_field_on_by_default_and_reported_by_attention_stats():
     assert (plain.double() - truth).abs().max().item() > bound  # the selection alone is not dense
 
 
+@pytest.mark.parametrize("name", BUDGETED)
+def test_pyramid_far_field_is_exact_when_keys_are_equal(name):
+    """A mean key stands exactly for a group of equal keys, at any group size: with every key of a head
+    equal, selection + pyramid far field = dense attention, so each far key is read exactly once."""
+    q, k, v, _ = inputs(seed=2, left_pad=(0, 0))
+    k = k[:, :, :1].expand_as(k).contiguous()
+    method = get_method(name, **sparse_setting(name), far_keys="mean", far_group=4, far_span=16)
+    out, _ = method.attend(q, k, v, LayerCall(0, SCALE))
+    causal = BlockMask.causal(q_len=q.shape[2], kv_len=k.shape[2], block_q=16, block_k=16)
+    truth = reference_attention(q.double(), k.double(), v.double(), causal, scale=SCALE)
+    pt = reference_attention(q, k, v, causal, scale=SCALE)
+    assert_within_rule(f"{name} pyramid, equal keys, vs dense", out, truth, pt, 2.0)
+
+
+def test_far_levels_cover_every_far_block_once_coarser_with_distance():
+    """``far_levels`` vs its block-by-block reference at 2K keys: each far block read at one level,
+    levels 1-2 in use, and the far field reads fewer mean keys than with one level."""
+    q, k, v, _ = inputs(seed=4, b=1, hq=2, hkv=1, tq=2048, tk=2048, left_pad=(0,))
+    method = get_method("block_topk", block_size=16, budget=128, sink_tokens=16, local_tokens=32)
+    mask = method.block_mask(q, k, v, LayerCall(0, SCALE))
+    far = far_blocks(mask)
+    levels = far_levels(far, mask, far_span=64)
+    truth = pyramid_levels_reference(far, mask, far_span=64)
+    assert len(levels) == 4 and all(int(level.sum()) > 0 for level in levels[1:3])
+    for lv, taken in enumerate(levels):
+        assert torch.equal(taken.repeat_interleave(4**lv, -1)[..., : far.shape[-1]], truth == lv)
+    stats = {}
+    for span in (None, 64):
+        method.far_span = span
+        method.attend(q, k, v, LayerCall(0, SCALE))
+        stats[span] = method.layer_stats()[0]
+    assert stats[None]["far_keys"] == stats[64]["far_keys"]
+    assert stats[64]["far_density"] < 0.5 * stats[None]["far_density"]
+
+
 @pytest.mark.parametrize(
     "params, match",
     [
+        (dict(far_span=40), "far_span must be None or a positive multiple"),
+        (dict(far_span=0), "far_span must be None or a positive multiple"),
+        (dict(far_span=True), "far_span must be None or a positive multiple"),
         (dict(far_keys="taylor"), "far_keys must be one of"),
         (dict(far_group=3), "far_group must be a power of two"),
         (dict(far_group=128), "far_group must be a power of two"),
@@ -118,11 +162,13 @@ def test_far_field_bad_parameters(params, match):
         get_method("xattention", **params)
 
 
-def test_far_density_of_a_chunked_prefill_equals_the_whole_prompts():
+@pytest.mark.parametrize("span", [None, 32])
+def test_far_density_of_a_chunked_prefill_equals_the_whole_prompts(span):
     """``attention_stats``: the far field's reads per chunk and in total, cost-weighted like the
-    density, so that a prompt in chunks reports what the same prompt reports in one piece."""
+    density, so that a prompt in chunks reports what the same prompt reports in one piece (the
+    pyramid's levels sit at absolute positions)."""
     model, ids = model_of("llama"), random_ids(1, 200, seed=3)
-    params = {**sparse_setting("xattention"), "far_keys": "mean", "dense_tail_blocks": 0}
+    params = {**sparse_setting("xattention"), "far_keys": "mean", "dense_tail_blocks": 0, "far_span": span}
     with torch.no_grad(), sparse_llm.sparse_attention(model, "xattention", **params):
         model(ids)
         whole = sparse_llm.attention_stats(model)

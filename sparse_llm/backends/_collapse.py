@@ -122,18 +122,114 @@ def collapsed_far_field(
     return out, lse, stats
 
 
-def mean_far_field(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, call, far_group: int):
+FAR_GROWTH = 4  # each coarser level of a far-field pyramid groups 4x the keys of the one below
+
+
+def far_levels(far: Tensor, mask: BlockMask, far_span: int | None) -> list[Tensor]:
+    """Which far key blocks each query block reads at which coarseness: level ``l`` works in aligned
+    superblocks of ``4**l`` key blocks, each collapsed into as many mean keys as one key block is at
+    level 0 (so its groups are ``4**l`` times larger).
+
+    A superblock is read at level ``l >= 1`` when every one of its blocks is far for the query block
+    and it ends at least ``far_span * 4**(l - 1)`` tokens before the block's first query; each far
+    block goes to the highest level that takes it, so every far key is read exactly once, more
+    coarsely the farther back it lies (a query reads O(far_span / far_group * log(T / far_span)) mean
+    keys instead of O(T / far_group)). ``far_span=None``: one level.
+
+    Returns bool ``[Bm, Hm, nQ, ceil(nK / 4**l)]`` per level, level 0 first (``far``'s shape)."""
+    if far_span is None:
+        return [far]
+    n_q, n_k = far.shape[-2:]
+    first_query = torch.arange(n_q, device=far.device) * mask.block_q + mask.kv_len - mask.q_len
+    top = 0
+    while FAR_GROWTH ** (top + 1) <= n_k and far_span * FAR_GROWTH**top < mask.kv_len:
+        top += 1
+    remaining, levels = far, []
+    for level in range(top, 0, -1):
+        size = FAR_GROWTH**level
+        n_s = -(-n_k // size)
+        padded = torch.cat([remaining, remaining.new_zeros(*remaining.shape[:-1], n_s * size - n_k)], -1)
+        whole = padded.unflatten(-1, (n_s, size)).all(-1)
+        ends = (torch.arange(n_s, device=far.device) + 1) * size * mask.block_k
+        taken = whole & (ends <= (first_query - far_span * FAR_GROWTH ** (level - 1))[:, None])
+        remaining = remaining & ~taken.repeat_interleave(size, -1)[..., :n_k]
+        levels.append(taken)
+    return [remaining, *levels[::-1]]
+
+
+def pyramid_keys(k: Tensor, v: Tensor, real: Tensor, block: int, far_group: int, n_levels: int):
+    """Mean keys and values of every aligned run of ``far_group * 4**l`` real keys, for each level
+    ``l < n_levels``, concatenated level after level (level ``l`` in ``ceil(nK / 4**l)`` superblocks of
+    ``block // far_group`` slots). Returns fp32 ``(k_c, v_c [B, Hkv, S, D], bias [B, Hkv, S])``,
+    bias log n for a slot of n real keys, -inf for an empty one."""
+    b, hkv, kv_len, d = k.shape
+    width, n_k = block // far_group, -(-kv_len // block)
+    pad = n_k * block - kv_len
+    w = torch.nn.functional.pad(real.float(), (0, pad))[:, None, :, None]  # [B, 1, nK * bk, 1]
+
+    def runs(x):
+        x = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)) * w
+        return x.view(b, -1, n_k * width, far_group, d).sum(3)
+
+    k_sum, v_sum, count = runs(k), runs(v), w.view(b, 1, n_k * width, far_group).sum(-1)
+    keys, values, biases = [], [], []
+    for level in range(n_levels):
+        if level:  # four superblocks of the level below make one: sum runs of four slots
+            extra = -count.shape[-1] % (FAR_GROWTH * width)
+            k_sum, v_sum = (
+                torch.nn.functional.pad(x, (0, 0, 0, extra)).unflatten(2, (-1, FAR_GROWTH)).sum(3)
+                for x in (k_sum, v_sum)
+            )
+            count = torch.nn.functional.pad(count, (0, extra)).unflatten(2, (-1, FAR_GROWTH)).sum(3)
+        keys.append(k_sum / count.clamp_min(1)[..., None])
+        values.append(v_sum / count.clamp_min(1)[..., None])
+        biases.append(torch.where(count > 0, count.log(), float("-inf")).expand(b, hkv, -1))
+    return torch.cat(keys, 2), torch.cat(values, 2), torch.cat(biases, 2)
+
+
+def mean_far_field(
+    q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, call, far_group: int, far_span: int | None = None
+):
     """The keys ``mask`` leaves out (:func:`far_blocks`: whole key blocks before each query block),
-    every ``far_group`` consecutive real keys of a key block collapsed into their mean key (bias log n,
-    the mean of their values): NSA's compression branch, training-free. ``far_group`` is a power of
-    two <= ``mask.block_k``; 1 is exact. Returns :func:`collapsed_far_field`'s ``(out, lse, stats)``."""
+    every ``far_group`` consecutive real keys collapsed into their mean key (bias log n, the mean of
+    their values): NSA's compression branch, training-free. ``far_group`` is a power of two <=
+    ``mask.block_k``; 1 is exact. With ``far_span`` the groups grow 4x per level with distance
+    (:func:`far_levels`). Returns ``(out [B, Hq, Tq, D], lse [B, Hq, Tq] fp32, stats)``; ``stats``:
+    ``far_keys`` (real keys in far blocks, over batch rows and KV heads), ``far_groups`` (non-empty
+    mean keys built, every level), ``far_slots`` (slots built) and ``far_density`` (mean keys the
+    queries read over the causal (query, key) pairs, the exact part's density in the same units)."""
+    (b, hkv, kv_len, _), q_len = k.shape, q.shape[2]
     far = far_blocks(mask)
-    real = real_keys(call.key_padding_mask, k.shape[0], k.shape[2], k.device)
-    keys = far_key_mask(far, real, mask.block_k)
-    group = (torch.arange(k.shape[2], device=k.device) % mask.block_k) // far_group
-    group = torch.where(keys, group, -1)[:, None].expand(-1, k.shape[1], -1)
+    real = real_keys(call.key_padding_mask, b, kv_len, k.device)
+    levels = far_levels(far, mask, far_span)
+    k_c, v_c, bias = pyramid_keys(k, v, real, mask.block_k, far_group, len(levels))
     width = mask.block_k // far_group
-    return collapsed_far_field(q, k, v, group, far, mask, call, key="mean", width=width)
+    selected = torch.cat(levels, -1)
+    length = max(selected.shape[-1], -(-q_len // width)) * width  # the kernel wants Tq <= Tk
+    selected = torch.nn.functional.pad(selected, (0, length // width - selected.shape[-1]))
+    far_mask = BlockMask.from_dense(
+        selected, block_q=mask.block_q, block_k=width, q_len=q_len, kv_len=length, causal=False
+    )
+    pad = (0, length - bias.shape[-1])
+    out, lse = block_sparse_attention(
+        q,
+        torch.nn.functional.pad(k_c, (0, 0, *pad)).to(q.dtype),
+        torch.nn.functional.pad(v_c, (0, 0, *pad)).to(q.dtype),
+        far_mask,
+        scale=call.scale,
+        softcap=call.softcap,
+        causal=False,
+        key_bias=torch.nn.functional.pad(bias, pad, value=float("-inf")),
+        return_lse=True,
+    )
+    reach = int(mask.reachable().sum()) * mask.block_k * selected.shape[0] * selected.shape[1]
+    stats = {
+        "far_keys": int(far_key_mask(far, real, mask.block_k).sum()) * hkv,
+        "far_groups": int((bias > float("-inf")).sum()),
+        "far_slots": bias.numel(),
+        "far_density": float(selected.sum()) * width / reach,
+    }
+    return out, lse, stats
 
 
 def merge_reference(lse_near, out_near, lse_far, out_far):
@@ -177,16 +273,49 @@ def near_reference(q, k, v, near, scale, softcap):
     return s, lse, out
 
 
-def selection_far_reference(q, k, v, mask: BlockMask, scale, far_group, softcap=None, key_padding_mask=None):
+def pyramid_levels_reference(far: Tensor, mask: BlockMask, far_span: int) -> Tensor:
+    """long ``[Bm, Hm, nQ, nK]``: the level at which each far block is read (-1: not far), written out
+    block by block: the highest ``l`` whose aligned superblock of ``4**l`` key blocks is far throughout
+    and ends ``far_span * 4**(l - 1)`` tokens or more before the query block (level 0 always fits)."""
+    level = torch.full(far.shape, -1, dtype=torch.long)
+    n_k = far.shape[-1]
+    for bm, hm, n, j in far.nonzero().tolist():
+        first_query = n * mask.block_q + mask.kv_len - mask.q_len
+        level[bm, hm, n, j], size = 0, FAR_GROWTH
+        while size <= n_k:
+            lo = j // size * size
+            end_token = (lo + size) * mask.block_k
+            whole = lo + size <= n_k and bool(far[bm, hm, n, lo : lo + size].all())
+            if whole and end_token <= first_query - far_span * size // FAR_GROWTH:
+                level[bm, hm, n, j] = size.bit_length() // 2  # log4(size)
+            size *= FAR_GROWTH
+    return level
+
+
+def selection_far_reference(
+    q, k, v, mask: BlockMask, scale, far_group, softcap=None, key_padding_mask=None, far_span=None
+):
     """Slow, written-out attention over ``mask``'s blocks plus :func:`mean_far_field` over every other
-    causal real key, for tests: q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]``; returns ``[B, Hq, Tq, D]``."""
+    causal real key, for tests: q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]``; returns ``[B, Hq, Tq, D]``.
+    With ``far_span``, each far block's keys in runs of ``far_group * 4**l`` at its level ``l``
+    (:func:`pyramid_levels_reference`), all levels merged by log-sum-exp."""
     from sparse_llm.kernels.reference import element_mask
 
     (_, hq, q_len, _), (_, hkv, kv_len, _) = q.shape, k.shape
     heads = dict(num_q_heads=hq, num_kv_heads=hkv, key_padding_mask=key_padding_mask)
-    causal = BlockMask.causal(q_len=q_len, kv_len=kv_len, block_q=mask.block_q, block_k=mask.block_k)
+    geometry = dict(block_q=mask.block_q, block_k=mask.block_k, q_len=q_len, kv_len=kv_len)
+    causal = BlockMask.causal(**geometry)
     near = element_mask(mask, **heads)
     far = element_mask(causal, **heads) & ~near
-    _, lse_near, out_near = near_reference(q, k, v, near, scale, softcap)
-    lse_far, out_far = mean_far_reference(q, k, v, far, scale, far_group, softcap, key_padding_mask)
-    return merge_reference(lse_near, out_near, lse_far, out_far)
+    _, lse, out = near_reference(q, k, v, near, scale, softcap)
+    if far_span is None:
+        lse_far, out_far = mean_far_reference(q, k, v, far, scale, far_group, softcap, key_padding_mask)
+        return merge_reference(lse, out, lse_far, out_far)
+    level = pyramid_levels_reference(far_blocks(mask), mask, far_span)
+    for lv in range(int(level.max()) + 1):
+        at_level = far & element_mask(BlockMask.from_dense(level == lv, **geometry), **heads)
+        group = far_group * FAR_GROWTH**lv
+        lse_far, out_far = mean_far_reference(q, k, v, at_level, scale, group, softcap, key_padding_mask)
+        out = merge_reference(lse, out, lse_far, out_far).unflatten(1, (hkv, -1))
+        lse = torch.logaddexp(lse, lse_far)
+    return out.flatten(1, 2)

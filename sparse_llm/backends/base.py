@@ -188,13 +188,14 @@ class BudgetedMethod(SparseMethod):
     dense_tail_blocks: int = 1
     far_keys: str = "mean"
     far_group: int = 4
+    far_span: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require_positive(budget=self.budget, sink_tokens=self.sink_tokens, local_tokens=self.local_tokens)
         if self.far_keys not in BUDGETED_FAR_KEYS:
             raise ValueError(f"far_keys must be one of {BUDGETED_FAR_KEYS}, got {self.far_keys!r}")
-        check_far_group(self.far_group, self.block_size)
+        check_far_group(self.far_group, self.block_size, self.far_span)
         if self.budget < self.sink_tokens + self.local_tokens:
             raise ValueError(
                 f"budget ({self.budget}) must cover sink_tokens + local_tokens "
@@ -211,7 +212,7 @@ class BudgetedMethod(SparseMethod):
         """With ``far_keys="mean"``, the mean-key far field over the blocks ``mask`` leaves out."""
         if self.far_keys == "none":
             return None
-        out, lse, stats = mean_far_field(q, k, v, mask, call, self.far_group)
+        out, lse, stats = mean_far_field(q, k, v, mask, call, self.far_group, self.far_span)
         self.layer_stats()[call.layer_idx] = stats
         return out, lse
 
@@ -310,8 +311,15 @@ def exact_attention(q, k, v, mask: BlockMask, call: LayerCall, return_lse: bool 
     )
 
 
-def check_far_group(far_group: int, block_size: int) -> None:
-    """``far_group`` (keys per mean key of a far field) must be a power of two <= ``block_size``."""
+def check_far_group(far_group: int, block_size: int, far_span: int | None = None) -> None:
+    """``far_group`` (keys per mean key of a far field) must be a power of two <= ``block_size``;
+    ``far_span`` (tokens before the groups first grow) None or a positive multiple of ``block_size``."""
+    if far_span is not None and (
+        not isinstance(far_span, int) or isinstance(far_span, bool) or far_span < 1 or far_span % block_size
+    ):
+        raise ValueError(
+            f"far_span must be None or a positive multiple of block_size ({block_size}), got {far_span!r}"
+        )
     if (
         not isinstance(far_group, int)
         or isinstance(far_group, bool)

@@ -78,6 +78,7 @@ class Lightning(SparseMethod):
 
     far_keys: str = "mean"
     far_group: int = 4
+    far_span: int | None = None
     taylor_order: int = 2
     sink_tokens: int = 64
     local_tokens: int = 1024
@@ -86,7 +87,7 @@ class Lightning(SparseMethod):
         super().__post_init__()
         if self.far_keys not in FAR_KEYS:
             raise ValueError(f"far_keys must be one of {FAR_KEYS}, got {self.far_keys!r}")
-        check_far_group(self.far_group, self.block_size)
+        check_far_group(self.far_group, self.block_size, self.far_span)
         if self.taylor_order not in (1, 2) or isinstance(self.taylor_order, bool):
             raise ValueError(f"taylor_order must be 1 or 2, got {self.taylor_order!r}")
         require_positive(sink_tokens=self.sink_tokens, local_tokens=self.local_tokens)
@@ -107,7 +108,7 @@ class Lightning(SparseMethod):
         if call.sliding_window is not None:
             raise NotImplementedError("lightning's far field has no sliding window (the patch runs it dense)")
         if self.far_keys == "mean":
-            out, lse, stats = mean_far_field(q, k, v, mask, call, self.far_group)
+            out, lse, stats = mean_far_field(q, k, v, mask, call, self.far_group, self.far_span)
             self.layer_stats()[call.layer_idx] = stats
             return out, lse
         return taylor_far_field(
