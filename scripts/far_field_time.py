@@ -7,7 +7,8 @@ the ``dense`` method's time, beside the exact and far densities (means over the 
 selection alone (``block_mask``) is timed too, as a share of the attention it saves (dense time less
 the method's kernel and far field), the bench's split.
 
-    python scripts/far_field_time.py --tokens 8192 --budget 1024 [--far-groups 4,8,4:1024] --out docs/results/far_field_time.json
+    python scripts/far_field_time.py --tokens 8192 --budget 1024 [--far-groups 4,8,4:1024] \
+        --out docs/results/far_field_time.json
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ VARIANTS = {
     "streaming": ("streaming", WIDE, None),
     "lightning": ("lightning", WIDE, "streaming"),
     "lightning_group8": ("lightning", {**WIDE, "far_group": 8}, "streaming"),
+    "lightning_span1024": ("lightning", {**WIDE, "far_span": 1024}, "streaming"),
     "lightning_taylor": ("lightning", {**WIDE, "far_keys": "taylor"}, "streaming"),
     "lla": ("lla", dict(base="streaming", base_params=WIDE), "streaming"),
     "streaming_410": ("streaming", NARROW, None),

@@ -65,7 +65,8 @@ FAR_KEYS = ("mean", "taylor", "none")
 class Lightning(SparseMethod):
     """Args: far_keys (``"mean"`` default: compressed far keys; ``"taylor"``: the Taylor linear
     attention reference; ``"none"`` = exact sink + local only), far_group (far keys per mean key,
-    a power of two <= block_size, default 4), taylor_order (2 default, or 1), sink_tokens (64),
+    a power of two <= block_size, default 4), far_span (None; tokens after which the groups grow 4x
+    per level, as in the selection methods' far field), taylor_order (2 default, or 1), sink_tokens (64),
     local_tokens (1024; at least ``block_size``, so far keys precede every query of a block).
     ``layer_stats()`` has the far field's size per layer (``attention_stats`` reports it)."""
 
