@@ -50,17 +50,16 @@ def collapsed_far_field(
     mask: BlockMask,
     call,
     *,
-    key: str,
     width: int,
 ) -> tuple[Tensor, Tensor, dict]:
-    """Attention over the far keys, one collapsed key per group.
+    """Attention over the far keys, one collapsed key per group: the group's first key (a run of equal
+    held keys, ``deltallm``), bias log n, the mean of its values.
 
     Args:
         q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]``.
         group: long ``[B, Hkv, Tk]``: each key's group within its key block (numbered from 0 in every
             block, consecutive keys per group), -1 for keys left out (padding, non-far blocks).
         far: bool ``[Bm, Hm, nQ, nK]`` from :func:`far_blocks`; ``mask`` the exact part's BlockMask.
-        key: ``"first"`` (the group's first key: a run of held keys) or ``"mean"`` (the keys' mean).
         width: slots per collapsed block (a power of two).
 
     Returns:
@@ -83,12 +82,9 @@ def collapsed_far_field(
     index = slot[..., None].expand(-1, -1, -1, d)
     zeros = torch.zeros(b, hkv, length + 1, d, device=dev)
     v_c = zeros.scatter_add(2, index, v.float())[:, :, :length] / counts.clamp_min(1)[..., None]
-    if key == "mean":
-        k_c = zeros.scatter_add(2, index, k.float())[:, :, :length] / counts.clamp_min(1)[..., None]
-    else:  # the first key of each group; the others go to the discard slot
-        first = used & (slot != torch.nn.functional.pad(slot[..., :-1], (1, 0), value=-1))
-        index = torch.where(first, slot, length)[..., None].expand(-1, -1, -1, d)
-        k_c = zeros.scatter(2, index, k.float())[:, :, :length]
+    first = used & (slot != torch.nn.functional.pad(slot[..., :-1], (1, 0), value=-1))
+    index = torch.where(first, slot, length)[..., None].expand(-1, -1, -1, d)  # others: discard slot
+    k_c = zeros.scatter(2, index, k.float())[:, :, :length]
     bias = torch.where(counts > 0, counts.log(), float("-inf"))
     # Collapsed block c of (b, h) belongs to key block searchsorted(ends, c); past the last: none (nK).
     c_idx = torch.arange(length // width, device=dev).expand(b, hkv, -1).contiguous()
@@ -98,28 +94,41 @@ def collapsed_far_field(
         owner = owner.repeat_interleave(hq // hkv, 1)
     far_ext = torch.nn.functional.pad(far, (0, 1)).expand(b, heads, -1, -1)  # column nK: never far
     selected = far_ext.gather(-1, owner[:, :, None, :].expand(-1, -1, far.shape[2], -1))
+    out, lse, far_density = attend_collapsed(q, k_c, v_c, bias, selected, mask, call, width)
+    stats = {
+        "far_keys": int(used.sum()),
+        "far_groups": int((group.amax(-1) + 1).sum()),
+        "far_slots": int(blocks.sum()) * width,
+        "far_density": far_density,
+    }
+    return out, lse, stats
+
+
+def attend_collapsed(q, k_c, v_c, bias, selected: Tensor, mask: BlockMask, call, width: int):
+    """Attention of q ``[B, Hq, Tq, D]`` over collapsed keys k_c/v_c ``[B, Hkv, S, D]`` with logit bias
+    ``[B, Hkv, S]``, each query block reading the ``width``-slot blocks ``selected`` ``[Bm, Hm, nQ, nS]``
+    marks (non-causal: every collapsed key precedes the block). Returns ``(out, lse, far_density)``:
+    slots read over the causal (query, key) pairs of ``mask``, the exact part's density units."""
+    q_len = q.shape[2]
+    length = max(selected.shape[-1], -(-q_len // width)) * width  # the kernel wants Tq <= Tk
+    selected = torch.nn.functional.pad(selected, (0, length // width - selected.shape[-1]))
+    pad = (0, length - bias.shape[-1])
     far_mask = BlockMask.from_dense(
         selected, block_q=mask.block_q, block_k=width, q_len=q_len, kv_len=length, causal=False
     )
     out, lse = block_sparse_attention(
         q,
-        k_c.to(q.dtype),
-        v_c.to(q.dtype),
+        torch.nn.functional.pad(k_c, (0, 0, *pad)).to(q.dtype),
+        torch.nn.functional.pad(v_c, (0, 0, *pad)).to(q.dtype),
         far_mask,
         scale=call.scale,
         softcap=call.softcap,
         causal=False,
-        key_bias=bias,
+        key_bias=torch.nn.functional.pad(bias, pad, value=float("-inf")),
         return_lse=True,
     )
-    reach = int(mask.reachable().sum()) * bk * selected.shape[0] * selected.shape[1]
-    stats = {
-        "far_keys": int(used.sum()),
-        "far_groups": int((group.amax(-1) + 1).sum()),
-        "far_slots": int(blocks.sum()) * width,
-        "far_density": float(selected.sum()) * width / reach,
-    }
-    return out, lse, stats
+    reach = int(mask.reachable().sum()) * mask.block_k * selected.shape[0] * selected.shape[1]
+    return out, lse, float(selected.sum()) * width / reach
 
 
 FAR_GROWTH = 4  # each coarser level of a far-field pyramid groups 4x the keys of the one below
@@ -198,36 +207,18 @@ def mean_far_field(
     ``far_keys`` (real keys in far blocks, over batch rows and KV heads), ``far_groups`` (non-empty
     mean keys built, every level), ``far_slots`` (slots built) and ``far_density`` (mean keys the
     queries read over the causal (query, key) pairs, the exact part's density in the same units)."""
-    (b, hkv, kv_len, _), q_len = k.shape, q.shape[2]
+    b, hkv, kv_len, _ = k.shape
     far = far_blocks(mask)
     real = real_keys(call.key_padding_mask, b, kv_len, k.device)
     levels = far_levels(far, mask, far_span)
     k_c, v_c, bias = pyramid_keys(k, v, real, mask.block_k, far_group, len(levels))
     width = mask.block_k // far_group
-    selected = torch.cat(levels, -1)
-    length = max(selected.shape[-1], -(-q_len // width)) * width  # the kernel wants Tq <= Tk
-    selected = torch.nn.functional.pad(selected, (0, length // width - selected.shape[-1]))
-    far_mask = BlockMask.from_dense(
-        selected, block_q=mask.block_q, block_k=width, q_len=q_len, kv_len=length, causal=False
-    )
-    pad = (0, length - bias.shape[-1])
-    out, lse = block_sparse_attention(
-        q,
-        torch.nn.functional.pad(k_c, (0, 0, *pad)).to(q.dtype),
-        torch.nn.functional.pad(v_c, (0, 0, *pad)).to(q.dtype),
-        far_mask,
-        scale=call.scale,
-        softcap=call.softcap,
-        causal=False,
-        key_bias=torch.nn.functional.pad(bias, pad, value=float("-inf")),
-        return_lse=True,
-    )
-    reach = int(mask.reachable().sum()) * mask.block_k * selected.shape[0] * selected.shape[1]
+    out, lse, far_density = attend_collapsed(q, k_c, v_c, bias, torch.cat(levels, -1), mask, call, width)
     stats = {
         "far_keys": int(far_key_mask(far, real, mask.block_k).sum()) * hkv,
         "far_groups": int((bias > float("-inf")).sum()),
         "far_slots": bias.numel(),
-        "far_density": float(selected.sum()) * width / reach,
+        "far_density": far_density,
     }
     return out, lse, stats
 

@@ -150,7 +150,7 @@ class DeltaLLM(SparseMethod):
         real = real_keys(call.key_padding_mask, k.shape[0], k.shape[2], k.device)
         runs = held_key_runs(k, self.theta, real, far_key_mask(far, real, mask.block_k), mask.block_k)
         out, lse, stats = collapsed_far_field(
-            q, k, v, runs, far, mask, call, key="first", width=mask.block_k // _SLOTS_PER_BLOCK
+            q, k, v, runs, far, mask, call, width=mask.block_k // _SLOTS_PER_BLOCK
         )
         if stats["far_keys"]:
             self.last_delta_sparsity[call.layer_idx] = 1.0 - stats["far_groups"] / stats["far_keys"]
