@@ -157,7 +157,7 @@ def far_levels(far: Tensor, mask: BlockMask, far_span: int | None) -> list[Tenso
     for level in range(top, 0, -1):
         size = FAR_GROWTH**level
         n_s = -(-n_k // size)
-        padded = torch.cat([remaining, remaining.new_zeros(*remaining.shape[:-1], n_s * size - n_k)], -1)
+        padded = torch.nn.functional.pad(remaining, (0, n_s * size - n_k))  # bool: pads False
         whole = padded.unflatten(-1, (n_s, size)).all(-1)
         ends = (torch.arange(n_s, device=far.device) + 1) * size * mask.block_k
         taken = whole & (ends <= (first_query - far_span * FAR_GROWTH ** (level - 1))[:, None])
@@ -299,13 +299,17 @@ def selection_far_reference(
     near = element_mask(mask, **heads)
     far = element_mask(causal, **heads) & ~near
     _, lse, out = near_reference(q, k, v, near, scale, softcap)
-    if far_span is None:
-        lse_far, out_far = mean_far_reference(q, k, v, far, scale, far_group, softcap, key_padding_mask)
-        return merge_reference(lse, out, lse_far, out_far)
-    level = pyramid_levels_reference(far_blocks(mask), mask, far_span)
-    for lv in range(int(level.max()) + 1):
-        at_level = far & element_mask(BlockMask.from_dense(level == lv, **geometry), **heads)
-        group = far_group * FAR_GROWTH**lv
+    parts = [(far, far_group)]  # (far keys, group size) per level
+    if far_span is not None:
+        level = pyramid_levels_reference(far_blocks(mask), mask, far_span)
+        parts = [
+            (
+                far & element_mask(BlockMask.from_dense(level == lv, **geometry), **heads),
+                far_group * FAR_GROWTH**lv,
+            )
+            for lv in range(int(level.max()) + 1)
+        ]
+    for at_level, group in parts:
         lse_far, out_far = mean_far_reference(q, k, v, at_level, scale, group, softcap, key_padding_mask)
         out = merge_reference(lse, out, lse_far, out_far).unflatten(1, (hkv, -1))
         lse = torch.logaddexp(lse, lse_far)
