@@ -164,6 +164,8 @@ def prefix_mask(tq: int, tk: int, block_q: int, block_k: int, batch: int = 1, he
             Case(tq=400, tk=500, hq=4, hkv=1, block_q=16, block_k=4, causal=False),
             Case(tq=300, tk=300, hq=2, hkv=1, block_q=16, block_k=8, causal=False, b=2, left_pad=(0, 9)),
             Case(tq=257, tk=301, hq=4, hkv=2, block_q=16, block_k=8, causal=False, dtype="bfloat16"),
+            # softcap: the matmul path, which stacks a KV head's query heads itself
+            Case(tq=200, tk=260, hq=4, hkv=2, block_q=16, block_k=8, causal=False, softcap=20.0),
         ]
     ),
 )

@@ -69,13 +69,20 @@ def _fused_op(device: torch.device, softcap: float | None):
 
 
 def _attend(qs, k, v, bias: Tensor | None, scale: float, softcap: float | None):
-    """qs [B, Hr, R, D], k, v [B, Hr, L, D] fp32 (any strides); bias None or an additive fp32 mask
-    (0 / -inf) broadcastable to [B, Hr, R, L]. Returns (out [B, Hr, R, D], lse [B, Hr, R]). Rows without
-    an allowed key are left to the caller: the fused op returns lse = 0 for them (the matmul path -inf)."""
-    b, hr, r, _ = qs.shape
-    length = k.shape[2]
-    step = max(1, _MAX_SCORE_ELEMENTS // (b * hr * r))
+    """qs [B, Hr, R, D], k, v [B, Hk, L, D] fp32 (any strides; Hk divides Hr: query head h reads K/V head
+    h // (Hr / Hk)); bias None or an additive fp32 mask (0 / -inf) broadcastable to [B, Hr, R, L].
+    Returns (out [B, Hr, R, D], lse [B, Hr, R]). Rows without an allowed key are left to the caller: the
+    fused op returns lse = 0 for them (the matmul path -inf)."""
+    b, hr, r, d = qs.shape
+    hk, length = k.shape[1], k.shape[2]
     op = _fused_op(qs.device, softcap)
+    if hk != hr and op is None:  # GQA on the matmul path: a KV head's query heads as one tile of rows
+        g = hr // hk
+        if bias is not None:
+            bias = bias.expand(b, hr, r, length).reshape(b, hk, g * r, length)
+        out, lse = _attend(qs.reshape(b, hk, g * r, d), k, v, bias, scale, softcap)
+        return out.view(b, hr, r, d), lse.view(b, hr, r)
+    step = max(1, _MAX_SCORE_ELEMENTS // (b * hr * r))
     if op is None and length > step:  # matmul path: key chunks merged by LSE bound the scores tile
         parts = [
             _attend(
@@ -772,8 +779,8 @@ class _Executor:
     def _prefix_view(self, call: ViewCall) -> tuple[Tensor, Tensor]:
         """A non-causal ViewCall (``_plan_prefix_views``) as tiles: each row attends to its own selected
         blocks of the shared run; its other blocks, keys past Tk, padding and -inf key biases are masked.
-        With a per-query-head mask the G query heads of a KV head are stacked into one G * block_q-row
-        tile with a mask per row, so K/V stay one view per KV head (no per-head copies)."""
+        With a per-query-head mask each query head keeps its own row of the mask, broadcast over its
+        positions, and reads its KV head's view (no per-head K/V copies, no per-row mask)."""
         s, dev, bk = self.s, self.dev, self.s.block_k
         n0, n1, ng, count = call.n0, call.n1, call.n1 - call.n0, call.count
         length = count * bk
@@ -795,12 +802,9 @@ class _Executor:
             bias = torch.where(allowed, 0.0, float("-inf"))
         empty = ~allowed.any(-1)[..., None]  # [ng, B', Hr, 1]
         bias = bias.expand(ng, s.b, s.hr, length)
-        qs = self.qb[n0:n1]  # [ng, B, Hr, R, D]
-        if s.per_q_head:  # rows (head, position) of the group: one query tile per KV head
-            qs = qs.reshape(ng, s.b * s.hkv, s.g * s.r, s.d)
-            bias = bias[..., None, :].expand(-1, -1, -1, s.r, -1).reshape(ng, s.b * s.hkv, s.g * s.r, length)
-        else:
-            qs, bias = qs.reshape(ng, s.b * s.hr, s.r, s.d), bias.reshape(ng, s.b * s.hr, 1, length)
+        # [ng, B * Hr, R, D] over K/V [ng, B * Hkv, L, D]: with a per-query-head mask, the fused op maps
+        # each query head to its KV head and the mask broadcasts over the rows of a head
+        qs, bias = self.qb[n0:n1].reshape(ng, s.b * s.hr, s.r, s.d), bias.reshape(ng, s.b * s.hr, 1, length)
         o, lse = _attend(qs, ks, vs, bias, self.scale, self.softcap)
         return self._tiles(o, lse, empty, ng)
 
