@@ -141,18 +141,25 @@ def test_rejects_bad_key_bias():
         block_sparse_attention(q, k, v, mask, key_bias=good.to("meta"), **kwargs)
 
 
-def prefix_mask(tq: int, tk: int, block_q: int, block_k: int, batch: int = 1, heads: int = 1) -> BlockMask:
+def prefix_mask(
+    tq: int, tk: int, block_q: int, block_k: int, batch: int = 1, heads: int = 1, fragments: bool = False
+) -> BlockMask:
     """Non-causal: query block n selects key blocks [2, 2 + n) (none for n = 0): a far field over
     collapsed keys (backends/_collapse.py), each query block reading one more collapsed block. With
     ``heads`` > 1 each row also drops its own random ~10 % of those blocks (blocks a head selected
-    for its exact part), so rows differ and runs have holes."""
+    for its exact part), so rows differ and runs have holes. With ``fragments`` the run is
+    [2 + 4 * (n // 8), 2 + n) and each row also selects ~15 % of the blocks before it: a pyramid
+    level's run, whose start moves by superblocks, and the pieces of superblocks split by a selection."""
     n_q, n_k = -(-tq // block_q), -(-tk // block_k)
-    blocks = torch.arange(n_k)
-    dense = (blocks >= 2) & (blocks < 2 + torch.arange(n_q)[:, None])
+    blocks, query_blocks = torch.arange(n_k), torch.arange(n_q)[:, None]
+    first = 2 + 4 * (query_blocks // 8) if fragments else torch.full_like(query_blocks, 2)
+    dense = (blocks >= first) & (blocks < 2 + query_blocks)
     dense = dense.expand(batch, heads, n_q, n_k)
+    gen = torch.Generator().manual_seed(5)
     if heads > 1:
-        gen = torch.Generator().manual_seed(5)
         dense = dense & (torch.rand(dense.shape, generator=gen) > 0.1)
+    if fragments:
+        dense = dense | ((blocks < first) & (torch.rand(dense.shape, generator=gen) < 0.15))
     geo = dict(q_len=tq, kv_len=tk, block_q=block_q, block_k=block_k, causal=False)
     return BlockMask.from_dense(dense, **geo)
 
@@ -188,3 +195,36 @@ def test_noncausal_prefix_masks_share_views_and_match_reference(case, with_bias,
     assert views and all(c.stride == 0 and not c.merge for c in views)
     viewed = sum((c.n1 - c.n0) * c.count for c in views)  # blocks per row, holes included
     assert viewed > 0.6 * int(mask.to_dense().sum()) / heads  # most keys viewed
+
+
+@pytest.mark.parametrize(
+    "case",
+    params(
+        [
+            Case(tq=400, tk=500, hq=4, hkv=1, block_q=16, block_k=4, causal=False),
+            Case(tq=300, tk=300, hq=2, hkv=1, block_q=16, block_k=8, causal=False, b=2, left_pad=(0, 9)),
+            Case(tq=257, tk=301, hq=4, hkv=2, block_q=16, block_k=8, causal=False, dtype="bfloat16"),
+        ]
+    ),
+)
+@pytest.mark.parametrize("rows", ["shared", "per_q_head"])
+def test_noncausal_views_gather_the_blocks_before_their_run(case, rows, monkeypatch):
+    """A run whose start moves, with scattered blocks before it (a far-field pyramid level): the runs
+    are viewed, the blocks before them gathered by merged calls, and the result is the reference's."""
+    q, k, v, _, kwargs = build(case)
+    heads = {"shared": 1, "per_q_head": case.hq}[rows]
+    mask = prefix_mask(case.tq, case.tk, case.block_q, case.block_k, heads=heads, fragments=True)
+    kwargs["key_bias"] = key_bias(case.but(block_k=1), masked=0.05)
+    plans = []
+    plan_gather = cpu_kernel.plan_gather
+    monkeypatch.setattr(
+        cpu_kernel, "plan_gather", lambda *a, **kw: plans.append(plan_gather(*a, **kw)) or plans[-1]
+    )
+    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl="cpu", **kwargs)
+    check_attention(out, lse, q, k, v, mask, kwargs)
+    views = [c for c in plans[0].calls if isinstance(c, cpu_kernel.ViewCall)]
+    rest = [c for c in plans[0].calls if isinstance(c, cpu_kernel.GatherCall) and c.rest]
+    assert views and rest and all(c.merge for c in rest)
+    viewed = {n for c in views for n in range(c.n0, c.n1)}
+    assert {n for c in rest for n in range(c.n0, c.n1)} <= viewed  # the rest of a viewed block only
+    assert sum((c.n1 - c.n0) * c.count for c in views) > 0.5 * int(mask.to_dense().sum()) / heads

@@ -22,6 +22,7 @@ from torch import Tensor
 from sparse_llm.backends.selection import real_keys
 from sparse_llm.kernels import BlockMask, block_sparse_attention
 from sparse_llm.kernels.block_mask import block_geometry
+from sparse_llm.kernels.merge import merge_attention_
 
 
 def far_blocks(mask: BlockMask) -> Tensor:
@@ -168,9 +169,9 @@ def far_levels(far: Tensor, mask: BlockMask, far_span: int | None) -> list[Tenso
 
 def pyramid_keys(k: Tensor, v: Tensor, real: Tensor, block: int, far_group: int, n_levels: int):
     """Mean keys and values of every aligned run of ``far_group * 4**l`` real keys, for each level
-    ``l < n_levels``, concatenated level after level (level ``l`` in ``ceil(nK / 4**l)`` superblocks of
-    ``block // far_group`` slots). Returns fp32 ``(k_c, v_c [B, Hkv, S, D], bias [B, Hkv, S])``,
-    bias log n for a slot of n real keys, -inf for an empty one."""
+    ``l < n_levels`` (level ``l`` in ``ceil(nK / 4**l)`` superblocks of ``block // far_group`` slots).
+    Returns per level fp32 ``(k_c, v_c [B, Hkv, S_l, D], bias [B, Hkv, S_l])``, bias log n for a slot
+    of n real keys, -inf for an empty one."""
     b, hkv, kv_len, d = k.shape
     width, n_k = block // far_group, -(-kv_len // block)
     pad = n_k * block - kv_len
@@ -181,7 +182,7 @@ def pyramid_keys(k: Tensor, v: Tensor, real: Tensor, block: int, far_group: int,
         return x.view(b, -1, n_k * width, far_group, d).sum(3)
 
     k_sum, v_sum, count = runs(k), runs(v), w.view(b, 1, n_k * width, far_group).sum(-1)
-    keys, values, biases = [], [], []
+    levels = []
     for level in range(n_levels):
         if level:  # four superblocks of the level below make one: sum runs of four slots
             extra = -count.shape[-1] % (FAR_GROWTH * width)
@@ -190,10 +191,9 @@ def pyramid_keys(k: Tensor, v: Tensor, real: Tensor, block: int, far_group: int,
                 for x in (k_sum, v_sum)
             )
             count = torch.nn.functional.pad(count, (0, extra)).unflatten(2, (-1, FAR_GROWTH)).sum(3)
-        keys.append(k_sum / count.clamp_min(1)[..., None])
-        values.append(v_sum / count.clamp_min(1)[..., None])
-        biases.append(torch.where(count > 0, count.log(), float("-inf")).expand(b, hkv, -1))
-    return torch.cat(keys, 2), torch.cat(values, 2), torch.cat(biases, 2)
+        bias = torch.where(count > 0, count.log(), float("-inf")).expand(b, hkv, -1)
+        levels.append((k_sum / count.clamp_min(1)[..., None], v_sum / count.clamp_min(1)[..., None], bias))
+    return levels
 
 
 def mean_far_field(
@@ -203,7 +203,9 @@ def mean_far_field(
     every ``far_group`` consecutive real keys collapsed into their mean key (bias log n, the mean of
     their values): NSA's compression branch, training-free. ``far_group`` is a power of two <=
     ``mask.block_k``; 1 is exact. With ``far_span`` the groups grow 4x per level with distance
-    (:func:`far_levels`). Returns ``(out [B, Hq, Tq, D], lse [B, Hq, Tq] fp32, stats)``; ``stats``:
+    (:func:`far_levels`), one kernel call per level (each level's reads are a run per query block, which
+    the CPU kernel views without copies) merged by log-sum-exp. Returns ``(out [B, Hq, Tq, D] fp32,
+    lse [B, Hq, Tq] fp32, stats)``; ``stats``:
     ``far_keys`` (real keys in far blocks, over batch rows and KV heads), ``far_groups`` (non-empty
     mean keys built, every level), ``far_slots`` (slots built) and ``far_density`` (mean keys the
     queries read over the causal (query, key) pairs, the exact part's density in the same units)."""
@@ -211,13 +213,23 @@ def mean_far_field(
     far = far_blocks(mask)
     real = real_keys(call.key_padding_mask, b, kv_len, k.device)
     levels = far_levels(far, mask, far_span)
-    k_c, v_c, bias = pyramid_keys(k, v, real, mask.block_k, far_group, len(levels))
+    keys = pyramid_keys(k, v, real, mask.block_k, far_group, len(levels))
     width = mask.block_k // far_group
-    out, lse, far_density = attend_collapsed(q, k_c, v_c, bias, torch.cat(levels, -1), mask, call, width)
+    out = lse = None
+    far_density = 0.0
+    for (k_c, v_c, bias), selected in zip(keys, levels, strict=True):
+        if out is not None and not bool(selected.any()):
+            continue
+        part, part_lse, density = attend_collapsed(q, k_c, v_c, bias, selected, mask, call, width)
+        far_density += density
+        if out is None:
+            out, lse = part.float(), part_lse
+        else:
+            merge_attention_(out, lse, part, part_lse)
     stats = {
         "far_keys": int(far_key_mask(far, real, mask.block_k).sum()) * hkv,
-        "far_groups": int((bias > float("-inf")).sum()),
-        "far_slots": bias.numel(),
+        "far_groups": sum(int((bias > float("-inf")).sum()) for _, _, bias in keys),
+        "far_slots": sum(bias.numel() for _, _, bias in keys),
         "far_density": far_density,
     }
     return out, lse, stats

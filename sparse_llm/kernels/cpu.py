@@ -16,8 +16,10 @@ ways to feed it, cheapest first:
 3. Otherwise the K/V blocks are gathered by one ``index_select`` and stacked along the batch dimension.
 
 Non-causal masks (far fields over collapsed keys, ``backends/_collapse.py``) whose query blocks select
-most blocks of one run from a common first block take one stride-0 view of that run per segment of
-query blocks, each row's unselected blocks masked (``_plan_prefix_views``); rows may differ per head.
+most blocks of one run ending at their last selected block take one stride-0 view of that run per
+segment of query blocks with the same first block, each row's unselected blocks masked; the blocks a
+row selects before its run (the pieces of a pyramid level's superblocks) are gathered and merged
+(``_plan_prefix_views``); rows may differ per head.
 
 GQA is never expanded: with a mask shared by a KV head's group, the group's queries are stacked into
 one [G * block_q, D] tile (fla's ``naive.py`` grouping); with a per-query-head mask each query head
@@ -353,6 +355,7 @@ class GatherCall:
     n1: int
     full: bool
     partial: bool
+    rest: bool = False  # the blocks a non-causal prefix view leaves out (GatherPlan.rest)
 
     @property
     def merge(self) -> bool:
@@ -377,6 +380,9 @@ class GatherPlan:
     - ``GatherCall``s: full + partial blocks in one call (written), or its full blocks (written) and
       its partial blocks (merged), each in its own call where present.
 
+    A non-causal view covers each row's main run (its last selected blocks, holes and all); the blocks a
+    row selects before it, ``rest``, are gathered by merged ``GatherCall``s (``rest=True``).
+
     ``calls`` lists written calls before merged ones. ``unwritten`` query blocks get no written call
     (no full block): they start from out = 0, lse = -inf, which is also the result of an empty row.
     ``full`` and ``part`` are the mask's two block lists with rows mapped to the row heads; ``rule`` is
@@ -391,6 +397,7 @@ class GatherPlan:
     unwritten: list[int] = field(default_factory=list)
     rule: tuple[Tensor, Tensor] | None = None
     causal: bool = True
+    rest: _Blocks | None = None
 
 
 def plan_gather(
@@ -424,9 +431,16 @@ def plan_gather(
     part = block_list(block_mask.kv_num_blocks, block_mask.kv_indices, causal)
     causal_blocks = prefix if prefix > 1 else 0  # a lone dense block is left to the gathers
     alone = [n >= causal_blocks for n in range(s.n_q)]  # not yet served by a call
-    views: list[CausalCall | ViewCall] = []
+    views: list[CausalCall | ViewCall | GatherCall] = []
+    rest = None
     if not causal:
-        views = _plan_prefix_views(full, part, s, alone)
+        views, rest_counts = _plan_prefix_views(full, part, s, alone)
+        if views and rest_counts.any():
+            rest = _block_list(rest_counts, full.idx, s.n_k, cut_tail, padding, False, not s.per_q_head)
+            keys = [c or None for c in rest.counts]
+            cost = s.b * s.hr * s.block_k * (2 * s.d + 1)
+            runs = _runs(keys, [c * cost for c in rest.counts], _PAD_RATIO)
+            views += [GatherCall(n0, n1, full=False, partial=False, rest=True) for n0, n1 in runs]
     if causal and sliding_window is None and not padding and fused and not s.per_q_head:
         views = _plan_causal_runs(block_mask, full, part, s, prefix, alone)
     if causal and not s.per_q_head and s.block_q % s.block_k == 0:
@@ -442,28 +456,44 @@ def plan_gather(
     calls = [c for c in views + gathers if not c.merge] + [c for c in views + gathers if c.merge]
     unwritten = [n for n, w in enumerate(written) if not w]
     rule = None if block_mask.window_start is None else (block_mask.window_start, block_mask.sink_end)
-    return GatherPlan(s, causal_blocks, full, part, calls, unwritten, rule, causal)
+    return GatherPlan(s, causal_blocks, full, part, calls, unwritten, rule, causal, rest)
 
 
-def _plan_prefix_views(full: _Blocks, part: _Blocks, s: Shapes, alone: list[bool]) -> list[ViewCall]:
+def _plan_prefix_views(
+    full: _Blocks, part: _Blocks, s: Shapes, alone: list[bool]
+) -> tuple[list[ViewCall], Tensor]:
     """Non-causal masks (far fields over collapsed keys, ``backends/_collapse.py``) whose query blocks
-    select, in every row, most blocks of one run [start, end): the far keys before the local window,
-    less a few selected blocks per head. Each segment of such query blocks takes one stride-0 view of
-    its longest run (no copy, one call); each row's unselected blocks in it are masked. A segment
-    grows while every row's masked keys stay within ``_PREFIX_REST`` of its own count. Rows may differ
-    (per-head masks), unlike the other views. Marks the query blocks served in ``alone``."""
-    if any(part.counts):  # without causality every selected block is full
-        return []
+    select, in every row, most blocks of a run [start, end) that ends at their last selected block: the
+    far keys before the local window, less a few selected blocks per head; with a far-field pyramid,
+    the nearest level's run, with the fragments that a selected block leaves of its superblocks lying
+    before it. A query block's ``start`` is the first block from which every row selects at least
+    1 / (1 + ``_PREFIX_REST``) of the blocks up to the end. Each segment of query blocks with the same
+    start takes one stride-0 view of its longest run (no copy, one call); each row's unselected blocks
+    in it are masked. A segment grows while every row's masked keys stay within ``_PREFIX_REST`` of
+    its own count. Rows may differ (per-head masks), unlike the other views. Marks the query blocks
+    served in ``alone``; returns the calls and, per row, how many of its first selected blocks lie
+    before its view (int [Bm, Hr, nQ], 0 where no view serves the query block)."""
+    rest_counts = torch.zeros_like(full.slot_ok[..., 0], dtype=torch.long)
+    if any(part.counts) or not any(full.counts):  # without causality every selected block is full
+        return [], rest_counts
     ok, n_k = full.slot_ok, s.n_k
-    lo = torch.where(ok, full.idx, n_k).amin(-1).flatten(0, 1).amin(0).tolist()  # [nQ]
-    hi = (torch.where(ok, full.idx, -1).amax(-1).flatten(0, 1).amax(0) + 1).tolist()
-    least = ok.sum(-1).flatten(0, 1).amin(0).tolist()  # the smallest row count
+    picked = torch.zeros(*ok.shape[:3], n_k + 1, dtype=torch.long, device=ok.device)
+    picked = picked.scatter_(-1, torch.where(ok, full.idx, n_k), 1)[..., :n_k]  # [Bm, Hr, nQ, nK]
+    after = picked.flip(-1).cumsum(-1).flip(-1)  # selected blocks from j on
+    hi = torch.where(ok, full.idx, -1).amax(-1).flatten(0, 1).amax(0) + 1  # [nQ]
+    span = hi[:, None] - torch.arange(n_k, device=ok.device)  # blocks in [j, hi)
+    fits = ((span <= after * (1 + _PREFIX_REST)) & (span > 0)).flatten(0, 1).all(0)  # [nQ, nK]
+    fits &= picked.flatten(0, 1).any(0).bool()  # a view starts at a selected block
+    first = torch.where(fits.any(-1), fits.int().argmax(-1), -1)  # the earliest start that fits
+    least = after.gather(-1, first.clamp_min(0).expand(*after.shape[:2], -1)[..., None])[..., 0]
+    before = ok & (full.idx < first[:, None])  # [Bm, Hr, nQ, M]: blocks left to the rest gathers
+    lo, hi, least = first.tolist(), hi.tolist(), least.flatten(0, 1).amin(0).tolist()
     size = _MAX_SCORE_ELEMENTS // (s.b * s.hq * s.block_q * s.block_k)  # bounds ng x run blocks
     calls = []
     n = 0
     while n < s.n_q:
         span = hi[n] - lo[n]
-        if not alone[n] or least[n] == 0 or span > least[n] * (1 + _PREFIX_REST):
+        if not alone[n] or lo[n] < 0 or least[n] == 0:
             n += 1
             continue
         n1, longest, fewest = n + 1, span, least[n]
@@ -474,8 +504,9 @@ def _plan_prefix_views(full: _Blocks, part: _Blocks, s: Shapes, alone: list[bool
             longest, fewest, n1 = grown, fewer, n1 + 1
         calls.append(ViewCall(n, n1, lo[n], longest, 0, merge=False))
         alone[n:n1] = [False] * (n1 - n)
+        rest_counts[:, :, n:n1] = before[:, :, n:n1].sum(-1)
         n = n1
-    return calls
+    return calls, rest_counts
 
 
 def _causal_run_keys(block_mask: BlockMask, full: _Blocks, part: _Blocks, s: Shapes, prefix: int) -> list:
@@ -786,7 +817,8 @@ class _Executor:
         length = count * bk
         ks, vs = self._run_views(call)
         blocks = self.plan.full
-        rel = torch.where(blocks.slot_ok[:, :, n0:n1], blocks.idx[:, :, n0:n1] - call.start, count)
+        rel = blocks.idx[:, :, n0:n1] - call.start  # rows' blocks before the view: the rest gathers'
+        rel = torch.where(blocks.slot_ok[:, :, n0:n1] & (rel >= 0), rel, count)
         member = torch.zeros(*rel.shape[:3], count + 1, dtype=torch.bool, device=dev)
         member = member.scatter_(-1, rel, True)[..., :count]  # [Bm, Hr, ng, count]
         kpos = call.start * bk + torch.arange(length, device=dev)
@@ -812,7 +844,9 @@ class _Executor:
         """A GatherCall as tiles: K/V [ng * B, Hr, L, D] gathered into a reused workspace, one additive
         mask [ng * B, Hr, R or 1, L] when some key of the call needs masking."""
         s, n0, n1 = self.s, call.n0, call.n1
-        lists = [bl for bl, use in ((self.plan.full, call.full), (self.plan.part, call.partial)) if use]
+        plan = self.plan
+        uses = ((plan.full, call.full), (plan.part, call.partial), (plan.rest, call.rest))
+        lists = [blocks for blocks, use in uses if use]
         ng, counts = n1 - n0, [max(blocks.counts[n0:n1]) for blocks in lists]
         starts = [blocks.starts[n0] for blocks in lists]
         contiguous = all(a >= 0 for a in starts) and all(
