@@ -164,13 +164,30 @@ def prefix_mask(
     return BlockMask.from_dense(dense, **geo)
 
 
+NONCAUSAL = [  # far-field shapes: GQA, batch with padding, bf16
+    Case(tq=400, tk=500, hq=4, hkv=1, block_q=16, block_k=4, causal=False),
+    Case(tq=300, tk=300, hq=2, hkv=1, block_q=16, block_k=8, causal=False, b=2, left_pad=(0, 9)),
+    Case(tq=257, tk=301, hq=4, hkv=2, block_q=16, block_k=8, causal=False, dtype="bfloat16"),
+]
+
+
+def checked_plan(q, k, v, mask, kwargs, monkeypatch) -> cpu_kernel.GatherPlan:
+    """Run the CPU kernel on ``mask``, check it against the reference, return the plan it ran."""
+    plans = []
+    plan_gather = cpu_kernel.plan_gather
+    monkeypatch.setattr(
+        cpu_kernel, "plan_gather", lambda *a, **kw: plans.append(plan_gather(*a, **kw)) or plans[-1]
+    )
+    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl="cpu", **kwargs)
+    check_attention(out, lse, q, k, v, mask, kwargs)
+    return plans[0]
+
+
 @pytest.mark.parametrize(
     "case",
     params(
         [
-            Case(tq=400, tk=500, hq=4, hkv=1, block_q=16, block_k=4, causal=False),
-            Case(tq=300, tk=300, hq=2, hkv=1, block_q=16, block_k=8, causal=False, b=2, left_pad=(0, 9)),
-            Case(tq=257, tk=301, hq=4, hkv=2, block_q=16, block_k=8, causal=False, dtype="bfloat16"),
+            *NONCAUSAL,
             # softcap: the matmul path, which stacks a KV head's query heads itself
             Case(tq=200, tk=260, hq=4, hkv=2, block_q=16, block_k=8, causal=False, softcap=20.0),
         ]
@@ -184,29 +201,14 @@ def test_noncausal_prefix_masks_share_views_and_match_reference(case, with_bias,
     mask = prefix_mask(case.tq, case.tk, case.block_q, case.block_k, heads=heads)
     if with_bias:
         kwargs["key_bias"] = key_bias(case.but(block_k=1), masked=0.05)
-    plans = []
-    plan_gather = cpu_kernel.plan_gather
-    monkeypatch.setattr(
-        cpu_kernel, "plan_gather", lambda *a, **kw: plans.append(plan_gather(*a, **kw)) or plans[-1]
-    )
-    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl="cpu", **kwargs)
-    check_attention(out, lse, q, k, v, mask, kwargs)
-    views = [c for c in plans[0].calls if isinstance(c, cpu_kernel.ViewCall)]
+    plan = checked_plan(q, k, v, mask, kwargs, monkeypatch)
+    views = [c for c in plan.calls if isinstance(c, cpu_kernel.ViewCall)]
     assert views and all(c.stride == 0 and not c.merge for c in views)
     viewed = sum((c.n1 - c.n0) * c.count for c in views)  # blocks per row, holes included
     assert viewed > 0.6 * int(mask.to_dense().sum()) / heads  # most keys viewed
 
 
-@pytest.mark.parametrize(
-    "case",
-    params(
-        [
-            Case(tq=400, tk=500, hq=4, hkv=1, block_q=16, block_k=4, causal=False),
-            Case(tq=300, tk=300, hq=2, hkv=1, block_q=16, block_k=8, causal=False, b=2, left_pad=(0, 9)),
-            Case(tq=257, tk=301, hq=4, hkv=2, block_q=16, block_k=8, causal=False, dtype="bfloat16"),
-        ]
-    ),
-)
+@pytest.mark.parametrize("case", params(NONCAUSAL))
 @pytest.mark.parametrize("rows", ["shared", "per_q_head"])
 def test_noncausal_views_gather_the_blocks_before_their_run(case, rows, monkeypatch):
     """A run whose start moves, with scattered blocks before it (a far-field pyramid level): the runs
@@ -215,15 +217,9 @@ def test_noncausal_views_gather_the_blocks_before_their_run(case, rows, monkeypa
     heads = {"shared": 1, "per_q_head": case.hq}[rows]
     mask = prefix_mask(case.tq, case.tk, case.block_q, case.block_k, heads=heads, fragments=True)
     kwargs["key_bias"] = key_bias(case.but(block_k=1), masked=0.05)
-    plans = []
-    plan_gather = cpu_kernel.plan_gather
-    monkeypatch.setattr(
-        cpu_kernel, "plan_gather", lambda *a, **kw: plans.append(plan_gather(*a, **kw)) or plans[-1]
-    )
-    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl="cpu", **kwargs)
-    check_attention(out, lse, q, k, v, mask, kwargs)
-    views = [c for c in plans[0].calls if isinstance(c, cpu_kernel.ViewCall)]
-    rest = [c for c in plans[0].calls if isinstance(c, cpu_kernel.GatherCall) and c.rest]
+    plan = checked_plan(q, k, v, mask, kwargs, monkeypatch)
+    views = [c for c in plan.calls if isinstance(c, cpu_kernel.ViewCall)]
+    rest = [c for c in plan.calls if isinstance(c, cpu_kernel.GatherCall) and c.rest]
     assert views and rest and all(c.merge for c in rest)
     viewed = {n for c in views for n in range(c.n0, c.n1)}
     assert {n for c in rest for n in range(c.n0, c.n1)} <= viewed  # the rest of a viewed block only
