@@ -145,6 +145,23 @@ def test_far_levels_cover_every_far_block_once_coarser_with_distance():
     assert stats[64]["far_density"] < 0.5 * stats[None]["far_density"]
 
 
+@pytest.mark.parametrize("name", ["block_topk", "lightning"])
+def test_default_far_span_keeps_one_level_to_8k_tokens(name):
+    """The default ``far_span`` (8192) reads prompts up to 8192 tokens at one level, as ``None`` does,
+    and longer ones at coarser levels beyond 8192 tokens."""
+    method = get_method(name)
+    assert method.far_span == 8192
+    for tokens, n_levels in ((4096, 1), (8192, 1), (8192 + 512, 2), (32768, 2)):
+        n = tokens // 64
+        keep = torch.zeros(1, 1, n, n, dtype=torch.bool)
+        keep[..., torch.arange(n), torch.arange(n)] = True  # the diagonal: every other causal block is far
+        mask = BlockMask.from_dense(keep, block_q=64, block_k=64, q_len=tokens, kv_len=tokens)
+        far = far_blocks(mask)
+        levels = far_levels(far, mask, method.far_span)
+        assert len(levels) == n_levels and all(int(level.sum()) > 0 for level in levels), tokens
+        assert sum(int(level.sum()) * 4**lv for lv, level in enumerate(levels)) == int(far.sum())
+
+
 @pytest.mark.parametrize(
     "params, match",
     [

@@ -133,6 +133,11 @@ def attend_collapsed(q, k_c, v_c, bias, selected: Tensor, mask: BlockMask, call,
 
 
 FAR_GROWTH = 4  # each coarser level of a far-field pyramid groups 4x the keys of the one below
+# Tokens of fine groups before the pyramid's first coarser level, the methods' default ``far_span``.
+# Measured (docs/evaluations.md): fine groups over the whole context keep the needles at 4K and 8K
+# (RULER, NIAH) but lose some at 16K, where a pyramid beyond 8192 tokens (or 4096) keeps them; so
+# prompts up to 8192 tokens see one level, unchanged, and longer ones read far fewer mean keys.
+FAR_SPAN = 8192
 
 
 def far_levels(far: Tensor, mask: BlockMask, far_span: int | None) -> list[Tensor]:

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from sparse_llm.backends._collapse import mean_far_field
+from sparse_llm.backends._collapse import FAR_SPAN, mean_far_field
 from sparse_llm.backends.selection import first_real_key, key_blocks_with_real_keys
 from sparse_llm.kernels import BlockMask, block_sparse_attention, merge_attention, merge_attention_
 from sparse_llm.names import unknown_name
@@ -169,11 +169,13 @@ class BudgetedMethod(SparseMethod):
     it per layer as ``far_density``. It is the default: on RULER at 4K it lifts every selection
     method from 0.55 to 0.75-0.90 (sdpa 0.80), more than the same cost spent on a larger budget
     (docs/evaluations.md). ``"none"`` attends the selected blocks only (faster, forgets more).
-    ``far_span`` (tokens, a multiple of ``block_size``; default None) makes the groups grow with
+    ``far_span`` (tokens, a multiple of ``block_size``; default 8192) makes the groups grow with
     distance: ``far_group`` keys within ``far_span`` tokens of the queries, then 4x larger groups per
     level (:func:`~sparse_llm.backends._collapse.far_levels`), so a query reads O(log T) mean keys
-    beyond ``far_span`` instead of O(T): half the far reads at 8K, 0.4x at 32K (a selected block
-    splits its superblocks), and on RULER at 4K fewer needles (docs/evaluations.md).
+    beyond ``far_span`` instead of O(T). Prompts up to ``far_span`` tokens read one level. The default
+    keeps the fine groups to 8K, where they keep the most needles (a shorter span loses some on RULER
+    at 4K and 8K), and at 16K finds the needles that fine groups over the whole context lose; at 32K
+    it halves the far reads (docs/evaluations.md). ``None``: one level at any length.
 
     Chunked prefill: sinks, windows and budgets are placed at each query block's absolute position,
     so a chunk whose start is a multiple of ``block_size`` keeps the whole prompt's block grid. The
@@ -193,7 +195,7 @@ class BudgetedMethod(SparseMethod):
     dense_tail_blocks: int = 1
     far_keys: str = "mean"
     far_group: int = 4
-    far_span: int | None = None
+    far_span: int | None = FAR_SPAN
 
     def __post_init__(self) -> None:
         super().__post_init__()

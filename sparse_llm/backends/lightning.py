@@ -44,7 +44,13 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_llm.backends._collapse import mean_far_field, mean_far_reference, merge_reference, near_reference
+from sparse_llm.backends._collapse import (
+    FAR_SPAN,
+    mean_far_field,
+    mean_far_reference,
+    merge_reference,
+    near_reference,
+)
 from sparse_llm.backends.base import (
     WHOLE_PROMPT,
     LayerCall,
@@ -65,9 +71,10 @@ FAR_KEYS = ("mean", "taylor", "none")
 class Lightning(SparseMethod):
     """Args: far_keys (``"mean"`` default: compressed far keys; ``"taylor"``: the Taylor linear
     attention reference; ``"none"`` = exact sink + local only), far_group (far keys per mean key,
-    a power of two <= block_size, default 4), far_span (None; tokens after which the groups grow 4x
-    per level, as in the selection methods' far field), taylor_order (2 default, or 1), sink_tokens (64),
-    local_tokens (1024; at least ``block_size``, so far keys precede every query of a block).
+    a power of two <= block_size, default 4), far_span (8192; tokens after which the groups grow 4x
+    per level, as in the selection methods' far field; None: never), taylor_order (2 default, or 1),
+    sink_tokens (64), local_tokens (1024; at least ``block_size``, so far keys precede every query of
+    a block).
     ``layer_stats()`` has the far field's size per layer (``attention_stats`` reports it)."""
 
     name = "lightning"
@@ -79,7 +86,7 @@ class Lightning(SparseMethod):
 
     far_keys: str = "mean"
     far_group: int = 4
-    far_span: int | None = None
+    far_span: int | None = FAR_SPAN
     taylor_order: int = 2
     sink_tokens: int = 64
     local_tokens: int = 1024
