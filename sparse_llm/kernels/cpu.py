@@ -437,9 +437,7 @@ def plan_gather(
         views, rest_counts = _plan_prefix_views(full, part, s, alone)
         if views and rest_counts.any():
             rest = _block_list(rest_counts, full.idx, s.n_k, cut_tail, padding, False, not s.per_q_head)
-            keys = [c or None for c in rest.counts]
-            cost = s.b * s.hr * s.block_k * (2 * s.d + 1)
-            runs = _runs(keys, [c * cost for c in rest.counts], _PAD_RATIO)
+            runs = _gather_runs(rest, [True] * s.n_q, s)
             views += [GatherCall(n0, n1, full=False, partial=False, rest=True) for n0, n1 in runs]
     if causal and sliding_window is None and not padding and fused and not s.per_q_head:
         views = _plan_causal_runs(block_mask, full, part, s, prefix, alone)
@@ -638,11 +636,23 @@ def _plan_views(full: _Blocks, part: _Blocks, s: Shapes, prefix: int, alone: lis
     return calls
 
 
+def _block_cost(s: Shapes) -> int:
+    """fp32 elements per gathered block of a call: its K, V and mask."""
+    return s.b * s.hr * s.block_k * (2 * s.d + s.r)
+
+
+def _gather_runs(blocks: _Blocks, todo: list[bool], s: Shapes) -> list[tuple[int, int]]:
+    """Runs [n0, n1) of the query blocks in ``todo`` with blocks in ``blocks``, one gather call each:
+    equal (or, down to _PAD_RATIO, padded) counts within the call's size bound."""
+    keys = [c if c and todo[n] else None for n, c in enumerate(blocks.counts)]
+    return _runs(keys, [c * _block_cost(s) for c in blocks.counts], _PAD_RATIO)
+
+
 def _plan_gathers(full: _Blocks, part: _Blocks, s: Shapes, alone: list[bool]) -> list[GatherCall]:
     """Gather calls for the query blocks still ``alone``. A long run of query blocks with few keys shares
     one call for its full + partial blocks (one mask over all keys); the rest run full and partial
     blocks apart, each in runs of equal (or, down to _PAD_RATIO, padded) counts."""
-    cost = s.b * s.hr * s.block_k * (2 * s.d + s.r)  # fp32 elements per selected block: K, V, mask
+    cost = _block_cost(s)
     limit = max(1, _SHARED_CALL_KEYS_PER_DIM * s.d // s.block_k)
     facts = zip(alone, full.counts, part.counts, full.needs, part.needs, strict=True)
     both = [
@@ -655,9 +665,7 @@ def _plan_gathers(full: _Blocks, part: _Blocks, s: Shapes, alone: list[bool]) ->
     for n0, n1 in shared:
         alone[n0:n1] = [False] * (n1 - n0)
     for blocks, is_full in ((full, True), (part, False)):
-        keys = [c if c and alone[n] else None for n, c in enumerate(blocks.counts)]
-        sizes = [c * cost for c in blocks.counts]
-        runs = _runs(keys, sizes, _PAD_RATIO)
+        runs = _gather_runs(blocks, alone, s)
         calls += [GatherCall(n0, n1, full=is_full, partial=not is_full) for n0, n1 in runs]
     return calls
 
