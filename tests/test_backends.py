@@ -458,8 +458,9 @@ def test_dma_every_row_spends_its_budget(score, t):
 
 
 # -------------------------------------------------------------------- slow references (materialized)
-def _peak_scores_reference(q, k, call, block, probes):
-    """block_topk's scores with the whole [Tq, Tk] logit matrix, one representative at a time."""
+def _peak_scores_reference(q, k, call, block, probes, dtype=torch.float64):
+    """block_topk's scores with the whole [Tq, Tk] logit matrix, one representative at a time; the
+    logits rounded to ``dtype`` (the rest in fp64)."""
     (b, hq, tq, d), (_, hkv, tk, _) = q.shape, k.shape
     n_q, n_k, offset = -(-tq // block), -(-tk // block), tk - tq
     real = torch.ones(b, tk, dtype=torch.bool) if call.key_padding_mask is None else call.key_padding_mask
@@ -475,7 +476,7 @@ def _peak_scores_reference(q, k, call, block, probes):
                 reps += [q[bi, h, i].double() for i in singles]
                 positions = [offset + i for i in [rows[-1], *singles]]  # the mean sits at the last query
                 for rep, pos in zip(reps, positions, strict=True):
-                    s = (kk @ rep) * call.scale
+                    s = (kk.to(dtype) @ (rep * call.scale).to(dtype)).double()
                     if call.softcap is not None:
                         s = torch.tanh(s / call.softcap) * call.softcap
                     j = torch.arange(tk)
@@ -500,7 +501,10 @@ def _peak_scores_reference(q, k, call, block, probes):
         pytest.param(80, 80, None, None, True, id="left-padding"),
     ],
 )
-def test_block_topk_scores_match_the_materialized_reference(tq, tk, softcap, window, padded, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_block_topk_scores_match_the_materialized_reference(
+    tq, tk, softcap, window, padded, dtype, monkeypatch
+):
     from sparse_llm.backends import block_topk
 
     monkeypatch.setattr(block_topk, "MAX_SCORES", 512)  # several chunks of query blocks
@@ -511,15 +515,16 @@ def test_block_topk_scores_match_the_materialized_reference(tq, tk, softcap, win
         padding = torch.ones(2, tk, dtype=torch.bool)
         padding[1, :37] = False
     call = LayerCall(0, 0.25, softcap=softcap, sliding_window=window, key_padding_mask=padding)
-    got = block_topk.peak_block_scores(q, k, call, 16, 3)
+    got = block_topk.peak_block_scores(q, k, call, 16, 3, dtype=dtype)
     want = _peak_scores_reference(q, k, call, 16, 3)
+    rounded = _peak_scores_reference(q, k, call, 16, 3, dtype=dtype)  # the same logits rounded to dtype
     if padded:  # rows of padding queries are not scored meaningfully: compare the real ones
-        got, want = got[:, :, 3:], want[:, :, 3:]
-    assert got.isneginf().equal(want.isneginf())
-    # fp32 scores against an fp64 reference: agreement to fp32 rounding of a log-sum-exp
-    torch.testing.assert_close(
-        got.double().nan_to_num(neginf=0), want.nan_to_num(neginf=0), rtol=0, atol=1e-4
-    )
+        got, want, rounded = got[:, :, 3:], want[:, :, 3:], rounded[:, :, 3:]
+    assert got.dtype == torch.float32 and got.isneginf().equal(want.isneginf())
+    # Twice the error that rounding the logits to dtype gives, plus fp32's rounding of a log-sum-exp.
+    finite = want.isfinite()
+    bound = 2 * (rounded - want)[finite].abs().max().item() + 1e-4
+    assert (got.double() - want)[finite].abs().max().item() <= bound
 
 
 def _kmeans_reference(x, n_clusters, iterations, seed, valid):
@@ -735,6 +740,32 @@ def test_prefer_late_ties_keeps_the_order_of_distinct_scores():
     assert ranked.isneginf().equal(scores.isneginf())
     order = ranked.argsort(-1, descending=True)[:, :4].tolist()
     assert order == [[1, 4, 5, 2], [3, 2, 1, 0]]
+
+
+@pytest.mark.parametrize("lead", [(1, 1), (2, 3)], ids=["one", "batch-2-heads-3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_logits_nt_equals_matmul_on_a_row_slice_of_keys(lead, dtype):
+    from sparse_llm.backends.selection import logits_nt
+
+    torch.manual_seed(0)
+    x, y = torch.randn(*lead, 7, 16).to(dtype), torch.randn(*lead, 11, 16).to(dtype)
+    got = logits_nt(x, y[..., :9, :])  # the keys a chunk sees: rows of y, as the scorers slice them
+    assert got.shape == (*lead, 7, 9) and got.dtype == dtype
+    want = x.double() @ y[..., :9, :].double().transpose(-1, -2)
+    # Each dot product rounded once to dtype: half an ulp of the largest output, and fp32 accumulation.
+    tol = torch.finfo(dtype).eps * want.abs().max().item()
+    assert (got.double() - want).abs().max().item() <= tol
+
+
+def test_scoring_dtype_is_bf16_only_for_fp32_on_a_cpu_with_native_bf16(monkeypatch):
+    from sparse_llm.backends import selection
+
+    x32 = torch.zeros(2)
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(selection, "_cpu_has_native_bf16", lambda native=native: native)
+        assert selection.scoring_dtype(x32) == want
+        for dtype in (torch.bfloat16, torch.float16, torch.float64):  # other dtypes score as they are
+            assert selection.scoring_dtype(x32.to(dtype)) == dtype
 
 
 # ------------------------------------------------------------------------------- dhsa: peak picking

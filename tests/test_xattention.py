@@ -73,15 +73,16 @@ def _padding(b: int, tk: int, pads: tuple[int, ...]) -> torch.Tensor:
         pytest.param(dict(), 32, 8, (), 2.0, id="softcap"),
     ],
 )
-def test_scores_match_the_loop_reference(shape, block, stride, pads, softcap, max_elements):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_scores_match_the_loop_reference(shape, block, stride, pads, softcap, max_elements, dtype):
     q, k = _inputs(**shape)
     if softcap is not None:  # mean antidiagonal logits well past the cap, so it bites
         q = q * 8
     padding = _padding(q.shape[0], k.shape[2], pads) if pads else None
     call = LayerCall(0, q.shape[-1] ** -0.5, softcap=softcap, key_padding_mask=padding)
-    ours = antidiagonal_block_scores(q, k, call, block, stride, max_elements=max_elements)
+    ours = antidiagonal_block_scores(q, k, call, block, stride, max_elements=max_elements, dtype=dtype)
     truth = reference_scores(q, k, call, block, stride)
-    pt = reference_scores(q, k, call, block, stride, dtype=torch.float32)
+    pt = reference_scores(q, k, call, block, stride, dtype=dtype)  # PyTorch's error in the same precision
     floor = 2 * torch.finfo(torch.float32).eps * truth.abs().max().item()
     bound = (3 if softcap else 2) * (pt.double() - truth).abs().max().item() + floor
     assert ours.dtype == torch.float32 and torch.isfinite(ours).all()

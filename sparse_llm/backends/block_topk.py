@@ -24,7 +24,13 @@ from dataclasses import dataclass
 import torch
 
 from sparse_llm.backends.base import BudgetedMethod, LayerCall, register_method
-from sparse_llm.backends.selection import CAUSAL_CHUNKS, check_probes, probe_queries
+from sparse_llm.backends.selection import (
+    CAUSAL_CHUNKS,
+    check_probes,
+    logits_nt,
+    probe_queries,
+    scoring_dtype,
+)
 from sparse_llm.kernels import BlockMask
 
 MAX_SCORES = 2**25  # scores held at once while scoring (fp32 elements)
@@ -50,18 +56,28 @@ class BlockTopK(BudgetedMethod):
         return self.mask_from_scores(peak_block_scores(q, k, call, self.block_size, self.probes), q, k, call)
 
 
-def peak_block_scores(q: torch.Tensor, k: torch.Tensor, call: LayerCall, block: int, probes: int):
+def peak_block_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    call: LayerCall,
+    block: int,
+    probes: int,
+    dtype: torch.dtype | None = None,
+):
     """Block scores ``[B, Hq, nQ, nK]`` fp32 (module docstring); -inf where no representative sees a key.
 
     q ``[B, Hq, Tq, D]``, k ``[B, Hkv, Tk, D]`` (GQA not expanded: queries are grouped onto their KV head).
+    The logits and their per-block max and log-sum-exp are computed in ``dtype`` (default
+    :func:`~sparse_llm.backends.selection.scoring_dtype`), the exponentials summed in fp32.
     """
+    dtype = scoring_dtype(q) if dtype is None else dtype
     (b, hq, q_len, _), kv_len = q.shape, k.shape[2]
     valid_q = None if call.key_padding_mask is None else call.key_padding_mask[:, -q_len:]
     reps, index = probe_queries(q, block, probes, valid_q)  # [B, Hq, nQ, R, D], [nQ, R]
     n_q, r = index.shape
     n_k = -(-kv_len // block)
     pos_q = index + (kv_len - q_len)  # absolute positions
-    reps = (reps * call.scale).to(k.dtype)
+    reps, k = (reps * call.scale).to(dtype), k.to(dtype)
     out = torch.full((b, hq, n_q, n_k), float("-inf"), device=q.device)
     # Chunks of query blocks, each scored against the keys it can see only: with ~8 chunks the causal
     # upper triangle costs ~1/16 of the square instead of 1/2.
@@ -79,7 +95,7 @@ def _peaks(reps: torch.Tensor, k: torch.Tensor, pos_q: torch.Tensor, call: Layer
     (b, hq, n, r, d), (hkv, kv_len) = reps.shape, k.shape[1:3]
     n_seen = int(pos_q.max()) // block + 1  # key blocks any representative can see
     seen = min(n_seen * block, kv_len)
-    s = (reps.reshape(b, hkv, -1, d) @ k[:, :, :seen].transpose(-1, -2)).float().view(b, hq, n, r, seen)
+    s = logits_nt(reps.reshape(b, hkv, -1, d), k[:, :, :seen]).view(b, hq, n, r, seen)
     if call.softcap is not None:
         s = torch.tanh_(s / call.softcap).mul_(call.softcap)
     # Keys before the chunk's first representative are causally visible to all; mask only the rest.
@@ -96,8 +112,9 @@ def _peaks(reps: torch.Tensor, k: torch.Tensor, pos_q: torch.Tensor, call: Layer
     s = s.view(b, hq, n, r, n_seen, block)
     peaks = s.amax(-1)  # [B, Hq, n, R, n_seen]
     # log-sum-exp in place (s is not needed afterwards): one pass of exp, no temporaries of s's size.
+    # The shift is a value of s, so s - top is exact where it matters (near the top) in any dtype.
     top = peaks.amax(-1, keepdim=True)
-    lse = s.sub_(top[..., None]).exp_().sum((-1, -2)).log_()[..., None] + top
-    peaks = peaks - lse
+    lse = s.sub_(top[..., None]).exp_().sum((-1, -2), dtype=torch.float32).log_()[..., None]
+    peaks = peaks.float() - top.float() - lse
     peaks.masked_fill_(peaks.isnan(), float("-inf"))  # a representative that sees no real key
     return peaks.amax(3)

@@ -25,14 +25,22 @@ from sparse_llm.backends.base import BudgetedMethod, LayerCall, register_method
 from sparse_llm.backends.selection import (
     CAUSAL_CHUNKS,
     key_blocks_with_real_keys,
+    logits_nt,
     reachable_blocks,
     real_keys,
+    scoring_dtype,
 )
 from sparse_llm.kernels import BlockMask
 
 
 def antidiagonal_block_scores(
-    q: torch.Tensor, k: torch.Tensor, call: LayerCall, block_size: int, stride: int, max_elements: int = 2**25
+    q: torch.Tensor,
+    k: torch.Tensor,
+    call: LayerCall,
+    block_size: int,
+    stride: int,
+    max_elements: int = 2**25,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """XAttention block scores, fp32 ``[B, Hq, nQ, nK]``, of q ``[B, Hq, Tq, D]`` and k ``[B, Hkv, Tk, D]``.
 
@@ -41,23 +49,27 @@ def antidiagonal_block_scores(
     the group's last query (the diagonal tile is kept whole, as in the paper) and the key group holds a
     real key. Padded keys (``call.key_padding_mask`` False, or past Tk) add 0 to the antidiagonal sums;
     query groups past Tq, and groups with no allowed key, get no mass. Query blocks are processed in
-    chunks whose score tile holds at most ``max_elements`` fp32 values.
+    chunks whose score tile holds at most ``max_elements`` values. The logits and their softmax are
+    computed in ``dtype`` (default :func:`~sparse_llm.backends.selection.scoring_dtype`), the block
+    sums in fp32.
     """
+    dtype = scoring_dtype(q) if dtype is None else dtype
     (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
     g, s, per = hq // hkv, stride, block_size // stride
     n_q, n_k = -(-q_len // block_size), -(-kv_len // block_size)
     real = real_keys(call.key_padding_mask, b, kv_len, q.device).bool()
     real = F.pad(real, (0, n_k * block_size - kv_len))
-    kr = F.pad(k, (0, 0, 0, n_k * block_size - kv_len)) if kv_len % block_size else k
+    # The mean antidiagonal logit's scale goes into the keys (G times fewer than the queries).
+    kr = F.pad(k * (call.scale / s), (0, 0, 0, n_k * block_size - kv_len))
     if call.key_padding_mask is not None:
         kr = kr * real[:, None, :, None].to(k.dtype)
     # The antidiagonal sum of tile (i, j) is q[iS + t] . k[jS + S - 1 - t] summed over t: the keys of a
-    # group are reversed (K is G times smaller than Q). One copy of the queries, rows (group, head), so
-    # each chunk of query groups is a contiguous [rows * G, S * D] slice for the GEMM.
-    kr = kr.reshape(b, hkv, n_k * per, s, d).flip(3).reshape(b, hkv, n_k * per, s * d)
+    # group are reversed. One copy of the queries, in dtype, rows (group, head), so each chunk of query
+    # groups is a contiguous [rows * G, S * D] slice for the GEMM.
+    kr = kr.reshape(b, hkv, n_k * per, s, d).flip(3).to(dtype).reshape(b, hkv, n_k * per, s * d)
     qr = F.pad(q, (0, 0, 0, n_q * block_size - q_len)) if q_len % block_size else q
     qr = qr.unflatten(1, (hkv, g)).unflatten(3, (n_q * per, s)).permute(0, 1, 3, 2, 4, 5)
-    qr = qr.reshape(b, hkv, n_q * per, g, s * d)  # one copy
+    qr = torch.empty(qr.shape, dtype=dtype, device=q.device).copy_(qr).view(b, hkv, n_q * per, g, s * d)
     group_real = real.view(b, n_k * per, s).any(-1)  # [B, nK * per]
     rows_all = torch.arange(n_q * per, device=q.device)
     last_q = (rows_all * s + s - 1).clamp(max=q_len - 1) + kv_len - q_len  # absolute position
@@ -70,14 +82,15 @@ def antidiagonal_block_scores(
         n1 = min(n0 + step, n_q)
         m1 = min(n_k, (min(n1 * block_size, q_len) - 1 + kv_len - q_len) // block_size + 1)
         rows, cols = slice(n0 * per, n1 * per), m1 * per  # key blocks past m1 are all in the future
-        logits = qr[:, :, rows].flatten(2, 3) @ kr[:, :, :cols].transpose(-1, -2)  # [B, Hkv, rows * G, cols]
-        logits = logits.float().view(b, hkv, -1, g, cols) * (call.scale / s)
+        logits = logits_nt(qr[:, :, rows].flatten(2, 3), kr[:, :, :cols])  # [B, Hkv, rows * G, cols]
+        logits = logits.view(b, hkv, -1, g, cols)
         if call.softcap is not None:
             logits = call.softcap * torch.tanh(logits / call.softcap)
         allowed = (first_k[:cols] <= last_q[rows, None]) & (rows_all[rows, None] * s < q_len)
         allowed = allowed & group_real[:, None, :cols]  # [B, rows, cols]
         probs = logits.masked_fill(~allowed[:, None, :, None], float("-inf")).softmax(-1).nan_to_num_(0.0)
-        sums = probs.view(b, hkv, n1 - n0, per, g, m1, per).sum((3, 6))  # [B, Hkv, n, G, m1]
+        # [B, Hkv, n, G, m1]
+        sums = probs.view(b, hkv, n1 - n0, per, g, m1, per).sum((3, 6), dtype=torch.float32)
         out[..., n0:n1, :m1] = sums.transpose(2, 3)
     return out.view(b, hq, n_q, n_k)
 
