@@ -95,9 +95,10 @@ def spherical_kmeans(
         pick = closest.masked_fill(~valid, 3.0).argmin(-1)
     flat = (rows[:, None] * c).expand(n, t)
     weight = valid.float().flatten()
+    weighted = xn.flatten(0, 1) * weight[:, None]  # once: a fresh [N T, D] tensor costs more than its sum
     for _ in range(iterations):
         index = (flat + nearest(xn, centroids, active)[1]).flatten()
-        sums = torch.zeros(n * c, d, device=x.device).index_add_(0, index, xn.flatten(0, 1) * weight[:, None])
+        sums = torch.zeros(n * c, d, device=x.device).index_add_(0, index, weighted)
         members = torch.zeros(n * c, device=x.device).index_add_(0, index, weight)
         empty = (members == 0).view(n, c, 1)
         centroids = torch.where(empty, centroids, F.normalize(sums.view(n, c, d), dim=-1))
@@ -362,13 +363,13 @@ def cell_summaries(
     p = int(slot.max()) + 1
     weight = valid.float().flatten()
     flat = (slot + torch.arange(n, device=x.device)[:, None] * p).flatten()
-    sums = torch.zeros(n * p, d, device=x.device).index_add_(
-        0, flat, x.flatten(0, 1).float() * weight[:, None]
-    )
+    # Padding rows all sum into the padding slot (count 0, mean zeroed below): no weighted copy of x.
+    sums = torch.zeros(n * p, d, device=x.device).index_add_(0, flat, x.flatten(0, 1).float())
     counts = torch.zeros(n * p, device=x.device).index_add_(0, flat, weight).view(n, p)
     ids = torch.zeros(n, p, dtype=torch.long, device=x.device).scatter_(1, slot, cell_id)
+    mean = sums.view(n, p, d) / counts.clamp_min(1)[..., None]
     return Cells(
-        mean=sums.view(n, p, d) / counts.clamp_min(1)[..., None],
+        mean=mean.masked_fill_(counts[..., None] == 0, 0.0),
         log_n=counts.log(),
         group=(ids // n_clusters).clamp_max(n_groups - 1),
         cluster=ids % n_clusters,
