@@ -33,7 +33,7 @@ from sparse_llm.backends.selection import (
 )
 from sparse_llm.kernels import BlockMask
 
-MAX_SCORES = 2**25  # scores held at once while scoring (fp32 elements)
+MAX_SCORES = 2**25  # scores held at once while scoring (elements)
 
 
 @register_method

@@ -38,10 +38,12 @@ def _cpu_has_native_bf16() -> bool:
 def logits_nt(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x @ y^T`` for x ``[..., M, K]`` and y ``[..., N, K]`` (same leading shape), ``[..., M, N]``.
 
-    One 2-D GEMM per leading index: for a row slice of y (the keys a chunk of queries can see)
-    ``torch.matmul`` copies the transposed operand first in bfloat16 on CPU, which took as long as the
-    GEMM itself.
+    On CPU one 2-D GEMM per leading index: for a row slice of y (the keys a chunk of queries can
+    see) ``torch.matmul`` copies the transposed operand first in bfloat16, which took as long as the
+    GEMM itself. Elsewhere one batched matmul.
     """
+    if x.device.type != "cpu":
+        return x @ y.transpose(-1, -2)
     lead, (m, kd), n = x.shape[:-2], x.shape[-2:], y.shape[-2]
     xs, ys = x.reshape(-1, m, kd), y.reshape(-1, n, kd)
     out = torch.empty(xs.shape[0], m, n, dtype=x.dtype, device=x.device)
