@@ -59,14 +59,15 @@ def antidiagonal_block_scores(
     n_q, n_k = -(-q_len // block_size), -(-kv_len // block_size)
     real = real_keys(call.key_padding_mask, b, kv_len, q.device).bool()
     real = F.pad(real, (0, n_k * block_size - kv_len))
-    # The mean antidiagonal logit's scale goes into the keys (G times fewer than the queries).
-    kr = F.pad(k * (call.scale / s), (0, 0, 0, n_k * block_size - kv_len))
+    kr = F.pad(k, (0, 0, 0, n_k * block_size - kv_len)) if kv_len % block_size else k
     if call.key_padding_mask is not None:
         kr = kr * real[:, None, :, None].to(k.dtype)
     # The antidiagonal sum of tile (i, j) is q[iS + t] . k[jS + S - 1 - t] summed over t: the keys of a
-    # group are reversed. One copy of the queries, in dtype, rows (group, head), so each chunk of query
-    # groups is a contiguous [rows * G, S * D] slice for the GEMM.
-    kr = kr.reshape(b, hkv, n_k * per, s, d).flip(3).to(dtype).reshape(b, hkv, n_k * per, s * d)
+    # group are reversed (the flip is the one copy of K, which then takes the mean antidiagonal logit's
+    # scale in place: K is G times smaller than Q). One copy of the queries, in dtype, rows (group,
+    # head), so each chunk of query groups is a contiguous [rows * G, S * D] slice for the GEMM.
+    kr = kr.reshape(b, hkv, n_k * per, s, d).flip(3).mul_(call.scale / s)
+    kr = kr.to(dtype).reshape(b, hkv, n_k * per, s * d)
     qr = F.pad(q, (0, 0, 0, n_q * block_size - q_len)) if q_len % block_size else q
     qr = qr.unflatten(1, (hkv, g)).unflatten(3, (n_q * per, s)).permute(0, 1, 3, 2, 4, 5)
     qr = torch.empty(qr.shape, dtype=dtype, device=q.device).copy_(qr).view(b, hkv, n_q * per, g, s * d)
