@@ -85,6 +85,18 @@ def test_unsparsify_restores_bit_identical_outputs(family):
     assert torch.equal(logits(model, ids), before)
 
 
+def test_restoring_the_model_frees_the_kernels_gather_buffers():
+    """The CPU kernel keeps its gather buffers between calls; leaving the method frees them."""
+    from sparse_llm.kernels import cpu
+
+    model = tiny_model("llama")
+    params = dict(budget=64, sink_tokens=16, local_tokens=16, block_size=16, far_keys="none", min_seq_len=0)
+    with sparse_llm.sparse_attention(model, "block_topk", **params):
+        logits(model, random_ids(1, 300, seed=3))
+        assert cpu._gather_buffers.__dict__  # selected blocks were gathered
+    assert not cpu._gather_buffers.__dict__
+
+
 def test_small_budget_is_sparse_and_sliding_layers_stay_exact():
     model = tiny_model("gemma3")
     ids = random_ids(1, 300, seed=5)

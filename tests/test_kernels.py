@@ -106,6 +106,33 @@ def test_cpu_path_full_causal_mask_is_one_fused_causal_call(tq, monkeypatch):
     check_attention(out, lse, *inputs)
 
 
+def test_cpu_path_keeps_gather_buffers_between_calls_until_released():
+    """Gathered K/V land in two per-thread buffers kept between calls (no page faults per call): a
+    smaller call after a larger one reuses them, every call stays exact, release_workspace frees them."""
+    cpu_kernel.release_workspace()
+    large = BASE.but(tq=300, tk=400, hq=4, hkv=4, seed=1)
+    for case in (BASE, large, BASE.but(mask_heads="q", seed=2)):
+        out, lse, inputs = run(case, "cpu")
+        check_attention(out, lse, *inputs)
+        if case is large:
+            kept = {name: buf.data_ptr() for name, buf in cpu_kernel._gather_buffers.__dict__.items()}
+    assert {name for name, _ in kept} == {"k", "v"}
+    assert {name: buf.data_ptr() for name, buf in cpu_kernel._gather_buffers.__dict__.items()} == kept
+    cpu_kernel.release_workspace()
+    assert not cpu_kernel._gather_buffers.__dict__
+
+
+def test_cpu_path_threads_gather_into_their_own_buffers():
+    """Concurrent calls from several threads (a server's workers) do not share gather buffers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [BASE.but(seed=s, tq=100 + 40 * s, tk=200 + 50 * s) for s in range(4)] * 3
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda case: run(case, "cpu"), cases))
+    for out, lse, inputs in results:
+        check_attention(out, lse, *inputs)
+
+
 def test_reference_impl_returns_input_dtype():
     out, lse, inputs = run(BASE.but(dtype="bfloat16"), "reference")
     check_attention(out, lse, *inputs)

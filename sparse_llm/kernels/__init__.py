@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from sparse_llm.kernels.block_mask import BlockMask
+from sparse_llm.kernels.cpu import release_workspace
 from sparse_llm.kernels.merge import merge_attention, merge_attention_
 from sparse_llm.kernels.reference import reference_attention
 from sparse_llm.names import DTYPES
@@ -27,6 +28,7 @@ __all__ = [
     "merge_attention",
     "merge_attention_",
     "reference_attention",
+    "release_workspace",
 ]
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ ways to feed it, cheapest first:
    stride (sliding windows: block_q / block_k blocks per query block; sinks: 0), each run of a segment
    is an ``as_strided`` view of K/V (no copy), and its mask is the causal/window rule built once for
    the first query block and broadcast over the segment (the relative pattern is the same for all).
-3. Otherwise the K/V blocks are gathered by one ``index_select`` and stacked along the batch dimension.
+3. Otherwise the K/V blocks are gathered by one ``index_select`` and stacked along the batch dimension,
+   into two buffers that the thread keeps between calls (``release_workspace`` frees them).
 
 Non-causal masks (far fields over collapsed keys, ``backends/_collapse.py``) whose query blocks select
 most blocks of one run ending at their last selected block take one stride-0 view of that run per
@@ -43,6 +44,7 @@ an OpenMP parallel region that may wait a scheduler tick for its other threads (
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -705,7 +707,6 @@ class _Executor:
         kv_head = torch.arange(s.hr, device=dev) // (s.g if s.per_q_head else 1)
         first_block = torch.arange(s.b, device=dev)[:, None, None] * s.hkv + kv_head[:, None]
         self.base = first_block * s.n_k  # [B, Hr, 1]: flat id of each row head's block 0
-        self.buffers: dict[str, Tensor] = {}
         self.ws_rows = self.sink = None
         if plan.rule is not None:  # the key rule per tile row: window starts [nQ, B', R], sink ends [B']
             ws, sink = plan.rule
@@ -924,11 +925,27 @@ class _Executor:
         return allowed
 
     def _workspace(self, name: str, n_blocks: int) -> Tensor:
-        """[n_blocks, block_k, D] fp32 reused by every gather of this call: a fresh large tensor per
-        call would cost more in first-touch page faults than the copy into it."""
-        if name not in self.buffers or self.buffers[name].shape[0] < n_blocks:
-            self.buffers[name] = torch.empty(n_blocks, self.s.block_k, self.s.d, device=self.dev)
-        return self.buffers[name][:n_blocks]
+        """[n_blocks, block_k, D] fp32 of this thread's kept gather buffer ``name``."""
+        size = n_blocks * self.s.block_k * self.s.d
+        buffers = _gather_buffers.__dict__
+        key = (name, self.dev)
+        if key not in buffers or buffers[key].numel() < size:
+            buffers.pop(key, None)  # free the old one before the larger one is mapped
+            buffers[key] = torch.empty(size, device=self.dev)
+        return buffers[key][:size].view(n_blocks, self.s.block_k, self.s.d)
+
+
+# The gathered K and V of each call land in two buffers kept per thread between calls (and layers): a
+# fresh tensor per call costs more in first-touch page faults than the copy into it (glibc maps each
+# allocation over 32 MiB afresh). A call's gather is bounded by _MAX_SCORE_ELEMENTS unless one query
+# block alone needs more, so the buffers hold at most ~128 MiB in the usual case.
+_gather_buffers = threading.local()
+
+
+def release_workspace() -> None:
+    """Free the gather buffers the CPU path keeps between calls on this thread (the next call maps
+    them again). ``sparse_llm.unsparsify`` calls it; a memory benchmark calls it before it measures."""
+    _gather_buffers.__dict__.clear()
 
 
 def gather_attention(

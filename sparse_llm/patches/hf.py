@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sparse_llm.backends.base import LayerCall, SparseMethod, get_method
-from sparse_llm.kernels import BlockMask, forward_only
+from sparse_llm.kernels import BlockMask, forward_only, release_workspace
 from sparse_llm.kernels.block_mask import block_geometry
 from sparse_llm.patches import compat
 from sparse_llm.patches.families import family_of
@@ -166,6 +166,7 @@ def uninstall(model: torch.nn.Module) -> None:
         return
     model.set_attn_implementation(patch.previous)
     compat.unregister_attention(patch.name)
+    release_workspace()
 
 
 def active_method(model: torch.nn.Module) -> SparseMethod | None:
