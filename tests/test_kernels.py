@@ -31,6 +31,8 @@ SHORTCUT_CASES = [
         mask="causal", window=64, tq=250, tk=250, dtype="bfloat16", block_q=16, block_k=16, softcap=30.0
     ),
     Case(tq=100, tk=300, hq=4, hkv=2, mask="causal", transposed=True),
+    # per-query-head rows that all hold one run (a dense tail): a slice of the KV heads, no gather
+    Case(tq=100, tk=300, hq=4, hkv=2, mask="full_rows", mask_heads="q", block_q=16, block_k=16),
 ]
 
 
@@ -92,6 +94,22 @@ def test_cpu_path_work_scales_with_selected_blocks(case, monkeypatch):
     assert selected <= sum(seen) <= selected / cpu_kernel._PAD_RATIO
     if case.mask != "causal" or not case.left_pad:
         assert sum(seen) == selected  # views: exactly the selected keys
+
+
+def test_cpu_path_slices_a_run_that_every_query_head_holds(monkeypatch):
+    """A per-query-head mask whose rows all hold one run (the dense tail of a selection method) reads
+    a slice of the KV heads, shared by their query heads: no per-head copies of the keys."""
+    case = Case(tq=100, tk=300, hq=4, hkv=2, mask_heads="q", block_q=16, block_k=16)
+    q, k, v, _, kwargs = build(case)
+    dense = torch.zeros(1, case.hq, 7, 19, dtype=torch.bool)
+    dense[:, :, -1] = True  # the last query block reads every key block, in every head
+    mask = BlockMask.from_dense(dense, block_q=16, block_k=16, q_len=100, kv_len=300)
+    gathers = []
+    index_select = torch.index_select
+    monkeypatch.setattr(torch, "index_select", lambda *a, **kw: gathers.append(a) or index_select(*a, **kw))
+    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl="cpu", **kwargs)
+    check_attention(out, lse, q, k, v, mask, kwargs)
+    assert not gathers
 
 
 @pytest.mark.parametrize("tq", [1, 300, 1024])

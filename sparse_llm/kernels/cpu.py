@@ -158,7 +158,7 @@ class _Blocks:
 
 
 def _block_list(
-    num: Tensor, idx: Tensor, n_k: int, cut_tail: bool, padding: bool, elementwise: bool, views: bool
+    num: Tensor, idx: Tensor, n_k: int, cut_tail: bool, padding: bool, elementwise: bool
 ) -> _Blocks:
     """Facts of counts ``num`` [Bm, Hr, nQ] and ids ``idx`` [Bm, Hr, nQ, M] (rows already mapped to
     the row heads), computed once with vectorized ops and read back as lists."""
@@ -169,7 +169,7 @@ def _block_list(
     needs = (ragged | tail | padding | elementwise).tolist()
     same = ((idx == idx[:1, :1]) | ~slot_ok).all(-1).flatten(0, 1).all(0) & ~ragged
     steps = ((idx[0, 0, :, 1:] - idx[0, 0, :, :-1]) == 1) | ~slot_ok[0, 0, :, 1:]
-    starts = torch.where(same & steps.all(-1) & views, idx[0, 0, :, 0], -1).tolist()
+    starts = torch.where(same & steps.all(-1), idx[0, 0, :, 0], -1).tolist()
     return _Blocks(idx, slot_ok, count.tolist(), needs, starts, elementwise)
 
 
@@ -427,7 +427,7 @@ def plan_gather(
 
     def block_list(num: Tensor, idx: Tensor, elementwise: bool) -> _Blocks:
         num, idx = num[:, heads], idx[:, heads].long()
-        return _block_list(num, idx, s.n_k, cut_tail, padding, elementwise, not s.per_q_head)
+        return _block_list(num, idx, s.n_k, cut_tail, padding, elementwise)
 
     full = block_list(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, False)
     part = block_list(block_mask.kv_num_blocks, block_mask.kv_indices, causal)
@@ -438,7 +438,7 @@ def plan_gather(
     if not causal:
         views, rest_counts = _plan_prefix_views(full, part, s, alone)
         if views and rest_counts.any():
-            rest = _block_list(rest_counts, full.idx, s.n_k, cut_tail, padding, False, not s.per_q_head)
+            rest = _block_list(rest_counts, full.idx, s.n_k, cut_tail, padding, False)
             runs = _gather_runs(rest, [True] * s.n_q, s)
             views += [GatherCall(n0, n1, full=False, partial=False, rest=True) for n0, n1 in runs]
     if causal and sliding_window is None and not padding and fused and not s.per_q_head:
