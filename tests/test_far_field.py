@@ -76,6 +76,18 @@ def test_far_field_matches_reference_on_the_methods_own_mask(name, group, span, 
 
 
 @pytest.mark.parametrize("name", BUDGETED)
+def test_far_field_without_padding_matches_reference(name):
+    """No padded keys and whole blocks: the mean keys are summed straight from the keys (no copy)."""
+    q, k, v, _ = inputs(b=1, tq=192, tk=256, left_pad=())
+    method = get_method(name, **sparse_setting(name), far_keys="mean", far_group=4, far_span=16)
+    out, mask = method.attend(q, k, v, LayerCall(3, SCALE))
+    assert mask.density() < 1.0
+    kwargs = dict(scale=SCALE, far_group=4, far_span=16)
+    truth = selection_far_reference(q.double(), k.double(), v.double(), mask, **kwargs)
+    assert_within_rule(name, out, truth, selection_far_reference(q, k, v, mask, **kwargs), 2.0)
+
+
+@pytest.mark.parametrize("name", BUDGETED)
 def test_far_field_with_groups_of_one_is_dense_attention(name):
     """With one key per group the far field is exact, so selection + far field = dense attention."""
     q, k, v, padding = inputs(seed=1, left_pad=(0, 0))

@@ -181,10 +181,12 @@ def pyramid_keys(k: Tensor, v: Tensor, real: Tensor, block: int, far_group: int,
     width, n_k = block // far_group, -(-kv_len // block)
     pad = n_k * block - kv_len
     w = torch.nn.functional.pad(real.float(), (0, pad))[:, None, :, None]  # [B, 1, nK * bk, 1]
+    weigh = not bool(real.all())  # padded keys drop out of the sums; the tail's pad is zeros already
 
-    def runs(x):
-        x = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)) * w
-        return x.view(b, -1, n_k * width, far_group, d).sum(3)
+    def runs(x):  # one pass over the keys when nothing needs padding or weighing (no copy of them)
+        x = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)) if pad else x.float()
+        x = x * w if weigh else x
+        return x.reshape(b, -1, n_k * width, far_group, d).sum(3)
 
     k_sum, v_sum, count = runs(k), runs(v), w.view(b, 1, n_k * width, far_group).sum(-1)
     levels = []
