@@ -626,9 +626,12 @@ def _clustered_inputs(tq: int, tk: int, padded: bool):
     ],
 )
 def test_routing_matches_the_one_hot_reference(tq, tk, top, window, padded, monkeypatch):
-    from sparse_llm.backends import routing
+    from sparse_llm.backends import routing, selection
 
     monkeypatch.setattr(routing, "MAX_SIMILARITIES", 100)  # several chunks of keys
+    # fp32 similarities: the reference's discrete choices (picks, assignments) in exact arithmetic;
+    # the bf16 path of a CPU with native bf16 has its own test below
+    monkeypatch.setattr(selection, "_cpu_has_native_bf16", lambda: False)
     q, k, padding = _clustered_inputs(tq, tk, padded)
     call = LayerCall(0, 0.25, sliding_window=window, key_padding_mask=padding)
     kw = dict(n_clusters=7, top_clusters=top, probes=2, iterations=3, seed=1)
@@ -706,9 +709,10 @@ def _routing_cell_reference(q, k, call, block, n_clusters, top_clusters, iterati
     ],
 )
 def test_routing_cells_match_the_loop_reference(tq, tk, top, window, softcap, padded, monkeypatch):
-    from sparse_llm.backends import routing
+    from sparse_llm.backends import routing, selection
 
     monkeypatch.setattr(routing, "MAX_SIMILARITIES", 100)  # several chunks of query cells
+    monkeypatch.setattr(selection, "_cpu_has_native_bf16", lambda: False)  # as the one-hot test
     q, k, padding = _clustered_inputs(tq, tk, padded)
     call = LayerCall(0, 0.25, softcap=softcap, sliding_window=window, key_padding_mask=padding)
     kw = dict(n_clusters=7, top_clusters=top, iterations=3, seed=1)
@@ -718,6 +722,27 @@ def test_routing_cells_match_the_loop_reference(tq, tk, top, window, softcap, pa
     # fp32 log shares against a float64 reference
     got, want = got.double().nan_to_num(neginf=0), want.nan_to_num(neginf=0)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "left-padding"])
+def test_kmeans_with_bf16_similarities_assigns_each_key_a_nearest_centroid(padded, monkeypatch):
+    """On a CPU with native bf16 the k-means similarities are bf16 (the sums fp32): every real key
+    joins a centroid whose cosine is within bf16 rounding of its best one, centroids are unit norm."""
+    from sparse_llm.backends import routing, selection
+
+    monkeypatch.setattr(selection, "_cpu_has_native_bf16", lambda: True)
+    dtypes = []
+    nearest = routing.nearest
+    monkeypatch.setattr(routing, "nearest", lambda xn, *a: dtypes.append(xn.dtype) or nearest(xn, *a))
+    _, k, padding = _clustered_inputs(8, 300, padded)
+    valid = (torch.ones(2, 300, dtype=torch.bool) if padding is None else padding).repeat_interleave(2, 0)
+    centroids, assign = routing.spherical_kmeans(k.flatten(0, 1), 7, 3, 1, valid)
+    assert set(dtypes) == {torch.bfloat16}
+    cos = torch.nn.functional.normalize(k.flatten(0, 1).double(), dim=-1) @ centroids.double().transpose(1, 2)
+    chosen = cos.gather(-1, assign[..., None])[..., 0]
+    # each bf16 cosine is off by <= 2^-8 (rounded inputs) + 2^-9 (rounded output): 2 of them < 4 * 2^-8
+    assert (cos.amax(-1) - chosen)[valid].max() <= 4 * 2**-8
+    torch.testing.assert_close(centroids.norm(dim=-1), torch.ones(4, 7))
 
 
 def test_routing_ties_go_to_the_recent_blocks():
