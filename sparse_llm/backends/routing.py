@@ -71,9 +71,10 @@ def spherical_kmeans(
     Initialization is farthest-point: the first centroid is the valid row of highest seeded random
     priority, the priorities counted from each entry's first valid row (so a left-padded entry picks
     what its unpadded run picks), each next one the valid row least similar to the centroids so far.
-    A cluster that loses all its members keeps its previous centroid. Similarities (the picks and the
-    assignments) are taken in :func:`~sparse_llm.backends.selection.scoring_dtype`, the centroid sums
-    in fp32. Memory is O(N T D + N C D)
+    A cluster that loses all its members keeps its previous centroid. Similarities are taken in
+    :func:`~sparse_llm.backends.selection.scoring_dtype` (the picks then re-score their few nearest
+    contenders in fp32: the same picks as exact arithmetic), the centroid sums in fp32. Memory is
+    O(N T D + N C D)
     (similarities are taken in chunks; sums use ``index_add_``). Returns (centroids ``[N, C, D]``
     unit-norm fp32, assignment ``[N, T]`` int64), C the largest cluster count; an entry with fewer
     clusters has members in its first ones only.
@@ -97,7 +98,7 @@ def spherical_kmeans(
         if active is not None:  # entries with fewer clusters ignore this one
             similarity = similarity.masked_fill(~active[:, i, None], -2.0)
         closest = torch.maximum(closest, similarity)
-        pick = closest.masked_fill(~valid, 3.0).argmin(-1)
+        pick = _farthest(xn, centroids[:, : i + 1], closest, valid, xs.dtype, active)
     flat = (rows[:, None] * c).expand(n, t)
     weight = valid.float().flatten()
     weighted = xn.flatten(0, 1)  # padding rows weighed out once: a fresh [N T, D] costs more than its sum
@@ -109,6 +110,26 @@ def spherical_kmeans(
         empty = (members == 0).view(n, c, 1)
         centroids = torch.where(empty, centroids, F.normalize(sums.view(n, c, d), dim=-1))
     return centroids, nearest(xs, centroids, active)[1]
+
+
+def _farthest(xn, centroids, closest, valid, dtype, active) -> torch.Tensor:
+    """Per entry, the valid row of ``xn`` ``[N, T, D]`` least similar to its nearest of ``centroids``
+    ``[N, i, D]``, as in exact arithmetic: ``closest`` ``[N, T]`` holds those similarities computed in
+    ``dtype``; where that is coarser than fp32, the rows within twice its error of the minimum are
+    re-scored in fp32 and the least of them is taken, so the pick does not drift with the rounding."""
+    gap = closest.masked_fill(~valid, 3.0)
+    if dtype == xn.dtype:
+        return gap.argmin(-1)
+    # a cosine of unit vectors rounded to dtype (inputs and output) is off by <= 1.5 eps: slack 2 eps
+    near = gap <= gap.amin(-1, keepdim=True) + 4 * torch.finfo(dtype).eps
+    picks = []
+    for row in range(xn.shape[0]):
+        rows = near[row].nonzero()[:, 0]
+        exact = xn[row, rows] @ centroids[row].T  # [candidates, i] fp32
+        if active is not None:
+            exact = exact.masked_fill(~active[row, : centroids.shape[1]], -2.0)
+        picks.append(rows[exact.amax(-1).argmin()])
+    return torch.stack(picks)
 
 
 def active_clusters(n_clusters: int | torch.Tensor, valid: torch.Tensor) -> tuple[int, torch.Tensor | None]:
