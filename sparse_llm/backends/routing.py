@@ -101,8 +101,9 @@ def spherical_kmeans(
         pick = _farthest(xn, centroids[:, : i + 1], closest, valid, xs.dtype, active)
     flat = (rows[:, None] * c).expand(n, t)
     weight = valid.float().flatten()
-    weighted = xn.flatten(0, 1)  # padding rows weighed out once: a fresh [N T, D] costs more than its sum
-    weighted = weighted if all_valid else weighted * weight[:, None]
+    # padding rows weighed out once, not per step (a fresh [N T, D] costs more than its sum); no copy
+    # at all without padding
+    weighted = xn.flatten(0, 1) if all_valid else xn.flatten(0, 1) * weight[:, None]
     for _ in range(iterations):
         index = (flat + nearest(xs, centroids, active)[1]).flatten()
         sums = torch.zeros(n * c, d, device=x.device).index_add_(0, index, weighted)
