@@ -82,7 +82,6 @@ def spherical_kmeans(
     n, t, d = x.shape
     xn = F.normalize(x.float(), dim=-1)
     xs = xn.to(scoring_dtype(xn))  # a bf16 GEMV over the keys is ~2x faster than fp32 on a bf16 CPU
-    all_valid = valid is None or bool(valid.all())
     valid = torch.ones(n, t, dtype=torch.bool, device=x.device) if valid is None else valid
     c, active = active_clusters(n_clusters, valid)
     priority = torch.rand(t, generator=torch.Generator().manual_seed(seed)).to(x.device)
@@ -103,7 +102,7 @@ def spherical_kmeans(
     weight = valid.float().flatten()
     # padding rows weighed out once, not per step (a fresh [N T, D] costs more than its sum); no copy
     # at all without padding
-    weighted = xn.flatten(0, 1) if all_valid else xn.flatten(0, 1) * weight[:, None]
+    weighted = xn.flatten(0, 1) if bool(valid.all()) else xn.flatten(0, 1) * weight[:, None]
     for _ in range(iterations):
         index = (flat + nearest(xs, centroids, active)[1]).flatten()
         sums = torch.zeros(n * c, d, device=x.device).index_add_(0, index, weighted)
