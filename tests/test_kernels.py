@@ -71,9 +71,11 @@ def test_cpu_path_work_scales_with_selected_blocks(case, monkeypatch):
     q, k, v, mask, kwargs = build(case)
     seen = []
     attend = cpu_kernel._attend
+    tile_rows = cpu_kernel.Shapes.of(q, k, mask).r  # rows of one query block's tile
 
     def counting(qs, ks, vs, *args, **kw):
-        seen.append(ks.shape[0] * ks.shape[2])  # (query blocks x batch) x keys
+        # (query blocks x batch) x keys; a call may stack several query blocks' rows over one run
+        seen.append(ks.shape[0] * (qs.shape[2] // tile_rows) * ks.shape[2])
         return attend(qs, ks, vs, *args, **kw)
 
     causal = cpu_kernel._causal_attention
@@ -110,6 +112,31 @@ def test_cpu_path_slices_a_run_that_every_query_head_holds(monkeypatch):
     out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl="cpu", **kwargs)
     check_attention(out, lse, q, k, v, mask, kwargs)
     assert not gathers
+
+
+@pytest.mark.parametrize("hkv, mask_heads", [(1, "kv"), (2, "kv"), (2, "1")])
+def test_cpu_path_serves_the_sink_run_of_a_window_in_one_call(hkv, mask_heads, monkeypatch):
+    """Sink + sliding window: the sink run, seen whole by every query block past it, is one call with
+    the segment's query rows stacked over one copy of the sink keys (not one short item per query
+    block); exact under the rule."""
+    case = Case(
+        tq=1000, tk=1000, hq=4, hkv=hkv, b=2, block_q=64, block_k=64, mask="sink", mask_heads=mask_heads
+    )
+    q, k, v, mask, kwargs = build(case)
+    calls = []
+    attend = cpu_kernel._attend
+    monkeypatch.setattr(
+        cpu_kernel, "_attend", lambda qs, ks, *a, **kw: calls.append((qs, ks)) or attend(qs, ks, *a, **kw)
+    )
+    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl="cpu", **kwargs)
+    check_attention(out, lse, q, k, v, mask, kwargs)
+    sink = k[:, :, : case.block_k].float().flatten(0, 1)  # [B * Hkv, block_k, D]
+    sink_calls = [
+        (qs, ks) for qs, ks in calls if ks.shape[1:3] == sink.shape[:2] and torch.equal(ks[0], sink)
+    ]
+    assert len(sink_calls) == 1
+    (qs, ks), tile_rows = sink_calls[0], cpu_kernel.Shapes.of(q, k, mask).r
+    assert ks.shape[0] == 1 and qs.shape[2] > tile_rows  # one item, several query blocks' rows
 
 
 @pytest.mark.parametrize("tq", [1, 300, 1024])

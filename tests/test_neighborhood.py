@@ -420,3 +420,28 @@ def test_cpu_kernel_serves_strided_windows_off_the_grid_with_padded_views():
     assert padded and max(c.n1 - c.n0 for c in padded) >= 4
     out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, scale=32**-0.5, impl="cpu")
     check_attention(out, lse, q, k, v, mask, dict(scale=32**-0.5))
+
+
+@pytest.mark.parametrize("window, stride", [(96, 24), (50, 1)])
+def test_window_view_runs_one_broadcast_mask_per_phase(window, stride, monkeypatch):
+    """A strided window's mask repeats every stride / gcd(stride, block) query blocks (a sliding one's
+    every block): the kernel's window view runs as that many calls, each with one mask broadcast over
+    its query blocks (not one mask per query block; the ragged last block's padding rows do not count);
+    exact against the element-mask reference."""
+    method = sparse_llm.get_method(
+        "neighborhood", block_size=16, window=window, stride=stride, sink_tokens=16
+    )
+    q, k, v, _, starts = inputs("mqa203")
+    q, k, v = (torch.cat([x, x.flip(2)], 2) for x in (q, k, v))  # 406 tokens: many query blocks per phase
+    masks = []
+    attend = cpu_kernel._attend
+    monkeypatch.setattr(
+        cpu_kernel, "_attend", lambda qs, ks, vs, bias, *a: masks.append(bias) or attend(qs, ks, vs, bias, *a)
+    )
+    call = LayerCall(0, 32**-0.5)
+    out, _ = method.attend(q, k, v, call)
+    allowed = element_pattern(window, stride, 16, q_len=406, kv_len=406)[None]
+    truth = naive_attention(q.double(), k.double(), v.double(), allowed, call.scale)
+    assert_within_rule("out", out, truth, naive_attention(q, k, v, allowed, call.scale), 2.0)
+    per_block = [m for m in masks if m is not None and m.shape[0] > 1]
+    assert not per_block and len(masks) >= 3  # the window view's phases, sinks, the first blocks
