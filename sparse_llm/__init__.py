@@ -5,11 +5,12 @@ Importing this package has no side effects: nothing is registered with transform
 """
 
 from sparse_llm.api import active_method, attention_stats, prefill, sparse_attention, sparsify, unsparsify
-from sparse_llm.backends import SparseMethod, get_method, list_methods, register_method
+from sparse_llm.backends import ParameterTypeError, SparseMethod, get_method, list_methods, register_method
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ParameterTypeError",
     "SparseMethod",
     "active_method",
     "attention_stats",

@@ -33,8 +33,10 @@ def sparsify(model: torch.nn.Module, method: str | SparseMethod = "dense", **par
             ``"streaming"``; every method also takes ``block_size``, ``min_seq_len``,
             ``dense_layers`` and ``decode``.
 
-    Raises ``ValueError`` for an unknown method or bad parameter and ``NotImplementedError`` for an
-    unsupported model, in both cases before the model is changed. Sparsifying a sparsified model
+    Raises ``ValueError`` for an unknown method or bad parameter (a parameter of the wrong type raises
+    ``ParameterTypeError``, both a ``TypeError`` and a ``ValueError``), ``TypeError`` if ``model`` is not
+    a ``torch.nn.Module`` and ``NotImplementedError`` for an unsupported model, all before the model is
+    changed. Sparsifying a sparsified model
     replaces its method; :func:`unsparsify` then restores the original implementation.
     """
     hf.install(model, _as_method(method, params))

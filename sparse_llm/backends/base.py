@@ -13,6 +13,8 @@ applied once, by the Hugging Face patch, for every method (kvpress's ``BasePress
 from __future__ import annotations
 
 import logging
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
@@ -29,6 +31,12 @@ logger = logging.getLogger(__name__)
 DECODE_MODES = ("dense", "sparse")
 BUDGETED_FAR_KEYS = ("none", "mean")
 WHOLE_PROMPT = 1 << 20  # tokens: a budget or window this large covers any prompt the tests use
+MAX_BLOCK_SIZE = 4096  # tokens: larger blocks pad a prompt to a whole block and select nothing useful
+
+
+class ParameterTypeError(TypeError, ValueError):
+    """A method parameter of the wrong type. A TypeError, and a ValueError too, so that code which
+    catches a method's ValueError for bad settings catches this one as well."""
 
 
 @dataclass(frozen=True)
@@ -87,22 +95,20 @@ class SparseMethod:
     decode: str = "dense"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if (
-            not isinstance(self.block_size, int)
-            or self.block_size < 16
+            self.block_size < 16
+            or self.block_size > MAX_BLOCK_SIZE
             or self.block_size & (self.block_size - 1)
         ):
-            raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size!r}")
-        if not isinstance(self.min_seq_len, int) or self.min_seq_len < 0:
+            raise ValueError(
+                f"block_size must be a power of two in [16, {MAX_BLOCK_SIZE}], got {self.block_size!r}"
+            )
+        if self.min_seq_len < 0:
             raise ValueError(f"min_seq_len must be a non-negative int, got {self.min_seq_len!r}")
         if self.decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
-        try:
-            self.dense_layers = tuple(int(i) for i in self.dense_layers)
-        except TypeError:
-            raise TypeError(
-                f"dense_layers must be a sequence of layer indices, got {self.dense_layers!r}"
-            ) from None
+        self.dense_layers = _layer_indices(self.dense_layers)
 
     def params(self) -> dict:
         """The method's parameters as a plain dict (for result files)."""
@@ -337,6 +343,53 @@ def check_far_group(far_group: int, block_size: int, far_span: int | None = None
         raise ValueError(f"far_group must be a power of two <= block_size ({block_size}), got {far_group!r}")
 
 
+def check_field_types(method: SparseMethod) -> None:
+    """Raise a ParameterTypeError naming the first parameter whose value does not match its annotation,
+    for annotations made of int, float, bool, str and dict (and None in a union); others are left to the
+    method. An int is a float here, a bool is not an int."""
+    try:
+        hints = typing.get_type_hints(type(method))
+    except NameError:  # an annotation that names something out of scope (a method defined in a function)
+        return
+    for f in fields(method):
+        allowed = _simple_types(hints.get(f.name))
+        value = getattr(method, f.name)
+        if allowed and not any(_is_instance(value, t) for t in allowed):
+            names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+            raise ParameterTypeError(f"{method.name}: {f.name} must be {names}, got {value!r}")
+
+
+def _simple_types(hint) -> tuple[type, ...] | None:
+    args = (
+        typing.get_args(hint)
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+        else (hint,)
+    )
+    simple = (int, float, bool, str, dict, type(None))
+    return tuple(args) if args and all(t in simple for t in args) else None
+
+
+def _is_instance(value, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _layer_indices(layers) -> tuple[int, ...]:
+    """``dense_layers`` as a tuple of layer indices (ints >= 0); the patch checks them against the model."""
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise ParameterTypeError(f"dense_layers must be a sequence of layer indices, got {layers!r}")
+    layers = tuple(layers)
+    bad = [i for i in layers if not _is_instance(i, int) or i < 0]
+    if bad:
+        raise ValueError(
+            f"dense_layers must hold layer indices (ints >= 0, counted from the first layer), got {bad}"
+        )
+    return layers
+
+
 def require_positive(**values: int) -> None:
     """Raise a ValueError naming the first argument that is not a positive int."""
     for key, value in values.items():
@@ -351,6 +404,8 @@ def register_method(cls: type[SparseMethod]) -> type[SparseMethod]:
     """Class decorator: make a method available by its ``name`` (to :func:`get_method`, ``sparsify``,
     the CLI and the contract tests). Works on a class defined anywhere: a ``SparseMethod`` dataclass
     with ``name``, ``description`` and ``block_mask`` (plus ``far_field`` if it approximates)."""
+    if not isinstance(cls, type) or not issubclass(cls, SparseMethod):
+        raise TypeError(f"register_method takes a SparseMethod subclass (a class), got {cls!r}")
     if not cls.name or cls.name in _REGISTRY:
         raise ValueError(f"method name {cls.name!r} is empty or already registered")
     _REGISTRY[cls.name] = cls

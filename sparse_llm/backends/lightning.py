@@ -1,4 +1,5 @@
-"""``lightning``: exact sink + local blocks, a Taylor linear-attention far field for every other key.
+"""``lightning``: exact sink + local blocks, an approximate far field for every other key: compressed
+mean keys (the default) or the Taylor linear-attention reference.
 
 A training-free hybrid in the spirit of Lightning Attention (Qin et al., arXiv 2401.04658: exact
 intra-block attention, linear attention carried across blocks in a running state) with the Taylor
@@ -78,7 +79,10 @@ class Lightning(SparseMethod):
     ``layer_stats()`` has the far field's size per layer (``attention_stats`` reports it)."""
 
     name = "lightning"
-    description = "Hybrid (approximate): exact sink + local blocks, Taylor linear attention over other keys."
+    description = (
+        "Hybrid (approximate): exact sink + local blocks, compressed mean keys (or Taylor linear "
+        "attention) over the other keys."
+    )
     # Exact only when the window covers the prompt (no far keys): the Taylor far field never is.
     exact_params = {"local_tokens": WHOLE_PROMPT}
     small_params = {"block_size": 16, "sink_tokens": 16, "local_tokens": 32}

@@ -137,7 +137,14 @@ def install(model: torch.nn.Module, method: SparseMethod) -> None:
     """Switch ``model`` to ``method``; raises before changing anything if the model is unsupported."""
     if not isinstance(method, SparseMethod):
         raise TypeError(f"method must be a SparseMethod, got {type(method).__name__}")
+    _check_model(model)
     family_of(model)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    beyond = [i for i in method.dense_layers if i >= n_layers]
+    if beyond:
+        raise ValueError(
+            f"dense_layers {beyond} are not layers of this model: it has {n_layers} (0..{n_layers - 1})"
+        )
     if not hasattr(model, "set_attn_implementation") or not model._can_set_attn_implementation():
         raise NotImplementedError(
             f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface"
@@ -159,8 +166,16 @@ def install(model: torch.nn.Module, method: SparseMethod) -> None:
     logger.debug("model %s now uses %s (was %s)", type(model).__name__, patch.name, patch.previous)
 
 
+def _check_model(model) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"model must be a transformers causal LM (a torch.nn.Module), got {type(model).__name__}"
+        )
+
+
 def uninstall(model: torch.nn.Module) -> None:
     """Restore the attention implementation the model had before :func:`install`; no-op if unpatched."""
+    _check_model(model)
     patch = _ACTIVE.pop(model, None)
     if patch is None:
         return
@@ -172,6 +187,7 @@ def uninstall(model: torch.nn.Module) -> None:
 def active_method(model: torch.nn.Module) -> SparseMethod | None:
     """The method ``model`` is sparsified with (the instance :func:`sparse_llm.sparsify` installed), or
     None if it is not sparsified. Public as ``sparse_llm.active_method``."""
+    _check_model(model)
     patch = _ACTIVE.get(model)
     return None if patch is None else patch.method
 
