@@ -228,12 +228,12 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 def check_model(name: str, shapes: bool = True) -> None:
-    """Raise unless ``name`` can be a model for :func:`load_any`; loads nothing.
+    """Raise unless ``name`` can be a model for :func:`load_any`; loads nothing and asks no server.
 
     Accepted: an embedded model, a shape-only model (if ``shapes``), a folder with a ``config.json``, or
     a hub id (``org/name``, checked when loaded). A missing folder raises ``FileNotFoundError``; a
-    shape-only model when ``shapes`` is False, or a name close to a known one ("gemma3-27m"), raises
-    ``ValueError``.
+    shape-only model when ``shapes`` is False, or a name without a slash that is none of these (a hub
+    id always has one), raises ``ValueError``, with close matches for a typo ("gemma3-27m").
     """
     from sparse_llm.model_shapes import list_shapes
 
@@ -250,15 +250,23 @@ def check_model(name: str, shapes: bool = True) -> None:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
         return
-    kinds = f"embedded models: {', '.join(list_models())}" + (
-        f"; shape-only: {', '.join(list_shapes())}" if shapes else ""
-    )
+    kinds = _kinds(shapes)
     if path.exists():
         raise FileNotFoundError(f"{path} is a file, not a model folder")
     if name.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(name):
         raise FileNotFoundError(f"model folder {name} not found ({kinds}; or a hub id org/name)")
-    if "/" not in name and difflib.get_close_matches(name, known, n=1, cutoff=0.75):  # a typo, not a hub id
-        raise unknown_name("model", name, known)
+    if "/" not in name:  # no org, so not a hub id we accept; asking the hub offline costs ~30 s of retries
+        if difflib.get_close_matches(name, known, n=1, cutoff=0.75):
+            raise unknown_name("model", name, known)
+        raise ValueError(f"unknown model {name!r}; {kinds}, or a local folder / hub id org/name")
+
+
+def _kinds(shapes: bool) -> str:
+    """The model names a command takes, for its error messages."""
+    from sparse_llm.model_shapes import list_shapes
+
+    listed = f"embedded: {', '.join(list_models())}"
+    return listed + (f"; shape-only: {', '.join(list_shapes())}" if shapes else "")
 
 
 def load_any(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

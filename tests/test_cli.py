@@ -80,6 +80,7 @@ CASES = [
     # bench prefill
     case("bench", "--model", "gemma3-27m", match="Did you mean gemma3-270m", id="bench-misspelt-model"),
     case("bench", "--model", "llama-3.2-1b-shap", match="llama-3.2-1b-shape", id="bench-misspelt-shape"),
+    case("bench", "--model", "nope", match="unknown model 'nope'; embedded: ", id="bench-unknown-name"),
     case("bench", "--model", "{tmp}/missing", match="not found", id="bench-missing-path"),
     case("bench", "--model", "./missing", match="not found", id="bench-missing-relative-path"),
     case("bench", "--model", "{tmp}/empty", match="no config.json", id="bench-folder-without-config"),
@@ -130,6 +131,14 @@ CASES = [
     case("eval", "nope", match="invalid choice: 'nope'", id="eval-unknown-task"),
     case("eval", "niah", "--model", "gemma3-27m", match="Did you mean gemma3-270m", id="niah-misspelt-model"),
     case("eval", "niah", "--model", "/nonexistent/model", match="not found", id="niah-missing-path"),
+    case(
+        "eval",
+        "niah",
+        "--model",
+        "nope",
+        match="unknown model 'nope'; embedded: gemma3-270m, smollm2-135m, or a local folder",
+        id="niah-unknown-name",
+    ),
     case("eval", "niah", "--model", "llama-3.2-1b-shape", match="shape-only", id="niah-shape-model"),
     case("eval", "niah", "--device", "nope", match="unknown device", id="niah-bad-device"),
     case("eval", "niah", "--dtype", "int8", match="invalid choice", id="niah-bad-dtype"),
@@ -183,6 +192,9 @@ CASES = [
         "--model_args", "pretrained=gemma3-27m", "--tasks", "t", match="Did you mean", id="misspelt"
     ),
     lm_eval_case("--model_args", "pretrained={tmp}/missing", "--tasks", "t", match="not found", id="missing"),
+    lm_eval_case(
+        "--model_args", "pretrained=nope", "--tasks", "t", match="unknown model 'nope'", id="unknown-name"
+    ),
     lm_eval_case(
         "--model_args",
         "pretrained={tmp}/model,method=nope",

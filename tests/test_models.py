@@ -24,6 +24,20 @@ def test_unknown_model_suggests_close_names(tmp_path):
         models.model_path("llama")
 
 
+def test_a_name_without_an_org_must_be_known_or_a_folder(tmp_path, monkeypatch):
+    with pytest.raises(
+        ValueError, match="unknown model 'nope'; embedded: gemma3-270m, smollm2-135m, or a local"
+    ):
+        models.check_model("nope", shapes=False)
+    with pytest.raises(ValueError, match="shape-only: llama-3.2-1b-shape"):
+        models.check_model("nope")
+    models.check_model("org/nope")  # a hub id: the hub answers for it when it is loaded
+    (tmp_path / "nope").mkdir()
+    (tmp_path / "nope" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    models.check_model("nope")  # a folder of that name wins
+
+
 def test_cache_dir_follows_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSE_LLM_CACHE", str(tmp_path))
     assert models.model_path("gemma3-270m") == tmp_path / "models" / "gemma3-270m"
