@@ -102,8 +102,12 @@ def test_bench_config_rejects_unknown_methods_and_lengths():
 
 
 def test_run_bench_reports_a_failing_configuration(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):  # caught before any process starts
+        BenchConfig(model=str(tmp_path / "missing"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")  # no model_type: the subprocess fails
     with pytest.raises(RuntimeError, match="failed"):
         run_bench(
-            BenchConfig(model=str(tmp_path / "missing"), methods=("sdpa",), lengths=(64,), repeats=1),
+            BenchConfig(model=str(tmp_path / "broken"), methods=("sdpa",), lengths=(64,), repeats=1),
             progress=False,
         )

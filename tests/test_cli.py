@@ -41,11 +41,14 @@ def no_work(monkeypatch):
 
 @pytest.fixture
 def paths(tmp_path):
-    """A file, a folder without config.json, a folder with one, and a folder with one lm-eval task."""
+    """A file, a folder without config.json, a folder with one, one whose model has 512 positions, and
+    a folder with one lm-eval task."""
     (tmp_path / "file.txt").write_text("not a model")
     (tmp_path / "empty").mkdir()
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "config.json").write_text('{"text_config": {"max_position_embeddings": 512}}')
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "t.yaml").write_text(
         "task: sparse_llm_cli_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: x.jsonl\n"
@@ -85,6 +88,40 @@ CASES = [
     case("bench", "--model", "./missing", match="not found", id="bench-missing-relative-path"),
     case("bench", "--model", "{tmp}/empty", match="no config.json", id="bench-folder-without-config"),
     case("bench", "--model", "{tmp}/file.txt", match="is a file", id="bench-model-is-a-file"),
+    case(
+        "bench",
+        "--lengths",
+        "1k,100k",
+        match="lengths [102400] do not fit the model's context: 32768 positions",
+        id="bench-length-above-context",
+    ),
+    case(
+        "bench",
+        "--model",
+        "smollm2-135m",
+        "--lengths",
+        "16k",
+        match="lengths [16384] do not fit the model's context: 8192 positions",
+        id="bench-length-above-smollm2-context",
+    ),
+    case(
+        "bench",
+        "--model",
+        "gemma2-2b-shape",
+        "--lengths",
+        "16k",
+        match="context: 8192 positions",
+        id="bench-length-above-shape-context",
+    ),
+    case(
+        "bench",
+        "--model",
+        "{tmp}/short",
+        "--lengths",
+        "1k",
+        match="context: 512 positions",
+        id="bench-length-above-folder-context",
+    ),
     case("bench", "prefil", match="invalid choice: 'prefil'", id="bench-unknown-what"),
     case("bench", "--methods", "nope", match="unknown method 'nope'", id="bench-unknown-method"),
     case("bench", "--lengths", "0", match="positive", id="bench-zero-length"),
@@ -247,6 +284,45 @@ def test_bad_argument_exits_2_with_one_line(argv, match, paths, no_work, capsys,
     assert "Traceback" not in "\n".join(err)
     assert len(err) == 1, err
     assert err[-1].startswith(("sparse-llm", "lm-eval")) and match in err[-1], err
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A Hugging Face hub that knows no model and a cache that holds ``cached/model`` (4096 positions);
+    set ``hub.reachable = False`` to take the network away."""
+    import huggingface_hub
+
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 4096}')
+    cache = {("cached/model", "config.json"): str(tmp_path / "config.json")}
+    state = argparse.Namespace(reachable=True)
+
+    def repo_exists(self, repo_id, **kwargs):
+        if not state.reachable:
+            raise ConnectionError("Name or service not known")
+        return False
+
+    monkeypatch.setattr(
+        huggingface_hub, "try_to_load_from_cache", lambda repo, name, **kw: cache.get((repo, name))
+    )
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_exists", repo_exists)
+    return state
+
+
+@pytest.mark.parametrize(
+    "reachable, argv, match",
+    [
+        pytest.param(
+            True, ["--model", "nope/nope"], "nope/nope not found on the Hugging Face hub", id="unknown"
+        ),
+        pytest.param(False, ["--model", "nope/nope"], "the hub cannot be reached", id="offline"),
+        pytest.param(False, ["--model", "cached/model", "--lengths", "8k"], "4096 positions", id="cached"),
+    ],
+)
+def test_bench_checks_a_hub_model_before_it_starts(reachable, argv, match, hub, no_work, capsys):
+    hub.reachable = reachable
+    assert cli.main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and match in err[0], err
 
 
 def test_bench_cuda_without_cuda_is_a_bad_flag(no_work, capsys):

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from sparse_llm.backends import get_method
 from sparse_llm.bench.prefill import FLOOR, HF_BASELINES, bench_prefill
-from sparse_llm.models import load_any
+from sparse_llm.models import check_fits_context, load_any, max_positions
 from sparse_llm.names import DTYPES
 from sparse_llm.results import atomic_write_json, run_metadata
 
@@ -56,6 +56,9 @@ class BenchConfig:
                 f"got {self.prefill_chunks!r}"
             )
         self.prefill_chunks = tuple(dict.fromkeys(self.prefill_chunks))
+        # Before any process starts: an unknown model or a length past its context fails here, not
+        # in each subprocess (the model's config is read, its weights are not).
+        check_fits_context(self.lengths, max_positions(self.model))
         for method in self.methods:
             if method not in (*HF_BASELINES, FLOOR):
                 get_method(method, **self.params(method))  # unknown names fail here
