@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 import sparse_llm
 from sparse_llm.eval.common import BASELINE, prefill_and_generate
 from sparse_llm.eval.haystack import build_needle_prompt, score_answer
-from sparse_llm.models import load
+from sparse_llm.models import check_fits_context, load_model, load_tokenizer, max_positions
 from sparse_llm.texts import REPEAT_FILLER, load_haystack_text
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,10 @@ def run_demo(
         progress: show a progress bar; default: when stderr is a terminal.
 
     Returns one :class:`DemoRow` per method, ``sdpa`` first.
+
+    Raises ``ValueError`` before the model loads for a prompt longer than the model's context (with
+    ``max_new_tokens``) or too short for the intro, needle and question; the tokenizer is loaded first
+    for the latter.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -107,11 +111,14 @@ def run_demo(
         raise ValueError(f"method_params given for methods not run: {sorted(unknown)}; methods: {order}")
     for method in order[1:]:  # unknown names and bad parameters fail before any timing
         sparse_llm.get_method(method, **method_params.get(method, {}))
+    check_fits_context([context_tokens], max_positions(model_name), answer_tokens=max_new_tokens)
 
-    model, tokenizer = load(model_name, device=device)
+    # The prompt is built before the model loads: a prompt too short for the needle fails at once.
+    tokenizer = load_tokenizer(model_name)
     prompt = build_needle_prompt(
         tokenizer, context_tokens=context_tokens, depth=depth, needle=needle, haystack=HAYSTACKS[haystack]()
     )
+    model = load_model(model_name, device=device)
     input_ids = prompt.input_ids.to(model.device)
     logger.info(
         "prompt: %d tokens of %s, needle %r at tokens %d-%d (depth %.2f)",

@@ -194,6 +194,34 @@ def ensure_built(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
+def load_tokenizer(name: str = "gemma3-270m", *, cache_dir: str | os.PathLike | None = None):
+    """The tokenizer of embedded model ``name`` alone, building the cached checkpoint on first use (so
+    that prompts can be built, and their lengths checked, before the model is loaded)."""
+    path = ensure_built(name, cache_dir)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_model(
+    name: str = "gemma3-270m",
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+    attn_implementation: str = "sdpa",
+):
+    """The model of embedded model ``name`` alone, in eval mode (arguments as in :func:`load`)."""
+    path = ensure_built(name, cache_dir)
+    from transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    model = model.to(device).eval()
+    logger.debug("loaded %s from %s in %.1f s", name, path, time.perf_counter() - start)
+    return model
+
+
 def load(
     name: str = "gemma3-270m",
     *,
@@ -205,7 +233,7 @@ def load(
     """Load an embedded model and its tokenizer, building the cached checkpoint on first use.
 
     Args:
-        name: one of :func:`list_models`.
+        name: one of :func:`list_models` (a Hugging Face path or hub id goes to :func:`load_any`).
         dtype: parameter dtype (the cached checkpoint is float32 and is cast on load).
         device: where the model is placed.
         cache_dir: folder holding the built checkpoints (default: see :func:`default_cache_dir`).
@@ -217,14 +245,10 @@ def load(
     Raises ``ValueError`` for an unknown name and :class:`MissingPackageError` (an ``ImportError``)
     naming the ``pip install`` command when the package carrying the model is missing.
     """
-    path = ensure_built(name, cache_dir)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-    model = model.to(device).eval()
-    logger.debug("loaded %s from %s in %.1f s", name, path, time.perf_counter() - start)
+    tokenizer = load_tokenizer(name, cache_dir=cache_dir)
+    model = load_model(
+        name, dtype=dtype, device=device, cache_dir=cache_dir, attn_implementation=attn_implementation
+    )
     return model, tokenizer
 
 

@@ -80,6 +80,13 @@ CASES = [
     case("demo", "--context-tokens", "0", match="positive integer, got 0", id="demo-zero-tokens"),
     case("demo", "--context-tokens", "-5", match="positive integer, got -5", id="demo-negative-tokens"),
     case("demo", "--context-tokens", "4k", match="not an integer", id="demo-tokens-not-int"),
+    case(
+        "demo",
+        "--context-tokens",
+        "100000",
+        match="lengths [100000] do not fit the model's context: 32768 positions",
+        id="demo-tokens-above-context",
+    ),
     # bench prefill
     case("bench", "--model", "gemma3-27m", match="Did you mean gemma3-270m", id="bench-misspelt-model"),
     case("bench", "--model", "llama-3.2-1b-shap", match="llama-3.2-1b-shape", id="bench-misspelt-shape"),

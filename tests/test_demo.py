@@ -24,11 +24,17 @@ def tiny_load(monkeypatch):
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     calls = []
 
-    def load(name, *, device="cpu"):
-        calls.append(name)
-        return model, tokenizer
+    def load_tokenizer(name):
+        calls.append(("tokenizer", name))
+        return tokenizer
 
-    monkeypatch.setattr(demo, "load", load)
+    def load_model(name, *, device="cpu"):
+        calls.append(("model", name))
+        return model
+
+    monkeypatch.setattr(demo, "load_tokenizer", load_tokenizer)
+    monkeypatch.setattr(demo, "load_model", load_model)
+    monkeypatch.setattr(demo, "max_positions", lambda name: config.max_position_embeddings)
     return calls
 
 
@@ -36,7 +42,7 @@ def test_demo_rows_start_with_the_sdpa_baseline(tiny_load):
     rows = demo.run_demo(
         "tiny", context_tokens=300, methods=("dense", "sdpa", "dense"), max_new_tokens=3, progress=False
     )
-    assert tiny_load == ["tiny"]
+    assert tiny_load == [("tokenizer", "tiny"), ("model", "tiny")]
     assert [row.method for row in rows] == ["sdpa", "dense"]
     assert rows[0].density is None and rows[1].density == pytest.approx(1.0)
     for row in rows:
@@ -73,9 +79,21 @@ def test_demo_table_shows_the_far_field_of_a_selection_method(tiny_load):
         ),
         pytest.param({"haystack": "bible"}, "haystack", id="unknown-haystack"),
         pytest.param({"max_new_tokens": 0}, "max_new_tokens", id="no-new-tokens"),
+        pytest.param(
+            {"context_tokens": 1020},
+            r"lengths \[1020\] do not fit the model's context: 1024 positions \(max_position_embeddings\) "
+            "minus 12 answer tokens = 1012",
+            id="beyond-the-context",
+        ),
     ],
 )
 def test_demo_rejects_bad_arguments_before_loading(tiny_load, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        demo.run_demo("tiny", context_tokens=300, **kwargs)
+        demo.run_demo("tiny", **{"context_tokens": 300, **kwargs})
     assert tiny_load == []
+
+
+def test_demo_rejects_a_prompt_too_short_for_the_needle_before_loading_the_model(tiny_load):
+    with pytest.raises(ValueError, match="context_tokens=10 is too short"):
+        demo.run_demo("tiny", context_tokens=10)
+    assert tiny_load == [("tokenizer", "tiny")]
