@@ -261,6 +261,16 @@ CASES = [
     ),
     lm_eval_case(
         "--model_args",
+        "pretrained={tmp}/model,method=dhsa,budgett=512",
+        "--tasks",
+        "sparse_llm_cli_task",
+        "--include_path",
+        "{tmp}/tasks",
+        match="method 'dhsa' got unknown parameters ['budgett']; it accepts",
+        id="misspelt-method-parameter",
+    ),
+    lm_eval_case(
+        "--model_args",
         "pretrained={tmp}/model",
         "--tasks",
         "nope_task",

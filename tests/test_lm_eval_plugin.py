@@ -404,7 +404,19 @@ def test_stock_argv(argv, expected, tiny_dir, tiny_embedded):
     [
         pytest.param("method=nope", ValueError, "nope", id="unknown-method"),
         pytest.param(
-            "method=dense,local_tokens=64", ValueError, "not parameters of method 'dense'", id="stray"
+            "method=dense,local_tokens=64",
+            ValueError,
+            r"method 'dense' got unknown parameters \['local_tokens'\]; it accepts",
+            id="stray",
+        ),
+        pytest.param(
+            "method=dhsa,budgett=512",
+            ValueError,
+            r"method 'dhsa' got unknown parameters \['budgett'\]; it accepts",
+            id="misspelt",
+        ),
+        pytest.param(
+            "method=sdpa,budget=512", ValueError, "sdpa baseline takes no parameters", id="baseline"
         ),
         pytest.param("method=streaming,local_tokens=0", ValueError, "local_tokens", id="bad-value"),
     ],
@@ -412,6 +424,13 @@ def test_stock_argv(argv, expected, tiny_dir, tiny_embedded):
 def test_bad_method_arguments_fail_before_loading(model_args, error, match):
     with pytest.raises(error, match=match):
         get_model("sparse-llm").create_from_arg_string(f"pretrained=/nonexistent,{model_args}", {})
+
+
+def test_model_args_split_between_the_method_and_hflm():
+    model_args = {"budget": 512, "batch_size": 2, "dtype": "float32", "device_map": "auto", "budgett": 1}
+    params, rest = plugin.split_method_args("dhsa", model_args)
+    assert params == {"budget": 512, "budgett": 1}  # the method's check rejects budgett
+    assert rest == {"batch_size": 2, "dtype": "float32", "device_map": "auto"}
 
 
 def test_importing_sparse_llm_does_not_import_lm_eval():

@@ -9,7 +9,10 @@ own, unchanged. In ``model_args``:
 - ``method``: a registered method (``sparse-llm methods``), default ``dense``; ``sdpa`` is the
   unpatched model, for a baseline from the same code path;
 - the method's parameters by name, e.g. ``sink_tokens=128,local_tokens=1024,block_size=64``;
-- everything else goes to ``HFLM`` (``batch_size``, ``dtype``, ``max_length``, ``parallelize``, ...);
+- ``HFLM``'s own arguments (``batch_size``, ``dtype``, ``max_length``, ``parallelize``, ...) and the
+  ``from_pretrained`` options of :data:`FROM_PRETRAINED_OPTIONS` (``device_map``, ``load_in_4bit``,
+  ...) go to ``HFLM``; any other key is a method parameter, so a misspelt one is an error before the
+  model loads;
 - ``pretrained`` may name an embedded model (``gemma3-270m``), resolved to its built local checkpoint.
 
 ``sparse-llm eval lm-eval ARGS`` is lm-eval's own command line (:func:`main`): ``lm-eval ARGS`` with this
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import re
@@ -80,16 +84,52 @@ def method_parameters(method: str) -> set[str]:
     return {f.name for f in dataclasses.fields(sparse_llm.get_method(method))}
 
 
+# from_pretrained options that HFLM forwards from model_args beside its own named arguments: the ones
+# lm-eval users pass. Any other key is taken as a method parameter, so that a typo ("budgett") fails
+# before the model loads instead of reaching the model's constructor.
+FROM_PRETRAINED_OPTIONS = frozenset(
+    {
+        "attn_implementation",
+        "device_map",
+        "low_cpu_mem_usage",
+        "cache_dir",
+        "local_files_only",
+        "token",
+        "use_safetensors",
+        "torch_dtype",
+        "quantization_config",
+        "load_in_8bit",
+        "load_in_4bit",
+        "bnb_4bit_quant_type",
+        "bnb_4bit_compute_dtype",
+        "bnb_4bit_use_double_quant",
+    }
+)
+
+
+def hflm_arguments() -> set[str]:
+    """The ``model_args`` keys for ``HFLM``: its named arguments and :data:`FROM_PRETRAINED_OPTIONS`."""
+    parameters = inspect.signature(HFLM.__init__).parameters.values()
+    named = {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"self"}
+    return named | FROM_PRETRAINED_OPTIONS
+
+
 def split_method_args(method: str, kwargs: dict) -> tuple[dict, dict]:
-    """``(method parameters, the rest for HFLM)`` from ``model_args``; a parameter of another method
-    (say ``local_tokens`` with ``method=dense``) raises ValueError instead of reaching ``from_pretrained``."""
+    """``(method parameters, the rest for HFLM)`` from ``model_args``.
+
+    :func:`hflm_arguments` go to ``HFLM`` and every other key to the method, so that an unknown key
+    (``budgett``, or ``local_tokens`` with ``method=dense``) meets the method's own check, which names
+    the parameters it accepts (:class:`SparseLLM` builds the method before it loads the model).
+    The ``sdpa`` baseline has no parameters: any such key raises ``ValueError`` here.
+    """
     mine = method_parameters(method)  # an unknown method raises ValueError here
-    params = {k: v for k, v in kwargs.items() if k in mine}
-    rest = {k: v for k, v in kwargs.items() if k not in mine}
-    others = set().union(*(method_parameters(m) for m in sparse_llm.list_methods())) - mine
-    stray = sorted(others & set(rest))
-    if stray:
-        raise ValueError(f"{stray} are not parameters of method {method!r}; its parameters: {sorted(mine)}")
+    hflm = hflm_arguments()
+    params = {k: v for k, v in kwargs.items() if k in mine or k not in hflm}
+    rest = {k: v for k, v in kwargs.items() if k not in params}
+    if method == common.BASELINE and params:
+        raise ValueError(
+            f"the sdpa baseline takes no parameters, got {sorted(params)} (HFLM's arguments: {sorted(hflm)})"
+        )
     return params, rest
 
 
@@ -146,7 +186,8 @@ class SparseLLM(HFLM):
     """
 
     def __init__(self, pretrained="gemma3-270m", method: str = "dense", **kwargs):
-        params, kwargs = split_method_args(method, kwargs)  # HFLM would pass them on to from_pretrained
+        params, kwargs = split_method_args(method, kwargs)
+        # Built before HFLM loads the model: a bad method parameter fails first.
         self.method = None if method == common.BASELINE else sparse_llm.get_method(method, **params)
         self.method_name, self.method_params = method, params
         if isinstance(pretrained, str):
