@@ -281,7 +281,13 @@ CASES = [
     ),
     lm_eval_case("--tasks", "t", "--limit", "abc", match="invalid float value", id="bad-limit"),
     lm_eval_case(
-        "--tasks", "t", "--longbench-data", "{tmp}/missing", match="not found", id="missing-longbench"
+        "--tasks",
+        "t",
+        "--longbench-data",
+        "{tmp}/missing",
+        match="not found; download https://huggingface.co/datasets/THUDM/LongBench/resolve/main/data.zip, "
+        "unzip it and pass --longbench-data <unzipped>/data",
+        id="missing-longbench",
     ),
 ]
 

@@ -55,12 +55,13 @@ except ImportError as err:  # a ModuleNotFoundError, so that `sparse-llm eval` l
 import sparse_llm
 from sparse_llm.eval import common
 from sparse_llm.eval.longbench import PrefillDensity
-from sparse_llm.eval.longbench_data import E_TASKS, HOW_TO_GET, TASKS
+from sparse_llm.eval.longbench_data import E_TASKS, TASKS, how_to_get
 from sparse_llm.results import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 MODEL_TYPE = "sparse-llm"
+_HOW_TO_GET = how_to_get("--longbench-data")  # this command's flag, not eval longbench's --data-dir
 
 
 def resolve_pretrained(pretrained: str) -> str:
@@ -165,7 +166,7 @@ def write_lm_eval_tasks(data_dir: str | Path, folder: str | Path, longbench_e: b
         names.append(name)
     if not names:
         raise FileNotFoundError(
-            f"no LongBench{'-E' if longbench_e else ''} JSONL files in {data_dir}; {HOW_TO_GET}"
+            f"no LongBench{'-E' if longbench_e else ''} JSONL files in {data_dir}; {_HOW_TO_GET}"
         )
     group = (
         f"group: longbench_local{suffix}\ntask:\n"
@@ -330,11 +331,11 @@ def main(argv: list[str]) -> int:
                     "task folder with sparse_llm.eval.lm_eval_plugin.write_lm_eval_tasks(data_dir, folder)"
                 )
             if not Path(longbench_data).is_dir():
-                raise FileNotFoundError(f"LongBench data folder {longbench_data} not found; {HOW_TO_GET}")
+                raise FileNotFoundError(f"LongBench data folder {longbench_data} not found; {_HOW_TO_GET}")
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="sparse-llm-tasks-"))
             found = [_local_longbench(longbench_data, folder, e) for e in (False, True)]
             if not any(found):
-                raise FileNotFoundError(f"no LongBench JSONL files in {longbench_data}; {HOW_TO_GET}")
+                raise FileNotFoundError(f"no LongBench JSONL files in {longbench_data}; {_HOW_TO_GET}")
             argv += ["--include_path", folder]
         stack.enter_context(_one_line_usage_errors())
         saved = sys.argv

@@ -105,10 +105,6 @@ METRICS = {
 }
 BUCKETS = ("0-4k", "4-8k", "8k+")
 HUB_REPO = "THUDM/LongBench"
-HOW_TO_GET = (
-    f"download https://huggingface.co/datasets/{HUB_REPO}/resolve/main/data.zip, unzip it and pass "
-    "--data-dir <unzipped>/data (files <task>.jsonl and <task>_e.jsonl), or run with network access"
-)
 EVAL_EXTRA = 'pip install "sparse-llm[eval]"'
 # THUDM/LongBench's config files, shipped verbatim as package data (see data/longbench/NOTICE).
 PROMPTS_FILE, MAXLEN_FILE = "dataset2prompt.json", "dataset2maxlen.json"
@@ -125,6 +121,15 @@ METRIC_DISTRIBUTIONS = {
     "fuzzywuzzy": ("fuzzywuzzy",),
     "Levenshtein": ("Levenshtein", "python-Levenshtein"),
 }
+
+
+def how_to_get(flag: str = "--data-dir") -> str:
+    """Where to get the data, for an error message; ``flag`` is the running command's own flag for
+    the data folder (``eval longbench``: ``--data-dir``, ``eval lm-eval``: ``--longbench-data``)."""
+    return (
+        f"download https://huggingface.co/datasets/{HUB_REPO}/resolve/main/data.zip, unzip it and pass "
+        f"{flag} <unzipped>/data (files <task>.jsonl and <task>_e.jsonl), or run with network access"
+    )
 
 
 def config_file(name: str):
@@ -271,7 +276,7 @@ def download_data(cache_dir: str | Path | None = None) -> Path:
     try:
         archive = hf_hub_download(HUB_REPO, "data.zip", repo_type="dataset")
     except OSError as err:  # offline (LocalEntryNotFoundError), HTTP errors
-        raise FileNotFoundError(f"LongBench data is not available offline ({err}); {HOW_TO_GET}") from err
+        raise FileNotFoundError(f"LongBench data is not available offline ({err}); {how_to_get()}") from err
     root.mkdir(parents=True, exist_ok=True)
     logger.info("unpacking %s into %s", archive, target)
     # hf_hub_download's cache layout is .../snapshots/<commit>/data.zip
@@ -297,7 +302,7 @@ def data_file(task: str, data_dir: str | Path, longbench_e: bool = False) -> Pat
     if not path.exists() and (Path(data_dir) / "data" / f"{name}.jsonl").exists():
         path = Path(data_dir) / "data" / f"{name}.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"LongBench file {path} not found; {HOW_TO_GET}")
+        raise FileNotFoundError(f"LongBench file {path} not found; {how_to_get()}")
     return path
 
 
