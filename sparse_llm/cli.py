@@ -68,16 +68,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object {{...}}, got {text!r}")
-    return value
-
-
 def _heads(text: str) -> tuple[int, int]:
     """``"4,1"`` -> ``(4, 1)``: query heads, KV heads."""
     parts = text.split(",")
@@ -237,6 +227,8 @@ def _add_demo(sub, models) -> None:
 
 
 def _add_bench(sub) -> None:
+    from sparse_llm.eval.common import json_object
+
     bench = sub.add_parser(
         "bench",
         help="prefill latency and peak memory per method and length; or the kernel alone",
@@ -275,7 +267,7 @@ def _add_bench(sub) -> None:
     bench.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="dtype")
     bench.add_argument(
         "--method-params",
-        type=_json_object,
+        type=json_object,
         default={},
         help='JSON per method, e.g. \'{"streaming": {"local_tokens": 512}}\'',
     )

@@ -31,6 +31,18 @@ def comma_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def json_object(text: str) -> dict:
+    """The argparse type of every JSON option (``--method-params``, ``--grid``): a JSON object, else
+    an error that quotes the value and says what is wrong with it."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object {{...}}, got {text!r}")
+    return value
+
+
 @dataclass
 class MethodSpec:
     """One compared method: a registered name (or ``"sdpa"``) and its parameters."""
@@ -103,7 +115,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_methods: str =
     )
     parser.add_argument(
         "--method-params",
-        type=json.loads,
+        type=json_object,
         default={},
         help='JSON per method, e.g. \'{"dhsa": {"budget": 1024}}\'',
     )

@@ -45,6 +45,7 @@ from sparse_llm.eval.common import (
     applied,
     comma_list,
     default_out,
+    json_object,
     prefill_and_generate,
     show_progress,
 )
@@ -514,7 +515,8 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--grid",
-        default="{}",
+        type=json_object,
+        default={},
         help='JSON value lists per method, run as a product, e.g. \'{"dhsa": {"chunk_size": [32, 64]}}\'',
     )
 
@@ -527,17 +529,13 @@ def run_from_args(args) -> int:
         print(markdown_table(json.loads((Path(args.out) / RESULTS_FILE).read_text())["scores"]))
         print("plots: " + " ".join(map(str, pngs)))
         return 0
-    try:
-        grid = json.loads(args.grid)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--grid is not valid JSON ({err}): {args.grid!r}") from None
     task = niah.config_from_args(args, methods=(BASELINE,))
     config = SweepConfig(
         niah=task,
         methods=args.methods,
         method_params=args.method_params,
         budgets=parse_budgets(args.budgets),
-        grid=grid,
+        grid=args.grid,
     )
     result = run_sweep(config, out=args.out, resume=args.resume, progress=show_progress(args))
     print(markdown_table(result["scores"]))
