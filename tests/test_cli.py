@@ -399,6 +399,14 @@ def test_help_shows_every_default(name):
     assert "usage: " + name in " ".join(text.split())
 
 
+@pytest.mark.parametrize("name", sorted(_all_parsers()))
+def test_every_flag_says_what_it_does(name):
+    parser = _all_parsers()[name]
+    for action in parser._actions:
+        if action.option_strings and action.help is not argparse.SUPPRESS:
+            assert action.help or cli._shown_default(action), (name, action.option_strings)
+
+
 def test_help_examples(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["bench", "--help"])

@@ -105,8 +105,8 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_tok
 def add_common_arguments(parser: argparse.ArgumentParser, default_methods: str = "sdpa,dense") -> None:
     """``--model --device --dtype --methods --method-params --out --resume --quiet``."""
     parser.add_argument("--model", default="gemma3-270m", help="embedded model name or HF model path/name")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the model's dtype")
     parser.add_argument(
         "--methods",
         type=comma_list,

@@ -467,7 +467,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--needle-text", default=None, help="custom needle sentence (with --question --answer)"
     )
-    parser.add_argument("--question", default=None)
+    parser.add_argument("--question", default=None, help="the question that asks for a custom needle's value")
     parser.add_argument("--answer", default=None, help="the value the needle text holds")
     parser.add_argument("--answer-prefix", default="", help="text that starts the model's reply")
     parser.add_argument("--haystack", default="essays", help="essays, repeat, or a text file path")
@@ -494,7 +494,13 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--seed", type=int, default=None, help="seed of RULER's key and value draws (default 42, RULER's)"
     )
-    parser.add_argument("--no-chat-template", dest="chat_template", action="store_false")
+    parser.add_argument(
+        "--no-chat-template",
+        dest="chat_template",
+        action="store_false",
+        help="plain-text prompts: do not wrap them in the tokenizer's chat template (by default they are "
+        "wrapped when the tokenizer has one)",
+    )
     parser.add_argument("--plot-only", action="store_true", help="redraw niah.png of the --out folder")
 
 
