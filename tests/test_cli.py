@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ import torch
 from sparse_llm import cli, models
 
 HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
+CLI_MD = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 
 
 class Reached(BaseException):
@@ -429,3 +432,31 @@ def test_good_flags_pass_the_checks_and_reach_the_work(no_work):
     params = {"streaming": {"local_tokens": 64}}
     with pytest.raises(Reached):
         cli.main(["bench", "--methods", "sdpa,streaming", "--method-params", json.dumps(params)])
+
+
+def _usage_lines():
+    """``(command, documented --methods)`` of each usage line in docs/cli.md that shows the default."""
+    found = re.findall(
+        r"^sparse-llm (demo|bench|eval \w+) .*?\[--methods ([\w,]+)\]", CLI_MD.read_text(), re.M
+    )
+    assert len(found) >= 6, found
+    return found
+
+
+@pytest.mark.parametrize("command, documented", _usage_lines(), ids=[c for c, _ in _usage_lines()])
+def test_cli_md_shows_the_default_methods_of_each_command(command, documented):
+    argv = [*command.split(), "--help"]
+    name = "sparse-llm " + command
+    parser = dict(_parsers(cli.build_parser(argv)))[name]
+    default = next(a.default for a in parser._actions if a.dest == "methods")
+    assert documented == ",".join(default), name
+
+
+def test_cli_md_shows_the_demo_table_as_the_demo_prints_it():
+    from sparse_llm.demo import DemoRow, format_table
+
+    header = format_table([DemoRow("sdpa", None, 1.0, 0.0, "", False)]).splitlines()[:2]
+    text = CLI_MD.read_text()
+    documented = next(line for line in text.splitlines() if line.startswith("method      density"))
+    ruler = text.splitlines()[text.splitlines().index(documented) + 1]
+    assert documented.split() == header[0].split() and set(ruler) == set(header[1])
