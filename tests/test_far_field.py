@@ -179,11 +179,11 @@ def test_default_far_span_keeps_one_level_to_8k_tokens(name):
     [
         (dict(far_span=40), "far_span must be None or a positive multiple"),
         (dict(far_span=0), "far_span must be None or a positive multiple"),
-        (dict(far_span=True), "far_span must be None or a positive multiple"),
+        (dict(far_span=True), "far_span must be"),
         (dict(far_keys="taylor"), "far_keys must be one of"),
         (dict(far_group=3), "far_group must be a power of two"),
         (dict(far_group=128), "far_group must be a power of two"),
-        (dict(far_group=True), "far_group must be a power of two"),
+        (dict(far_group=True), "far_group must be"),
     ],
 )
 def test_far_field_bad_parameters(params, match):
