@@ -38,10 +38,28 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 
 def device_name(device: str | torch.device = "cpu") -> str:
+    """The GPU's name, or the CPU's cores, architecture, model and vector ISA: timings on CPUs of one
+    name can differ 2x (a bf16-capable AVX512 core scores selections in bf16, an AVX2 one in fp32)."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    parts = [f"{os.cpu_count()} cores", platform.processor() or platform.machine(), *cpu_features().values()]
+    return f"cpu ({', '.join(str(p) for p in parts if p)})"
+
+
+def cpu_features() -> dict:
+    """``model`` (from /proc/cpuinfo where there is one), ``isa`` (the vector level ATen dispatches
+    to: AVX2, AVX512, ...) and ``bf16`` ("native bf16" where the CPU has bf16 arithmetic)."""
+    from sparse_llm.backends.selection import cpu_has_native_bf16
+
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    isa = getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)()
+    return {"model": model, "isa": isa, "bf16": "native bf16" if cpu_has_native_bf16() else None}
 
 
 def _git_hash() -> str | None:

@@ -631,7 +631,7 @@ def test_routing_matches_the_one_hot_reference(tq, tk, top, window, padded, monk
     monkeypatch.setattr(routing, "MAX_SIMILARITIES", 100)  # several chunks of keys
     # fp32 similarities: the reference's discrete choices (picks, assignments) in exact arithmetic;
     # the bf16 path of a CPU with native bf16 has its own test below
-    monkeypatch.setattr(selection, "_cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(selection, "cpu_has_native_bf16", lambda: False)
     q, k, padding = _clustered_inputs(tq, tk, padded)
     call = LayerCall(0, 0.25, sliding_window=window, key_padding_mask=padding)
     kw = dict(n_clusters=7, top_clusters=top, probes=2, iterations=3, seed=1)
@@ -712,7 +712,7 @@ def test_routing_cells_match_the_loop_reference(tq, tk, top, window, softcap, pa
     from sparse_llm.backends import routing, selection
 
     monkeypatch.setattr(routing, "MAX_SIMILARITIES", 100)  # several chunks of query cells
-    monkeypatch.setattr(selection, "_cpu_has_native_bf16", lambda: False)  # as the one-hot test
+    monkeypatch.setattr(selection, "cpu_has_native_bf16", lambda: False)  # as the one-hot test
     q, k, padding = _clustered_inputs(tq, tk, padded)
     call = LayerCall(0, 0.25, softcap=softcap, sliding_window=window, key_padding_mask=padding)
     kw = dict(n_clusters=7, top_clusters=top, iterations=3, seed=1)
@@ -730,7 +730,7 @@ def test_kmeans_with_bf16_similarities_assigns_each_key_a_nearest_centroid(padde
     joins a centroid whose cosine is within bf16 rounding of its best one, centroids are unit norm."""
     from sparse_llm.backends import routing, selection
 
-    monkeypatch.setattr(selection, "_cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(selection, "cpu_has_native_bf16", lambda: True)
     dtypes = []
     nearest = routing.nearest
     monkeypatch.setattr(routing, "nearest", lambda xn, *a: dtypes.append(xn.dtype) or nearest(xn, *a))
@@ -791,7 +791,7 @@ def test_scoring_dtype_is_bf16_only_for_fp32_on_a_cpu_with_native_bf16(monkeypat
 
     x32 = torch.zeros(2)
     for native, want in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(selection, "_cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(selection, "cpu_has_native_bf16", lambda native=native: native)
         assert selection.scoring_dtype(x32) == want
         for dtype in (torch.bfloat16, torch.float16, torch.float64):  # other dtypes score as they are
             assert selection.scoring_dtype(x32.to(dtype)) == dtype

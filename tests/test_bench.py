@@ -52,6 +52,22 @@ def test_bench_cli_writes_a_report_for_every_configuration(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_reports_name_the_cpu_isa_and_native_bf16(monkeypatch):
+    """Result files name the CPU's vector ISA and whether it has bf16 arithmetic: selection timings
+    differ ~2x between CPUs that report the same core count and architecture."""
+    import torch
+
+    from sparse_llm.backends import selection
+    from sparse_llm.results import device_name, run_metadata
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setattr(selection, "cpu_has_native_bf16", lambda: False)
+    plain = device_name("cpu")
+    assert plain.startswith("cpu (") and isa in plain and "native bf16" not in plain
+    monkeypatch.setattr(selection, "cpu_has_native_bf16", lambda: True)
+    assert run_metadata()["machine"]["device"].endswith(", native bf16)")
+
+
 def test_bench_kernel_reports_every_density_and_pattern(tmp_path, capsys):
     out = tmp_path / "kernel.json"
     args = [

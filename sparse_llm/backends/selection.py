@@ -23,13 +23,13 @@ def scoring_dtype(x: torch.Tensor) -> torch.dtype:
     significant digits (relative error 2^-8), far below the gaps that rank key blocks; the attention
     over the selected blocks stays exact in the input dtype. GPU inputs score in their own dtype.
     """
-    if x.dtype == torch.float32 and x.device.type == "cpu" and _cpu_has_native_bf16():
+    if x.dtype == torch.float32 and x.device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return x.dtype
 
 
 @functools.cache
-def _cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16() -> bool:
     # Private probes (torch >= 2.3); without native bf16 a bf16 GEMM is emulated and slower than fp32.
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
