@@ -70,15 +70,14 @@ def attention_stats(model: torch.nn.Module) -> dict:
     """Density of the most recent forward, and of the most recent prefill, of a sparsified model.
 
     Returns ``{"method", "density", "far_density", "layers": {layer_idx: {"density", "sparse"}},
-    "prefill"}``. A
-    layer's density is the fraction of its causally (and window-) reachable blocks that were
-    computed exactly in the most recent forward (a decode step after ``generate``, the last chunk
-    after a chunked prefill); ``density`` is the mean over the layers the method sparsified (1.0 if
-    none). A method with a far field adds its size to each sparse layer's entry
-    (:meth:`SparseMethod.layer_stats`: ``far_keys``, ``far_groups``, ``far_slots``, ``far_density``:
-    the far keys read over the reachable (query, key) pairs, in the units of ``density``), and
-    ``far_density`` is its mean over the sparsified layers (0.0 without a far field): the attention
-    computed is ``density + far_density``.
+    "prefill"}``. A layer's density is the fraction of its causally (and window-) reachable blocks
+    that were computed exactly in the most recent forward (a decode step after ``generate``, the last
+    chunk after a chunked prefill); ``density`` is the mean over the layers the method sparsified
+    (1.0 if none; None, as ``far_density``, until a forward has run). A method with a far field adds
+    its size to each sparse layer's entry (:meth:`SparseMethod.layer_stats`: ``far_keys``,
+    ``far_groups``, ``far_slots``, ``far_density``: the far keys read over the reachable (query, key)
+    pairs, in the units of ``density``), and ``far_density`` is its mean over the sparsified layers
+    (0.0 without a far field): the attention computed is ``density + far_density``.
 
     ``prefill`` covers every call of the most recent prompt, from its first call (no cached keys,
     or the first after decode steps) to its last chunk: ``{"density", "chunks": [{"start",
@@ -97,10 +96,14 @@ def attention_stats(model: torch.nn.Module) -> dict:
         for idx, (mask, sparse) in hf.last_masks(model).items()
     }
     sparse = [info for info in layers.values() if info["sparse"]]
+    density = far_density = None  # no forward yet: nothing was computed, neither dense nor sparse
+    if layers:
+        density = sum(info["density"] for info in sparse) / len(sparse) if sparse else 1.0
+        far_density = sum(info.get("far_density", 0.0) for info in sparse) / len(sparse) if sparse else 0.0
     return {
         "method": method.name,
-        "density": sum(info["density"] for info in sparse) / len(sparse) if sparse else 1.0,
-        "far_density": sum(info.get("far_density", 0.0) for info in sparse) / len(sparse) if sparse else 0.0,
+        "density": density,
+        "far_density": far_density,
         "layers": dict(sorted(layers.items())),
         "prefill": _prefill_stats(hf.prefill_counts(model)),
     }

@@ -102,6 +102,17 @@ def test_attention_stats_needs_a_sparsified_model(model):
         sparse_llm.attention_stats(model)
 
 
+def test_attention_stats_reports_nothing_before_a_forward(model):
+    """Before any forward nothing was computed: no density (1.0 would read as 'ran dense')."""
+    with sparse_llm.sparse_attention(model, "streaming", sink_tokens=16, local_tokens=16, block_size=16):
+        stats = sparse_llm.attention_stats(model)
+        assert stats["density"] is None and stats["far_density"] is None
+        assert stats["layers"] == {} and stats["prefill"] is None
+        with torch.no_grad():
+            model(torch.randint(3, 100, (1, 160)))
+        assert 0 < sparse_llm.attention_stats(model)["density"] < 1
+
+
 def test_four_dimensional_mask_is_refused(model):
     ids = torch.randint(3, 100, (1, 40))
     mask4d = torch.ones(1, 1, 40, 40, dtype=torch.bool).tril()
