@@ -226,6 +226,7 @@ def tiny_llm(monkeypatch):
         return model, tokenizer
 
     monkeypatch.setattr(sparse_llm.models, "load_any", load_any)
+    monkeypatch.setattr(sparse_llm.models, "max_positions", lambda name: model.config.max_position_embeddings)
     return tokenizer, loads
 
 
@@ -295,6 +296,13 @@ def test_llm_run_rejects_settings_before_writing(tiny_llm, tmp_path, overrides, 
     with pytest.raises(ValueError, match=match):
         run_mqar(_llm_config(**overrides), out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_llm_run_checks_the_context_before_loading_the_model(tiny_llm, tmp_path):
+    _, loads = tiny_llm
+    with pytest.raises(ValueError, match=r"lengths \[2048\] do not fit the model's context"):
+        run_mqar(_llm_config(settings=((2048, 4),)), out=tmp_path / "out")
+    assert loads == []
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -25,6 +25,7 @@ def prefills(tiny, monkeypatch):
     """Serve the tiny model to ``run_niah`` and count its prefills (forwards of >= 100 tokens)."""
     model, tokenizer = tiny
     monkeypatch.setattr(niah, "load_any", lambda name, device="cpu", dtype=None: (model, tokenizer))
+    monkeypatch.setattr(niah, "max_positions", lambda name: model.config.max_position_embeddings)
     lengths = []
 
     def hook(module, args, kwargs):
@@ -271,6 +272,27 @@ def test_cli_runs_and_replots(model_dir, tmp_path, capsys):
     before = (out / "samples.jsonl").read_text()
     assert cli(*common, "--lengths", "192", "--depths", "0.5", "--max-new-tokens", "3") == 2
     assert "--resume" in capsys.readouterr().err and (out / "samples.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("runner", ["niah", "sweep"])
+def test_lengths_beyond_the_context_fail_before_the_model_loads(tiny, monkeypatch, tmp_path, runner):
+    from sparse_llm.eval import sweep
+
+    module = niah if runner == "niah" else sweep
+
+    def load_any(name, device="cpu", dtype=None):
+        raise AssertionError("the model was loaded before the lengths were checked")
+
+    monkeypatch.setattr(module, "load_any", load_any)
+    monkeypatch.setattr(module, "max_positions", lambda name: tiny[0].config.max_position_embeddings)
+    lengths = (256, 4096)
+    task = niah.NiahConfig(model="tiny", methods=("sdpa",), lengths=lengths, depths=(0.5,), haystack="repeat")
+    with pytest.raises(ValueError, match=r"lengths \[4096\] do not fit the model's context"):
+        if runner == "niah":
+            niah.run_niah(task, out=tmp_path / "run", progress=False)
+        else:
+            sweep.run_sweep(sweep.SweepConfig(niah=task, methods=("sdpa",), budgets=()), out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ def calls(tiny, monkeypatch):
     """Serve the tiny model to ``run_sweep`` and log each prefill as ``(sparse, prompt length)``."""
     model, tokenizer = tiny
     monkeypatch.setattr(sweep, "load_any", lambda name, device="cpu", dtype=None: (model, tokenizer))
+    monkeypatch.setattr(sweep, "max_positions", lambda name: model.config.max_position_embeddings)
     log = []
     real = sweep.prefill_and_generate
 

@@ -103,6 +103,7 @@ def needle_task(**overrides) -> niah.NiahConfig:
 def test_niah_prefills_in_chunks_with_the_whole_prompt_density(tiny, monkeypatch, tmp_path):
     model, tokenizer = tiny
     monkeypatch.setattr(niah, "load_any", lambda name, device="cpu", dtype=None: (model, tokenizer))
+    monkeypatch.setattr(niah, "max_positions", lambda name: model.config.max_position_embeddings)
     whole = niah.run_niah(needle_task(), out=tmp_path / "whole", progress=False)
     with forward_lengths(model) as lengths:
         chunked = niah.run_niah(needle_task(prefill_chunk=64), out=tmp_path / "chunked", progress=False)
@@ -119,6 +120,7 @@ def test_niah_prefills_in_chunks_with_the_whole_prompt_density(tiny, monkeypatch
 def test_sweep_prefills_every_point_in_chunks(tiny, monkeypatch, tmp_path, capsys):
     model, tokenizer = tiny
     monkeypatch.setattr(sweep, "load_any", lambda name, device="cpu", dtype=None: (model, tokenizer))
+    monkeypatch.setattr(sweep, "max_positions", lambda name: model.config.max_position_embeddings)
     config = sweep.SweepConfig(
         niah=needle_task(methods=("sdpa",), method_params={}, prefill_chunk=100, max_new_tokens=1),
         methods=("sdpa", "streaming"),

@@ -213,18 +213,13 @@ def _record(spec: MethodSpec, budget, t: int, n: int, suffix, **values) -> dict:
 
 
 def _run_llm(config: MQARConfig, store_args: dict, progress: bool) -> tuple[ResultsStore, list[dict], None]:
-    from sparse_llm.models import load_any
+    from sparse_llm.models import check_fits_context, load_any, max_positions
 
+    lengths = [t for t, _ in config.settings]  # checked before minutes of loading
+    check_fits_context(lengths, max_positions(config.model), answer_tokens=config.max_new_tokens)
     model, tokenizer = load_any(config.model, device=config.device, dtype=DTYPES[config.dtype])
     if tokenizer is None:
         raise ValueError(f"{config.model} has no tokenizer: llm mode needs one")
-    limit = getattr(model.config, "max_position_embeddings", None)
-    too_long = [t for t, _ in config.settings if limit is not None and t + config.max_new_tokens > limit]
-    if too_long:
-        raise ValueError(
-            f"T={too_long} do not fit {config.model}'s context: {limit} positions "
-            f"(max_position_embeddings) minus {config.max_new_tokens} answer tokens"
-        )
     prompts = {
         s: build_llm_prompts(tokenizer, *s, config.num_examples, config.vocab_size, EVAL_SEED + config.seed)
         for s in config.settings

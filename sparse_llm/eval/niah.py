@@ -44,7 +44,7 @@ from sparse_llm.eval.common import (
 )
 from sparse_llm.eval.haystack import NEEDLES, Needle, NeedlePrompt, build_needle_prompt, score_answer
 from sparse_llm.eval.plots import plot_niah
-from sparse_llm.models import check_fits_context, load_any
+from sparse_llm.models import check_fits_context, load_any, max_positions
 from sparse_llm.results import RESULTS_FILE, ResultsStore
 from sparse_llm.texts import REPEAT_FILLER, load_haystack_text
 
@@ -388,10 +388,10 @@ def run_niah(
     """
     specs = method_specs(config.methods, config.method_params)
     text = config.haystack_text()
+    lengths = config.grid_lengths(max_positions(config.model))  # before minutes of loading
     model, tokenizer = load_any(config.model, device=config.device, dtype=DTYPES[config.dtype])
     if tokenizer is None:
         raise ValueError(f"model {config.model!r} has no tokenizer; a needle test needs one")
-    lengths = config.grid_lengths(getattr(model.config, "max_position_embeddings", None))
     depths = config.depths
 
     @functools.lru_cache(maxsize=1)  # the check below builds the first cell's prompt
