@@ -49,6 +49,22 @@ def test_cpu_path_without_fused_op_matches_reference(case, monkeypatch):
     check_attention(out, lse, *inputs)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpu_path_zeroes_runs_of_empty_query_blocks(causal):
+    """Query blocks that select nothing (a far-field level's first blocks) come out as 0 with lse
+    -inf, in runs and alone, for every batch row, beside blocks computed as the reference says."""
+    q, k, v, mask, kwargs = build(BASE.but(b=2, hq=4, hkv=1, causal=causal, transposed=True))
+    dense = mask.to_dense().clone()
+    dense[..., [0, 1, 3], :] = False  # a run of two empty query blocks, then one alone
+    mask = BlockMask.from_dense(
+        dense, block_q=mask.block_q, block_k=mask.block_k, q_len=mask.q_len, kv_len=mask.kv_len, causal=causal
+    )
+    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, **kwargs)
+    check_attention(out, lse, q, k, v, mask, kwargs)
+    empty = [*range(0, 64), *range(96, 113)]  # rows of query blocks 0, 1 and 3 (block_q 32, Tq 113)
+    assert (out[:, :, empty] == 0).all() and torch.isneginf(lse[:, :, empty]).all()
+
+
 def test_cpu_path_key_chunks_merge_exactly(monkeypatch):
     """The matmul path splits long rows into key chunks (the fused op needs none: flash tiles)."""
     case = BASE.but(mask="full_rows", b=2, left_pad=(0, 40), window=90)

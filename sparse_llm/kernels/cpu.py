@@ -728,9 +728,12 @@ class _Executor:
             o, o_lse = self._causal_tiles(CausalCall(0, plan.causal_blocks, 0))
             acc[: plan.causal_blocks].copy_(o)
             acc_lse[: plan.causal_blocks].copy_(o_lse)
+        unwritten = [None] * s.n_q
         for n in plan.unwritten:
-            acc[n].zero_()
-            acc_lse[n].fill_(float("-inf"))
+            unwritten[n] = True
+        for n0, n1 in _runs(unwritten, [0] * s.n_q):  # rows without keys: one range of `out` per run
+            out[:, n0 * s.block_q : n1 * s.block_q].zero_()
+            lse[:, n0 * s.block_q : n1 * s.block_q].fill_(float("-inf"))
         for call in plan.calls:
             if isinstance(call, CausalCall):
                 o, o_lse = self._causal_tiles(call)
