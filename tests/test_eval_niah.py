@@ -278,13 +278,11 @@ def test_cli_runs_and_replots(model_dir, tmp_path, capsys):
 def test_lengths_beyond_the_context_fail_before_the_model_loads(tiny, monkeypatch, tmp_path, runner):
     from sparse_llm.eval import sweep
 
-    module = niah if runner == "niah" else sweep
-
     def load_any(name, device="cpu", dtype=None):
         raise AssertionError("the model was loaded before the lengths were checked")
 
-    monkeypatch.setattr(module, "load_any", load_any)
-    monkeypatch.setattr(module, "max_positions", lambda name: tiny[0].config.max_position_embeddings)
+    monkeypatch.setattr(niah, "load_any", load_any)
+    monkeypatch.setattr(niah, "max_positions", lambda name: tiny[0].config.max_position_embeddings)
     lengths = (256, 4096)
     task = niah.NiahConfig(model="tiny", methods=("sdpa",), lengths=lengths, depths=(0.5,), haystack="repeat")
     with pytest.raises(ValueError, match=r"lengths \[4096\] do not fit the model's context"):

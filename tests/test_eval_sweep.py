@@ -18,7 +18,7 @@ import torch
 import sparse_llm
 from sparse_llm.backends.streaming import Streaming
 from sparse_llm.cli import main
-from sparse_llm.eval import plots, sweep
+from sparse_llm.eval import niah, plots, sweep
 from sparse_llm.eval.haystack import build_needle_prompt
 from sparse_llm.eval.niah import NiahConfig
 from sparse_llm.texts import REPEAT_FILLER
@@ -32,8 +32,8 @@ STREAMING = {"sink_tokens": 16, "local_tokens": 64}
 def calls(tiny, monkeypatch):
     """Serve the tiny model to ``run_sweep`` and log each prefill as ``(sparse, prompt length)``."""
     model, tokenizer = tiny
-    monkeypatch.setattr(sweep, "load_any", lambda name, device="cpu", dtype=None: (model, tokenizer))
-    monkeypatch.setattr(sweep, "max_positions", lambda name: model.config.max_position_embeddings)
+    monkeypatch.setattr(niah, "load_any", lambda name, device="cpu", dtype=None: (model, tokenizer))
+    monkeypatch.setattr(niah, "max_positions", lambda name: model.config.max_position_embeddings)
     log = []
     real = sweep.prefill_and_generate
 

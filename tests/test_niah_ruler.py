@@ -267,8 +267,8 @@ def test_cli_ruler_run_records_the_protocol(model_dir, tmp_path, capsys):
 
 @needs_words
 def test_sweep_ruler_point_records_the_protocol(tiny, monkeypatch, tmp_path):
-    monkeypatch.setattr(sweep, "load_any", lambda name, device="cpu", dtype=None: tiny)
-    monkeypatch.setattr(sweep, "max_positions", lambda name: tiny[0].config.max_position_embeddings)
+    monkeypatch.setattr(niah, "load_any", lambda name, device="cpu", dtype=None: tiny)
+    monkeypatch.setattr(niah, "max_positions", lambda name: tiny[0].config.max_position_embeddings)
     task = ruler_config(lengths=(192,), depths=(0.5,), max_new_tokens=4)
     config = sweep.SweepConfig(niah=task, methods=("sdpa", "dense"), budgets=())
     result = sweep.run_sweep(config, out=tmp_path / "sweep", progress=False)

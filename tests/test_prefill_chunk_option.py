@@ -119,8 +119,8 @@ def test_niah_prefills_in_chunks_with_the_whole_prompt_density(tiny, monkeypatch
 
 def test_sweep_prefills_every_point_in_chunks(tiny, monkeypatch, tmp_path, capsys):
     model, tokenizer = tiny
-    monkeypatch.setattr(sweep, "load_any", lambda name, device="cpu", dtype=None: (model, tokenizer))
-    monkeypatch.setattr(sweep, "max_positions", lambda name: model.config.max_position_embeddings)
+    monkeypatch.setattr(niah, "load_any", lambda name, device="cpu", dtype=None: (model, tokenizer))
+    monkeypatch.setattr(niah, "max_positions", lambda name: model.config.max_position_embeddings)
     config = sweep.SweepConfig(
         niah=needle_task(methods=("sdpa",), method_params={}, prefill_chunk=100, max_new_tokens=1),
         methods=("sdpa", "streaming"),

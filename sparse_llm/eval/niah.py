@@ -199,6 +199,15 @@ class NiahConfig:
             )
         return load_haystack_text(self.haystack)
 
+    def load(self) -> tuple[tuple[int, ...], torch.nn.Module, object]:
+        """``(lengths, model, tokenizer)``: :meth:`grid_lengths` for the model's context, read from its
+        config before the model loads (a length past it fails at once), then the model and tokenizer."""
+        lengths = self.grid_lengths(max_positions(self.model))
+        model, tokenizer = load_any(self.model, device=self.device, dtype=DTYPES[self.dtype])
+        if tokenizer is None:
+            raise ValueError(f"model {self.model!r} has no tokenizer; a needle test needs one")
+        return lengths, model, tokenizer
+
     def build_prompt(self, tokenizer, text: str, length: int, depth: float) -> NeedlePrompt:
         """The prompt of the cell (length, depth) over the haystack ``text``, in this protocol."""
         return build_needle_prompt(
@@ -388,10 +397,7 @@ def run_niah(
     """
     specs = method_specs(config.methods, config.method_params)
     text = config.haystack_text()
-    lengths = config.grid_lengths(max_positions(config.model))  # before minutes of loading
-    model, tokenizer = load_any(config.model, device=config.device, dtype=DTYPES[config.dtype])
-    if tokenizer is None:
-        raise ValueError(f"model {config.model!r} has no tokenizer; a needle test needs one")
+    lengths, model, tokenizer = config.load()
     depths = config.depths
 
     @functools.lru_cache(maxsize=1)  # the check below builds the first cell's prompt

@@ -40,7 +40,6 @@ import sparse_llm
 from sparse_llm.eval import niah
 from sparse_llm.eval.common import (
     BASELINE,
-    DTYPES,
     MethodSpec,
     applied,
     comma_list,
@@ -50,7 +49,6 @@ from sparse_llm.eval.common import (
     show_progress,
 )
 from sparse_llm.eval.plots import plot_sweep
-from sparse_llm.models import load_any, max_positions
 from sparse_llm.results import RESULTS_FILE, ResultsStore
 
 logger = logging.getLogger(__name__)
@@ -422,10 +420,7 @@ def run_sweep(
     """
     task = config.niah
     text = task.haystack_text()
-    lengths = task.grid_lengths(max_positions(task.model))  # before minutes of loading
-    model, tokenizer = load_any(task.model, device=task.device, dtype=DTYPES[task.dtype])
-    if tokenizer is None:
-        raise ValueError(f"model {task.model!r} has no tokenizer; a needle test needs one")
+    lengths, model, tokenizer = task.load()
     points, skipped = config.points(lengths)
 
     @functools.cache
