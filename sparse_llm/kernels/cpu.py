@@ -387,8 +387,9 @@ class GatherPlan:
     A non-causal view covers each row's main run (its last selected blocks, holes and all); the blocks a
     row selects before it, ``rest``, are gathered by merged ``GatherCall``s (``rest=True``).
 
-    ``calls`` lists written calls before merged ones. ``unwritten`` query blocks get no written call
-    (no full block): they start from out = 0, lse = -inf, which is also the result of an empty row.
+    ``calls`` lists written calls before merged ones. ``unwritten``: runs ``[n0, n1)`` of query blocks
+    with no written call (no full block): they start from out = 0, lse = -inf, which is also the
+    result of an empty row.
     ``full`` and ``part`` are the mask's two block lists with rows mapped to the row heads; ``rule`` is
     the mask's key rule ``(window_start [B', Tq], sink_end [B'])``, applied with the element mask.
     """
@@ -398,7 +399,7 @@ class GatherPlan:
     full: _Blocks | None = None
     part: _Blocks | None = None
     calls: list[CausalCall | ViewCall | GatherCall] = field(default_factory=list)
-    unwritten: list[int] = field(default_factory=list)
+    unwritten: list[tuple[int, int]] = field(default_factory=list)
     rule: tuple[Tensor, Tensor] | None = None
     causal: bool = True
     rest: _Blocks | None = None
@@ -456,7 +457,7 @@ def plan_gather(
         if not call.merge:
             written[call.n0 : call.n1] = [True] * (call.n1 - call.n0)
     calls = [c for c in views + gathers if not c.merge] + [c for c in views + gathers if c.merge]
-    unwritten = [n for n, w in enumerate(written) if not w]
+    unwritten = _runs([None if w else True for w in written], [0] * s.n_q)
     rule = None if block_mask.window_start is None else (block_mask.window_start, block_mask.sink_end)
     return GatherPlan(s, causal_blocks, full, part, calls, unwritten, rule, causal, rest)
 
@@ -728,10 +729,7 @@ class _Executor:
             o, o_lse = self._causal_tiles(CausalCall(0, plan.causal_blocks, 0))
             acc[: plan.causal_blocks].copy_(o)
             acc_lse[: plan.causal_blocks].copy_(o_lse)
-        unwritten = [None] * s.n_q
-        for n in plan.unwritten:
-            unwritten[n] = True
-        for n0, n1 in _runs(unwritten, [0] * s.n_q):  # rows without keys: one range of `out` per run
+        for n0, n1 in plan.unwritten:  # rows without keys: one range of `out` per run
             out[:, n0 * s.block_q : n1 * s.block_q].zero_()
             lse[:, n0 * s.block_q : n1 * s.block_q].fill_(float("-inf"))
         for call in plan.calls:
