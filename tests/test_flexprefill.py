@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sparse_llm.backends import LayerCall, get_method
-from sparse_llm.backends.flexprefill import pattern_distance, window_profiles
-from sparse_llm.backends.selection import block_means
+from sparse_llm.backends.flexprefill import pattern_distance, pooled_estimate, window_profiles
+from sparse_llm.backends.selection import block_means, reachable_blocks
 from sparse_llm.kernels.block_mask import block_geometry
 
 
@@ -66,6 +66,81 @@ def test_window_profiles_match_the_loop_reference(case, softcap, window):
     torch.testing.assert_close(vertical.double(), ref_vertical, rtol=0, atol=1e-6)
     torch.testing.assert_close(slash.double(), ref_slash, rtol=0, atol=1e-6)
     torch.testing.assert_close(slash.sum(-1), torch.ones(slash.shape[:2]), rtol=0, atol=1e-5)
+
+
+def reference_pooled(q, k, call, block, pool):
+    """The query-aware estimate by loops, float64 ``[B, Hq, nQ, nK]``: per query block, the mean over
+    its real queries of the softmax, over the block-causally visible key blocks holding a real key, of
+    (the mean of the query's run of ``pool`` real queries) . (the key block's mean real key)."""
+    (b, hq, q_len, _), (_, hkv, kv_len, _) = q.shape, k.shape
+    n_q, n_k = -(-q_len // block), -(-kv_len // block)
+    pad = call.key_padding_mask
+    real_k = torch.ones(b, kv_len, dtype=torch.bool) if pad is None else pad
+    real_q = real_k[:, kv_len - q_len :]
+    out = torch.zeros(b, hq, n_q, n_k, dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hq):
+            keys = k[bi, h // (hq // hkv)].double()
+            spans = [slice(m * block, (m + 1) * block) for m in range(n_k)]
+            means = [keys[span][real_k[bi, span]] for span in spans]
+            for n in range(n_q):
+                last_pos = min((n + 1) * block, q_len) - 1 + kv_len - q_len  # block-causal: its last query
+                visible = [m for m in range(n_k) if m * block <= last_pos and len(means[m])]
+                runs = range(n * block, min((n + 1) * block, q_len), pool)
+                rows = [q[bi, h, i : i + pool][real_q[bi, i : i + pool]].double() for i in runs]
+                total = sum(len(r) for r in rows)
+                for r in rows:
+                    if not len(r) or not visible:
+                        continue
+                    logits = torch.stack([r.mean(0) @ means[m].mean(0) for m in visible]) * call.scale
+                    if call.softcap is not None:
+                        logits = torch.tanh(logits / call.softcap) * call.softcap
+                    out[bi, h, n, visible] += logits.softmax(0) * len(r) / total
+    return out
+
+
+@pytest.mark.parametrize("pool", [1, 8, 32])
+@pytest.mark.parametrize(
+    "case, softcap",
+    [
+        pytest.param(dict(), None, id="tk200-gqa4_2"),
+        pytest.param(dict(tq=77), None, id="chunk-tq77-tk200"),
+        pytest.param(dict(b=2, left_pad=(0, 37)), None, id="b2-pad37"),
+        pytest.param(dict(q_gain=4.0), 5.0, id="softcap5"),
+    ],
+)
+def test_pooled_estimate_matches_the_loop_reference(case, softcap, pool):
+    q, k, padding = inputs(**case)
+    call = LayerCall(0, 32**-0.5, softcap=softcap, key_padding_mask=padding)
+    bs, (q_len, kv_len) = 32, (q.shape[2], k.shape[2])
+    real = torch.nn.functional.pad(
+        torch.ones(1, kv_len, dtype=torch.bool) if padding is None else padding, (0, -kv_len % bs)
+    )
+    real_blocks = real.unflatten(1, (-1, bs)).any(-1)[:, None, None]
+    visible = reachable_blocks(q_len, kv_len, bs, None, q.device) & real_blocks
+    q_valid = None if padding is None else padding[:, -q_len:]
+    got = pooled_estimate(q, block_means(k, bs, padding), call, bs, pool, q_valid, visible)
+    torch.testing.assert_close(got.double(), reference_pooled(q, k, call, bs, pool), rtol=0, atol=1e-6)
+
+
+def test_sub_block_pooling_keeps_what_part_of_a_query_block_looks_for():
+    """Half of a query block asks strongly for cluster A, half weakly for cluster B: one mean query per
+    block (the paper's estimate) puts almost all mass on A and drops B; sub-block means keep both."""
+    torch.manual_seed(7)
+    t, d, bs = 512, 32, 32
+    a, b_dir = torch.linalg.qr(torch.randn(d, 2))[0].T * 6.0
+    k = 0.1 * torch.randn(1, 1, t, d)
+    k[:, :, 2 * bs : 3 * bs] += a  # key block 2: cluster A
+    k[:, :, 5 * bs : 6 * bs] += b_dir  # key block 5: cluster B
+    q = 0.1 * torch.randn(1, 2, t, d)
+    q[:, :, -bs : -bs // 2] += 2.0 * a
+    q[:, :, -bs // 2 :] += 0.5 * b_dir
+    call = LayerCall(0, d**-0.5)
+    params = dict(budget=8 * bs, sink_tokens=bs, local_tokens=bs, block_size=bs, dense_tail_blocks=0)
+    paper = get_method("flexprefill", query_pool=bs, **params).block_mask(q, k, k, call).to_dense()[0, :, -1]
+    pooled = get_method("flexprefill", **params).block_mask(q, k, k, call).to_dense()[0, :, -1]
+    assert paper[:, 2].all() and not paper[:, 5].any()
+    assert pooled[:, 2].all() and pooled[:, 5].all()
 
 
 def _distance(q, k, call, bs=32, window=32):
@@ -255,6 +330,8 @@ def test_padding_keys_are_never_selected_and_padded_batch_equals_single_runs(tau
         pytest.param(dict(tau=float("inf")), "tau must be", id="inf-tau"),
         pytest.param(dict(window=0), "window must be None", id="zero-window"),
         pytest.param(dict(window=True), "window must be", id="bool-window"),
+        pytest.param(dict(query_pool=24), "query_pool must be None", id="pool-not-dividing"),
+        pytest.param(dict(query_pool=0), "query_pool must be None", id="zero-pool"),
         pytest.param(dict(budget=0), "budget must be a positive int", id="zero-budget"),
         pytest.param(dict(budget=100), "must cover", id="budget-below-forced"),
     ],
