@@ -119,7 +119,8 @@ def tilted_local_linear_attention(q, k, v, mask: BlockMask, call: LayerCall, *, 
     if dtype != torch.float32:
         q, k, v = q.float(), k.float(), v.float()
     k_bar = exact_attention(q, k, k, mask, call)  # sum_j p_j k_j per query
-    tilted = q - (k_bar - q) / (ridge * call.scale)
+    # q - (k_bar - q) / (ridge * scale), in place in one pass: k_bar + (1 + c) (q - k_bar)
+    tilted = k_bar.lerp_(q, 1.0 + 1.0 / (ridge * call.scale))
     return exact_attention(tilted, k, v, mask, call).to(dtype)
 
 
