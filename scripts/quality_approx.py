@@ -51,10 +51,10 @@ VARIANTS = {
     "lla": ("lla", dict(base="streaming", base_params=WIDE), "streaming"),
     "streaming_410": ("streaming", NARROW, None),
     "deltallm": ("deltallm", {}, "streaming_410"),
-    "deltallm_theta1.2": ("deltallm", {"theta": 1.2}, "streaming_410"),
+    "deltallm_theta3": ("deltallm", {"theta": 3.0}, "streaming_410"),
     "deltallm_channel": ("deltallm", {"hold": "channel"}, "streaming_410"),
 }
-FAST = "dense,streaming,lightning,lightning_group8,lla,streaming_410,deltallm,deltallm_theta1.2"
+FAST = "dense,streaming,lightning,lightning_group8,lla,streaming_410,deltallm,deltallm_theta3"
 
 
 @torch.inference_mode()

@@ -15,7 +15,7 @@ from attention_cases import assert_within_rule, rounding_floor
 import sparse_llm
 from sparse_llm.backends import LayerCall, get_method
 from sparse_llm.backends._collapse import selection_far_reference
-from sparse_llm.backends.deltallm import deltallm_reference, held_key_runs, held_keys
+from sparse_llm.backends.deltallm import deltallm_reference, held_key_runs, held_keys, query_moment
 from sparse_llm.backends.lightning import lightning_reference
 from sparse_llm.backends.lla import lla_reference
 from sparse_llm.kernels import BlockMask, reference_attention
@@ -92,6 +92,8 @@ def test_deltallm_matches_reference(case, hold, theta):
     (q, k, v, padding), softcap = split(case)
     d = 32  # the reference's held keys are a pure-Python loop over every channel
     q, k, v = q[..., :d], smooth(k)[..., :d], v[..., :d]
+    if hold == "key":  # a logit threshold: the queries' gain scales the drift
+        theta *= case.get("q_gain", 1.0)
     params = dict(hold=hold, theta=theta, sink_tokens=16, local_tokens=48, block_size=BS)
     method = get_method("deltallm", **params)
     out, _ = method.attend(q, k, v, LayerCall(0, d**-0.5, softcap=softcap, key_padding_mask=padding))
@@ -127,27 +129,49 @@ def test_deltallm_whole_key_runs_hold_within_theta_and_cost_falls_with_sparsity(
     q, k, v, padding = inputs(seed=2)
     k = smooth(k)
     real = padding
-    std = torch.stack([k[i, :, real[i]].std(1, unbiased=False) for i in range(2)])  # [B, Hkv, D]
+    call = LayerCall(3, 0.125, key_padding_mask=padding)
+    moment = query_moment(q, k.shape[1], call)
+    g, q_real = q.shape[1] // k.shape[1], padding[:, -q.shape[2] :]
     slots, sparsity = [], []
     for theta in (0.0, 0.8, 1.0, 1.3):
-        runs = held_key_runs(k, theta, real, real, BS)
-        # every key is within theta (RMS over channels, in standard deviations) of its run's first key
+        runs = held_key_runs(k, moment, theta, real, BS)
+        # every key's logits are within theta (RMS over the group's real queries) of its run's first key's
         block_start = (torch.arange(203) // BS) * BS
         for b, h in ((0, 0), (1, 1)):
             r = runs[b, h]
             same_run = (r[:, None] == r[None, :]) & (block_start[:, None] == block_start[None, :])
             first = same_run.int().argmax(-1)  # the run's first key
-            drift = (((k[b, h] - k[b, h, first]) / std[b, h]) ** 2).mean(-1).sqrt()
-            assert (drift[r >= 0] <= theta + 1e-5).all()
+            queries = q[b, h * g : (h + 1) * g][:, q_real[b]].flatten(0, 1)  # [N, D]
+            logits = 0.125 * (k[b, h] - k[b, h, first]) @ queries.T  # [Tk, N]
+            drift = logits.pow(2).mean(-1).sqrt()
+            assert (drift[r >= 0] <= theta + 1e-4).all()
             assert (r[~real[b]] == -1).all() and (r[real[b]] >= 0).all()
         method = get_method("deltallm", theta=theta, sink_tokens=16, local_tokens=32, block_size=BS)
-        method.attend(q, k, v, LayerCall(3, 0.125, key_padding_mask=padding))
+        method.attend(q, k, v, call)
         stats = method.layer_stats()[3]
         slots.append(stats["far_slots"])
         sparsity.append(method.last_delta_sparsity[3])
         assert stats["far_groups"] <= min(stats["far_keys"], stats["far_slots"])
     assert sparsity[0] == 0.0 and all(a < b for a, b in zip(sparsity, sparsity[1:], strict=False)), sparsity
     assert all(a >= b for a, b in zip(slots, slots[1:], strict=False)) and slots[-1] < slots[0], slots
+
+
+def test_deltallm_holds_keys_that_move_where_no_query_looks():
+    """Keys that move a lot along one direction the queries never probe form one run per block; the
+    same moves along a direction the queries weigh break every run."""
+    torch.manual_seed(0)
+    d, t = 16, 128
+    q = torch.randn(1, 2, t, d)
+    q[..., 0] = 0.0  # no query probes channel 0
+    k = 0.01 * torch.randn(1, 1, t, d)
+    k[..., 0] += 5.0 * torch.randn(t)  # the keys jump along channel 0 only
+    call = LayerCall(0, d**-0.5)
+    everywhere = torch.ones(1, t, dtype=torch.bool)
+    runs = held_key_runs(k, query_moment(q, 1, call), 0.5, everywhere, BS)
+    assert (runs.amax(-1) == 0).all()  # one run per key block: every key is held
+    q[..., 0] = 1.0
+    runs = held_key_runs(k, query_moment(q, 1, call), 0.5, everywhere, BS)
+    assert runs.amax().item() > BS // 2  # most keys start their own run
 
 
 # ----------------------------------------------------------------------------- lightning
@@ -387,9 +411,7 @@ def test_long_inputs_stay_finite(method, dtype):
         pytest.param("lla", dict(ridge=0.0), "ridge must be a finite number > 0", id="zero-ridge"),
         pytest.param("lla", dict(ridge="big"), "ridge must be", id="str-ridge"),
         pytest.param("lla", dict(base="streamin"), "unknown method 'streamin'", id="unknown-base"),
-        pytest.param(
-            "lla", dict(base_params=[("sink_tokens", 4)]), "base_params must be", id="list-params"
-        ),
+        pytest.param("lla", dict(base_params=[("sink_tokens", 4)]), "base_params must be", id="list-params"),
         pytest.param("lla", dict(base_params=dict(window=3)), "unknown parameters", id="bad-base-param"),
         pytest.param("lla", dict(base="lla"), "not 'lla' itself", id="self-base"),
         pytest.param("lla", dict(solver="lu"), "solver must be one of", id="bad-solver"),

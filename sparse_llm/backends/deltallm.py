@@ -5,12 +5,17 @@ exploits temporal sparsity: consecutive keys of a head change little, so only la
 propagated. Two forms, chosen by ``hold``:
 
 ``hold="key"`` (default, the fast form): whole key vectors are held. Within each key block, a key
-joins the run of the last held key while its drift from it, the RMS over channels of the difference in
-each channel's standard deviations, is at most ``theta``; otherwise it starts a new run and is held
-itself. The n keys of a run then share one key vector, so the run collapses exactly to one key with
-logit bias log n and the mean of its values (``_collapse.py``, through the kernel's ``key_bias``): the
-far part costs the runs, not the keys, and gets cheaper as the delta sparsity grows. Runs restart at
-every key block so that each query block's far keys are whole collapsed blocks.
+joins the run of the last held key while its drift from it is at most ``theta``; otherwise it starts a
+new run and is held itself. The drift is measured where it matters, in logits: the RMS over the
+layer's queries (of the key's KV head, padding excluded) of ``scale * q . (k - k_held)``, i.e.
+``sqrt(d^T M d)`` with ``M = scale^2 E[q q^T]``. A key that moves only along directions the queries
+do not probe is held; one that moves along a direction they weigh heavily is not (the paper's
+thresholds are per channel; per-channel standard deviations as the metric formed about as many runs
+at 1.0 as this one at 2.0, with higher perplexity: docs/evaluations.md). The n keys of a run then
+share one key vector, so the run collapses exactly to one key with logit bias log n and the mean of
+its values (``_collapse.py``, through the kernel's ``key_bias``): the far part costs the runs, not
+the keys, and gets cheaper as the delta sparsity grows. Runs restart at every key block so that each
+query block's far keys are whole collapsed blocks.
 
 ``hold="channel"`` (the paper's rule, kept as the reference): per key channel, a key is replaced by a
 *held* key that moves only when the key has drifted more than a threshold from it (the delta-network
@@ -58,7 +63,10 @@ from sparse_llm.backends.streaming import sink_window_mask
 from sparse_llm.kernels import BlockMask
 
 HOLDS = ("key", "channel")
-THETA = {"key": 1.0, "channel": 0.6}  # default threshold per form, in key standard deviations
+# Default threshold per form: "key" in logits (RMS over the queries), "channel" in each channel's
+# standard deviations. Measured on Gemma3-270M at 8K (docs/evaluations.md): the logit drift at 2.0
+# forms about as many runs as the per-channel RMS drift at 1.0 did, with lower perplexity.
+THETA = {"key": 2.0, "channel": 0.6}
 _SLOTS_PER_BLOCK = 4  # collapsed blocks per key block at most: a key block's runs take quarters of it
 
 
@@ -66,10 +74,11 @@ _SLOTS_PER_BLOCK = 4  # collapsed blocks per key block at most: a key block's ru
 @dataclass
 class DeltaLLM(SparseMethod):
     """Args: hold (``"key"``: whole held keys, runs collapsed, the fast form; ``"channel"``: the
-    paper's per-channel rule, far part dense), theta (threshold in key standard deviations: the RMS
-    drift of a whole key, or each channel's drift; default None = 1.0 for "key", 0.6 for "channel";
-    0 = exact dense attention), local_tokens (exact recent window; default None = max(256, 5% of Tk);
-    at least ``block_size`` with ``hold="key"``), sink_tokens (exact first tokens, default 64).
+    paper's per-channel rule, far part dense), theta (the threshold: with "key" the RMS logit error of a
+    held key over the layer's queries, with "channel" each channel's drift in its standard deviations;
+    default None = 2.0 for "key", 0.6 for "channel"; 0 = exact dense attention), local_tokens (exact
+    recent window; default None = max(256, 5% of Tk); at least ``block_size`` with ``hold="key"``),
+    sink_tokens (exact first tokens, default 64).
 
     After each call, ``last_delta_sparsity[layer_idx]`` holds the fraction of zero key deltas (held
     channels, or held whole keys with "key") over that layer's far keys (all real keys for
@@ -148,7 +157,8 @@ class DeltaLLM(SparseMethod):
             )
         far = far_blocks(mask)
         real = real_keys(call.key_padding_mask, k.shape[0], k.shape[2], k.device)
-        runs = held_key_runs(k, self.theta, real, far_key_mask(far, real, mask.block_k), mask.block_k)
+        keys = far_key_mask(far, real, mask.block_k)
+        runs = held_key_runs(k, query_moment(q, k.shape[1], call), self.theta, keys, mask.block_k)
         out, lse, stats = collapsed_far_field(
             q, k, v, runs, far, mask, call, width=mask.block_k // _SLOTS_PER_BLOCK
         )
@@ -158,13 +168,27 @@ class DeltaLLM(SparseMethod):
         return out, lse
 
 
-def held_key_runs(k: torch.Tensor, theta: float, real: torch.Tensor, keys: torch.Tensor, block: int):
+def query_moment(q: torch.Tensor, num_kv_heads: int, call: LayerCall) -> torch.Tensor:
+    """``M = scale^2 E[q q^T]`` fp32 ``[B, Hkv, D, D]`` over each KV head's query heads and real queries
+    (q ``[B, Hq, Tq, D]``; the queries are the last Tq of the key padding mask's positions): ``d^T M d``
+    is the mean squared change of the logits when a key moves by ``d``."""
+    b, hq, q_len, d = q.shape
+    qg = q.float().reshape(b, num_kv_heads, hq // num_kv_heads * q_len, d)
+    count = torch.full((b, 1, 1, 1), float(hq // num_kv_heads * q_len), device=q.device)
+    if call.key_padding_mask is not None:
+        valid = call.key_padding_mask[:, -q_len:].float()
+        qg = qg * valid.repeat(1, hq // num_kv_heads)[:, None, :, None]
+        count = count * valid.mean(1).view(b, 1, 1, 1)
+    return qg.transpose(-1, -2) @ qg * (call.scale**2 / count.clamp_min(1.0))
+
+
+def held_key_runs(k: torch.Tensor, moment: torch.Tensor, theta: float, keys: torch.Tensor, block: int):
     """Runs of whole held keys (``hold="key"``, module docstring), per key block.
 
     Args:
-        k: ``[B, Hkv, Tk, D]``; theta: the RMS drift threshold in per-channel standard deviations (over
-            each row's ``real`` keys, bool ``[B, Tk]``); keys: bool ``[B, Tk]``, the keys to group
-            (the others get -1); block: key block size (runs restart at each block).
+        k: ``[B, Hkv, Tk, D]``; moment: ``[B, Hkv, D, D]`` from :func:`query_moment`; theta: the RMS
+            logit drift threshold; keys: bool ``[B, Tk]``, the keys to group (the others get -1);
+            block: key block size (runs restart at each block).
 
     Returns:
         long ``[B, Hkv, Tk]``: each key's run within its block, numbered from 0 (the run's first key
@@ -172,15 +196,11 @@ def held_key_runs(k: torch.Tensor, theta: float, real: torch.Tensor, keys: torch
     """
     b, h, kv_len, d = k.shape
     n_k = -(-kv_len // block)
-    kf = k.float()
-    weight = real[:, None, :, None].float()
-    count = weight.sum(2).clamp_min(1.0)
-    mean = (kf * weight).sum(2) / count
-    std = (((kf - mean[:, :, None]) ** 2 * weight).sum(2) / count).sqrt()
-    x = (kf - mean[:, :, None]) / torch.where(std > 0, std, 1.0)[:, :, None]  # a constant channel: no drift
-    x = torch.nn.functional.pad(x, (0, 0, 0, n_k * block - kv_len)).view(b, h, n_k, block, d)
-    sq = (x * x).sum(-1)
-    drift = (sq[..., :, None] + sq[..., None, :] - 2 * x @ x.transpose(-1, -2)) / d  # [.., a, t] mean sq.
+    x = torch.nn.functional.pad(k.float(), (0, 0, 0, n_k * block - kv_len)).view(b, h, n_k, block, d)
+    x = x - x.mean(3, keepdim=True)  # drifts are differences within a block: centring keeps terms small
+    xm = (x.view(b, h, n_k * block, d) @ moment).view(b, h, n_k, block, d)
+    sq = (x * xm).sum(-1)  # k^T M k
+    drift = sq[..., :, None] + sq[..., None, :] - 2 * x @ xm.transpose(-1, -2)  # [.., a, t]: d^T M d
     later = torch.ones(block, block, dtype=torch.bool, device=k.device).triu(1)
     moved = (drift > theta * theta) & later  # key t (> a) left the run held at key a
     # next_start[a]: the first key after a that leaves a's run (block: none); one extra entry for the end
@@ -262,11 +282,12 @@ def _reference_stds(keys: list, idx: list[int], d: int) -> list[float]:
 
 
 def _reference_held_whole(
-    keys: list, real: list, stds: list, theta: float, block: int, sink_end: int
+    keys: list, real: list, queries: list, scale: float, theta: float, block: int, sink_end: int
 ) -> list:
     """``hold="key"`` for one head: a far key takes the key that opened its run; a run restarts at each
-    key block and at the first key drifting (RMS over channels, in stds) more than theta from it."""
-    d = len(stds)
+    key block and at the first key whose logits differ from its run's first key's by more than theta,
+    RMS over ``queries`` (the real queries of the head's query group, ``[N][D]`` lists)."""
+    d = len(keys[0]) if keys else 0
     held = [list(r) for r in keys]
     anchor = None
     for t in range(len(keys)):
@@ -276,8 +297,10 @@ def _reference_held_whole(
         if t % block == 0:  # runs restart at every key block
             anchor = None
         if anchor is not None:
-            drift = sum(((keys[t][c] - keys[anchor][c]) / (stds[c] or 1.0)) ** 2 for c in range(d))
-            anchor = anchor if drift / d <= theta * theta else None
+            moved = [keys[t][c] - keys[anchor][c] for c in range(d)]
+            logits = [scale * sum(qc * mc for qc, mc in zip(q, moved, strict=True)) for q in queries]
+            drift = sum(x * x for x in logits) / max(len(logits), 1)
+            anchor = anchor if drift <= theta * theta else None
         anchor = t if anchor is None else anchor
         held[t] = list(keys[anchor])
     return held
@@ -299,26 +322,31 @@ def _reference_held_channels(keys: list, real: list, stds: list, theta: float) -
 
 
 def _reference_held_keys(
+    q: torch.Tensor,
     k: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
+    scale: float,
     theta: float,
     hold: str,
     block: int,
     sink_tokens: int,
 ) -> list:
     """The held keys ``[B][Hkv][Tk][D]`` (nested lists) of either form, one Python loop per head."""
-    b, _, kv_len, _ = k.shape
+    (b, hq, q_len, _), (_, hkv, kv_len, _) = q.shape, k.shape
     real = [[True] * kv_len for _ in range(b)] if key_padding_mask is None else key_padding_mask.tolist()
     held = []
-    for keys_b, real_b in zip(k.tolist(), real, strict=True):
+    for i, (keys_b, real_b) in enumerate(zip(k.tolist(), real, strict=True)):
         idx = [t for t, r in enumerate(real_b) if r]
         sink_end = (idx[0] if idx else len(real_b)) + sink_tokens
         held.append([])
-        for keys in keys_b:
-            stds = _reference_stds(keys, idx, k.shape[3])
+        for h, keys in enumerate(keys_b):
             if hold == "key":
-                held[-1].append(_reference_held_whole(keys, real_b, stds, theta, block, sink_end))
+                group = range(h * (hq // hkv), (h + 1) * (hq // hkv))
+                rows = [t for t in range(q_len) if real_b[kv_len - q_len + t]]
+                queries = [q[i, j, t].tolist() for j in group for t in rows]
+                held[-1].append(_reference_held_whole(keys, real_b, queries, scale, theta, block, sink_end))
             else:
+                stds = _reference_stds(keys, idx, k.shape[3])
                 held[-1].append(_reference_held_channels(keys, real_b, stds, theta))
     return held
 
@@ -346,7 +374,7 @@ def deltallm_reference(
     from sparse_llm.kernels.reference import element_mask
 
     (_, hq, q_len, _), (_, hkv, kv_len, _) = q.shape, k.shape
-    held = _reference_held_keys(k, key_padding_mask, theta, hold, block_size, sink_tokens)
+    held = _reference_held_keys(q, k, key_padding_mask, scale, theta, hold, block_size, sink_tokens)
     held = torch.tensor(held, dtype=k.dtype)
     geo = dict(q_len=q_len, kv_len=kv_len, block_q=block_size, block_k=block_size)
     exact = BlockMask.sink_window(
