@@ -425,6 +425,6 @@ def test_bad_parameters_raise(method, params, match):
 def test_approximate_methods_say_so_in_their_descriptions():
     methods = sparse_llm.list_methods()
     assert "approximate" in methods["deltallm"] and "approximate" in methods["lightning"]
-    assert get_method("deltallm").params()["theta"] == 1.0  # the report attribute is not a parameter
+    assert get_method("deltallm").params()["theta"] == 2.0  # the report attribute is not a parameter
     assert get_method("deltallm", hold="channel").params()["theta"] == 0.6
     assert "last_delta_sparsity" not in get_method("deltallm").params()
