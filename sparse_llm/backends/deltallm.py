@@ -168,29 +168,16 @@ class DeltaLLM(SparseMethod):
         return out, lse
 
 
-MOMENT_POSITIONS = 1024  # query positions that estimate M: every ceil(Tq / 1024)-th one
-
-
-def moment_stride(q_len: int) -> int:
-    """Every how many query positions :func:`query_moment` reads (a D x D statistic needs a few
-    thousand queries, not all of a long prompt's: at 8K all of them cost ~5 % of the attention)."""
-    return -(-q_len // MOMENT_POSITIONS)
-
-
 def query_moment(q: torch.Tensor, num_kv_heads: int, call: LayerCall) -> torch.Tensor:
     """``M = scale^2 E[q q^T]`` fp32 ``[B, Hkv, D, D]`` over each KV head's query heads and real queries
-    at every :func:`moment_stride`-th position from the first (q ``[B, Hq, Tq, D]``; the queries are
-    the last Tq of the key padding mask's positions): ``d^T M d`` is the mean squared change of the
-    logits when a key moves by ``d``."""
+    (q ``[B, Hq, Tq, D]``; the queries are the last Tq of the key padding mask's positions): ``d^T M d``
+    is the mean squared change of the logits when a key moves by ``d``."""
     b, hq, q_len, d = q.shape
-    stride, g = moment_stride(q_len), hq // num_kv_heads
-    qs = q[:, :, ::stride].float()
-    n = qs.shape[2]
-    qg = qs.reshape(b, num_kv_heads, g * n, d)
-    count = torch.full((b, 1, 1, 1), float(g * n), device=q.device)
+    qg = q.float().reshape(b, num_kv_heads, hq // num_kv_heads * q_len, d)
+    count = torch.full((b, 1, 1, 1), float(hq // num_kv_heads * q_len), device=q.device)
     if call.key_padding_mask is not None:
-        valid = call.key_padding_mask[:, -q_len:][:, ::stride].float()
-        qg = qg * valid.repeat(1, g)[:, None, :, None]
+        valid = call.key_padding_mask[:, -q_len:].float()
+        qg = qg * valid.repeat(1, hq // num_kv_heads)[:, None, :, None]
         count = count * valid.mean(1).view(b, 1, 1, 1)
     return qg.transpose(-1, -2) @ qg * (call.scale**2 / count.clamp_min(1.0))
 
@@ -299,8 +286,7 @@ def _reference_held_whole(
 ) -> list:
     """``hold="key"`` for one head: a far key takes the key that opened its run; a run restarts at each
     key block and at the first key whose logits differ from its run's first key's by more than theta,
-    RMS over ``queries`` (the real queries of the head's query group at :func:`moment_stride`'s
-    positions, ``[N][D]`` lists)."""
+    RMS over ``queries`` (the real queries of the head's query group, ``[N][D]`` lists)."""
     d = len(keys[0]) if keys else 0
     held = [list(r) for r in keys]
     anchor = None
@@ -356,8 +342,7 @@ def _reference_held_keys(
         for h, keys in enumerate(keys_b):
             if hold == "key":
                 group = range(h * (hq // hkv), (h + 1) * (hq // hkv))
-                stride = moment_stride(q_len)
-                rows = [t for t in range(0, q_len, stride) if real_b[kv_len - q_len + t]]
+                rows = [t for t in range(q_len) if real_b[kv_len - q_len + t]]
                 queries = [q[i, j, t].tolist() for j in group for t in rows]
                 held[-1].append(_reference_held_whole(keys, real_b, queries, scale, theta, block, sink_end))
             else:
