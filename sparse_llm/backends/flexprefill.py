@@ -31,7 +31,7 @@ Args (besides ``budget``, ``sink_tokens``, ``local_tokens``, ``dense_tail_blocks
         of an average, which a few strongly peaked queries dominate; averaging the softmaxes of
         sub-block means keeps what each part of the block looks for. Perplexity of the second half
         of the 8K code texts against dense (docs/evaluations.md): 1.082 / 1.120 with one mean per
-        block, 1.076 / 1.086 with 16.
+        block, 1.076 / 1.087 with 16.
 
 Differs from the paper's code: ``gamma`` applies to block-pooled masses (it counts tokens, then
 blocks of a hard-coded 128); query-aware heads cover ``gamma`` per query block (it keeps ``gamma *
@@ -86,7 +86,7 @@ class FlexPrefill(BudgetedMethod):
         p = self.query_pool
         if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1 or self.block_size % p):
             raise ValueError(
-                f"query_pool must be None (= min(16, block_size)) or a divisor of block_size "
+                f"query_pool must be None (= min({QUERY_POOL}, block_size)) or a divisor of block_size "
                 f"({self.block_size}), got {p!r}"
             )
 
