@@ -33,7 +33,7 @@ class Case:
     b: int = 1
     block_q: int = 32
     block_k: int = 32
-    mask: str = "random"  # causal | random | sink | empty_rows | full_rows | single
+    mask: str = "random"  # causal | random | sink | empty_rows | full_rows | single | group
     mask_heads: str = "kv"  # "1" | "kv" | "q"
     mask_batch: int | None = None  # None: B; 1: shared by the batch
     softcap: float | None = None
@@ -89,6 +89,11 @@ def build(case: Case, device: str | torch.device = "cpu") -> tuple[torch.Tensor,
             pick = torch.multinomial(reach.expand(mb * heads, n_q, n_k).reshape(-1, n_k), 1, generator=gen)
             dense = torch.zeros(mb * heads * n_q, n_k, dtype=torch.bool).scatter_(1, pick, True)
             dense = dense.view(mb, heads, n_q, n_k)
+        elif case.mask == "group":  # a selection method's: sinks and window in every head, others random
+            sink_local = BlockMask.sink_window(
+                **geo, sink_tokens=case.block_k, local_tokens=2 * case.block_k, batch=mb, heads=heads
+            )
+            dense |= sink_local.to_dense()
         mask = BlockMask.from_dense(dense, **geo, causal=case.causal, sliding_window=window)
     if case.key_rule:
         rule = key_rule(case, mask.shape[0])

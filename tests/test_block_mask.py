@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -138,6 +140,31 @@ def test_empty_mask_has_zero_density_and_one_index_column():
     )
     assert mask.density() == 0.0 and mask.num_selected_blocks == 0
     assert mask.kv_indices.shape == (1, 1, 2, 1) and mask.full_kv_indices.shape == (1, 1, 2, 1)
+
+
+def test_split_groups_partitions_the_selection_and_keeps_full_blocks():
+    geo = dict(q_len=150, kv_len=290, block_q=32, block_k=16)
+    dense = torch.rand(2, 4, 5, 19, generator=torch.Generator().manual_seed(0)) < 0.4
+    dense[:, :, :, :2] = True  # sinks in every head
+    mask = BlockMask.from_dense(dense, **geo)
+    shared, rest = mask.split_groups(2)
+    assert shared.shape[:2] == (2, 2) and rest.shape[:2] == (2, 4)
+    wide = shared.to_dense().repeat_interleave(2, 1)
+    assert torch.equal(wide, mask.to_dense().unflatten(1, (2, 2)).all(2).repeat_interleave(2, 1))
+    assert torch.equal(wide | rest.to_dense(), mask.to_dense()) and not (wide & rest.to_dense()).any()
+    full = _full_blocks(mask)
+    assert full.any() and (~full & mask.to_dense()).any()
+    assert torch.equal(_full_blocks(shared).repeat_interleave(2, 1), full & wide)
+    assert torch.equal(_full_blocks(rest), full & rest.to_dense())
+    shared.validate(), rest.validate()
+    assert mask.split_groups(1)[1].num_selected_blocks == 0
+    with pytest.raises(ValueError, match="group"):
+        mask.split_groups(3)
+
+
+def _full_blocks(mask: BlockMask) -> torch.Tensor:
+    """bool [B, H, nQ, nK]: the mask's full blocks."""
+    return replace(mask, kv_num_blocks=torch.zeros_like(mask.kv_num_blocks)).to_dense()
 
 
 def test_as_partial_keeps_the_selection():

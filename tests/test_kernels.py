@@ -114,6 +114,46 @@ def test_cpu_path_work_scales_with_selected_blocks(case, monkeypatch):
         assert sum(seen) == selected  # views: exactly the selected keys
 
 
+# Per-query-head masks whose KV groups share their sink and local blocks (a selection method's): the
+# CPU path runs the blocks a whole group selects as one mask per KV head, the rest per query head.
+GROUP_CASES = [
+    Case(tq=300, tk=300, hq=4, hkv=1, mask="group", mask_heads="q"),
+    BASE.but(mask="group", mask_heads="q", b=2, left_pad=(0, 45), transposed=True),
+    BASE.but(mask="group", mask_heads="q", tq=203, dtype="bfloat16", softcap=30.0, window=100),
+    BASE.but(mask="group", mask_heads="q", key_rule=True, block_k=16),
+]
+
+
+@pytest.mark.parametrize("case", params(GROUP_CASES))
+def test_cpu_path_runs_the_blocks_a_kv_group_shares_as_one_mask(case, monkeypatch):
+    q, k, v, mask, kwargs = build(case)
+    masks = []
+    gather = cpu_kernel._gather_fp32
+
+    def recording(q, k, v, block_mask, **kw):
+        masks.append(block_mask)
+        return gather(q, k, v, block_mask, **kw)
+
+    monkeypatch.setattr(cpu_kernel, "_gather_fp32", recording)
+    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl="cpu", **kwargs)
+    check_attention(out, lse, q, k, v, mask, kwargs)
+    assert [m.shape[1] for m in masks] == [case.hkv, case.hq]  # the group's shared blocks, then the rest
+
+
+def test_cpu_path_keeps_a_mask_whole_when_its_groups_share_little(monkeypatch):
+    """Per-head random blocks of a group of 4 rarely coincide: one mask, one plan (no split)."""
+    case = BASE.but(hq=8, hkv=2, tq=203, mask_heads="q")
+    q, k, v, mask, kwargs = build(case)
+    shared, _ = mask.split_groups(4)
+    assert shared.num_selected_blocks * 4 < cpu_kernel._GROUP_SHARED_MIN * mask.num_selected_blocks
+    masks = []
+    gather = cpu_kernel._gather_fp32
+    monkeypatch.setattr(cpu_kernel, "_gather_fp32", lambda *a, **kw: masks.append(a[3]) or gather(*a, **kw))
+    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl="cpu", **kwargs)
+    check_attention(out, lse, q, k, v, mask, kwargs)
+    assert masks == [mask]
+
+
 def test_cpu_path_slices_a_run_that_every_query_head_holds(monkeypatch):
     """A per-query-head mask whose rows all hold one run (the dense tail of a selection method) reads
     a slice of the KV heads, shared by their query heads: no per-head copies of the keys."""

@@ -435,6 +435,31 @@ class BlockMask:
             full_kv_indices=empty[..., None].clone(),
         )
 
+    def split_groups(self, group: int) -> tuple[BlockMask, BlockMask]:
+        """``(shared, rest)``: the blocks that all ``group`` consecutive heads of a row select, as a mask
+        with one head per group (H / group heads), and every other selected block, per head (H heads).
+        Together they select each of this mask's blocks exactly once, with its full/partial class (a
+        block is shared-full only if it is full in every head of the group) and its key rule. H must be
+        a multiple of ``group``."""
+        heads = self.kv_num_blocks.shape[1]
+        if not isinstance(group, int) or group < 1 or heads % group:
+            raise ValueError(f"group must be a positive int dividing the mask's {heads} heads, got {group!r}")
+        n_k = self.num_kv_blocks
+        full = _dense_from_rows(self.full_kv_num_blocks, self.full_kv_indices, n_k)
+        part = _dense_from_rows(self.kv_num_blocks, self.kv_indices, n_k)
+        shared = (full | part).unflatten(1, (heads // group, group)).all(2)
+        shared_full = shared & full.unflatten(1, (heads // group, group)).all(2)
+        others = ~shared.repeat_interleave(group, 1)
+
+        def masks(full_sel: Tensor, part_sel: Tensor) -> BlockMask:
+            num, idx = _rows_from_dense(part_sel)
+            full_num, full_idx = _rows_from_dense(full_sel)
+            return replace(
+                self, kv_num_blocks=num, kv_indices=idx, full_kv_num_blocks=full_num, full_kv_indices=full_idx
+            )
+
+        return masks(shared_full, shared & ~shared_full), masks(full & others, part & others)
+
     def validate(self) -> BlockMask:
         """Check contents (counts in range, indices in range, ascending, no duplicates, partial and full
         disjoint, no unreachable block, full blocks truly full); raises ValueError, returns self."""

@@ -24,10 +24,14 @@ row selects before its run (the pieces of a pyramid level's superblocks) are gat
 
 GQA is never expanded: with a mask shared by a KV head's group, the group's queries are stacked into
 one [G * block_q, D] tile (fla's ``naive.py`` grouping); with a per-query-head mask each query head
-gathers from its own KV head. Full blocks need no element mask (only an additive per-key mask for key
-padding, the Tk tail and padded index slots); partial blocks get the causal/window element mask. When a
-segment's keys are few, full and partial blocks share one call (one mask over all keys); otherwise they
-run apart, and the second part (and a second view run) is merged by log-sum-exp into the output.
+gathers from its own KV head. A causal per-query-head mask whose groups share many blocks (a selection
+method's sinks and local window) runs as two masks merged by log-sum-exp: the blocks every head of a
+group selects, with the group's tiles stacked, and the rest per head (``_group_split``).
+
+Full blocks need no element mask (only an additive per-key mask for key padding, the Tk tail and padded
+index slots); partial blocks get the causal/window element mask. When a segment's keys are few, full and
+partial blocks share one call (one mask over all keys); otherwise they run apart, and the second part
+(and a second view run) is merged by log-sum-exp into the output.
 Results are written straight into the output's memory. Everything is computed in fp32.
 
 The work is split in two. ``plan_gather`` reads only the BlockMask and the shapes and returns a
@@ -66,6 +70,9 @@ _PREFIX_REST = 0.25
 _PAD_RATIO = 0.75
 # A view whose mask repeats every p query blocks (strided windows) runs as p calls up to this p.
 _MAX_PERIOD = 16
+# A causal per-query-head mask runs the blocks all heads of a KV group select as one mask per group
+# when they are at least this share of its blocks (``_group_split``).
+_GROUP_SHARED_MIN = 0.25
 
 
 def _fused_op(device: torch.device, softcap: float | None):
@@ -718,7 +725,7 @@ class _Executor:
             self.sink = sink.long()
 
     def run(self) -> tuple[Tensor, Tensor]:
-        """(out [B, Hq, Tq, D] in q.dtype, lse [B, Hq, Tq] fp32) over [B, Tq, Hq, D] memory (HF's layout)."""
+        """(out [B, Hq, Tq, D] fp32, lse [B, Hq, Tq] fp32) over [B, Tq, Hq, D] memory (HF's layout)."""
         s, plan = self.s, self.plan
         out = torch.empty(s.b, s.n_q * s.block_q, s.hq, s.d, device=self.dev)
         lse = torch.empty(s.b, s.n_q * s.block_q, s.hq, device=self.dev)
@@ -747,8 +754,7 @@ class _Executor:
             else:
                 acc[n0:n1].copy_(o)
                 acc_lse[n0:n1].copy_(o_lse)
-        out = out.transpose(1, 2)[:, :, : s.q_len].to(self.q.dtype)
-        return out, lse.transpose(1, 2)[:, :, : s.q_len].contiguous()
+        return out.transpose(1, 2)[:, :, : s.q_len], lse.transpose(1, 2)[:, :, : s.q_len].contiguous()
 
     def _causal_tiles(self, call: CausalCall) -> tuple[Tensor, Tensor]:
         """A CausalCall (query blocks [n0, n1), keys from block ``start`` to theirs) in one fused causal
@@ -995,6 +1001,22 @@ def release_workspace() -> None:
     _gather_buffers.__dict__.clear()
 
 
+def _group_split(block_mask: BlockMask, s: Shapes, causal: bool) -> tuple[BlockMask, BlockMask] | None:
+    """A causal per-query-head mask as (the blocks every head of a KV group selects, one row per group;
+    the rest, per query head), when the shared blocks are at least ``_GROUP_SHARED_MIN`` of all: the
+    group's G query heads then share their tiles (G * block_q rows per call instead of block_q), which
+    ATen's fused op runs ~1.4x faster per key at D = 256 on a CPU (docs/benchmarks.md, "Blocks a KV
+    group shares"). Top-k methods' sinks and local window are shared by construction. Non-causal masks
+    (far fields) are left whole: there the blocks no head of the group skips are most of each row, and
+    the gathers of the rest cost more than the bigger tiles save (measured)."""
+    if not (causal and s.per_q_head and s.n_q > 1):
+        return None
+    shared, rest = block_mask.split_groups(s.g)
+    if shared.num_selected_blocks * s.g < _GROUP_SHARED_MIN * block_mask.num_selected_blocks:
+        return None
+    return shared, rest
+
+
 def gather_attention(
     q: Tensor,
     k: Tensor,
@@ -1017,7 +1039,40 @@ def gather_attention(
     and softcap (with it no fused ``is_causal`` call is planned: those take no mask). Returns
     (out [B, Hq, Tq, D] in q.dtype, a view of [B, Tq, Hq, D] memory;
     lse [B, Hq, Tq] fp32, -inf with out = 0 for rows without an allowed key).
+    A causal per-query-head mask may run as two masks merged by log-sum-exp (``_group_split``).
     """
+    kwargs = dict(
+        scale=scale,
+        causal=causal,
+        softcap=softcap,
+        sliding_window=sliding_window,
+        key_padding_mask=key_padding_mask,
+        key_bias=key_bias,
+    )
+    parts = _group_split(block_mask, Shapes.of(q, k, block_mask), causal)
+    if parts is None:
+        out, lse = _gather_fp32(q, k, v, block_mask, **kwargs)
+    else:
+        out, lse = _gather_fp32(q, k, v, parts[0], **kwargs)
+        if parts[1].num_selected_blocks:
+            merge_attention_(out, lse, *_gather_fp32(q, k, v, parts[1], **kwargs))
+    return out.to(q.dtype), lse
+
+
+def _gather_fp32(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_mask: BlockMask,
+    *,
+    scale: float,
+    causal: bool,
+    softcap: float | None,
+    sliding_window: int | None,
+    key_padding_mask: Tensor | None,
+    key_bias: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`gather_attention` for one mask, out in fp32 (so that a second part can merge into it)."""
     shapes = Shapes.of(q, k, block_mask)
     op = _fused_op(q.device, softcap)
     padding = key_padding_mask is not None and not bool(key_padding_mask.all())
@@ -1030,8 +1085,7 @@ def gather_attention(
         fused=op is not None and key_bias is None,
     )
     if plan.causal_blocks == shapes.n_q:
-        out, lse = _causal_attention(q, k, v, scale, op)
-        return out.to(q.dtype), lse
+        return _causal_attention(q, k, v, scale, op)
     key_ok = F.pad(key_padding_mask, (0, shapes.n_k * shapes.block_k - shapes.kv_len)) if padding else None
     run = _Executor(
         plan,
