@@ -1005,7 +1005,7 @@ def _group_split(block_mask: BlockMask, s: Shapes, causal: bool) -> tuple[BlockM
     """A causal per-query-head mask as (the blocks every head of a KV group selects, one row per group;
     the rest, per query head), when the shared blocks are at least ``_GROUP_SHARED_MIN`` of all: the
     group's G query heads then share their tiles (G * block_q rows per call instead of block_q), which
-    ATen's fused op runs ~1.4x faster per key at D = 256 on a CPU (docs/benchmarks.md, "Blocks a KV
+    ATen's fused op runs ~1.3x faster per key at D = 256 on a CPU (docs/benchmarks.md, "Blocks a KV
     group shares"). Top-k methods' sinks and local window are shared by construction. Non-causal masks
     (far fields) are left whole: there the blocks no head of the group skips are most of each row, and
     the gathers of the rest cost more than the bigger tiles save (measured)."""
