@@ -124,8 +124,9 @@ GROUP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", params(GROUP_CASES))
-def test_cpu_path_runs_the_blocks_a_kv_group_shares_as_one_mask(case, monkeypatch):
+def _planned_masks(case: Case, monkeypatch):
+    """Run ``case`` through the CPU path (checked against the reference); return (the case's mask, the
+    masks the path planned and ran, in order)."""
     q, k, v, mask, kwargs = build(case)
     masks = []
     gather = cpu_kernel._gather_fp32
@@ -137,21 +138,21 @@ def test_cpu_path_runs_the_blocks_a_kv_group_shares_as_one_mask(case, monkeypatc
     monkeypatch.setattr(cpu_kernel, "_gather_fp32", recording)
     out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl="cpu", **kwargs)
     check_attention(out, lse, q, k, v, mask, kwargs)
+    return mask, masks
+
+
+@pytest.mark.parametrize("case", params(GROUP_CASES))
+def test_cpu_path_runs_the_blocks_a_kv_group_shares_as_one_mask(case, monkeypatch):
+    _, masks = _planned_masks(case, monkeypatch)
     assert [m.shape[1] for m in masks] == [case.hkv, case.hq]  # the group's shared blocks, then the rest
 
 
 def test_cpu_path_keeps_a_mask_whole_when_its_groups_share_little(monkeypatch):
     """Per-head random blocks of a group of 4 rarely coincide: one mask, one plan (no split)."""
-    case = BASE.but(hq=8, hkv=2, tq=203, mask_heads="q")
-    q, k, v, mask, kwargs = build(case)
+    mask, masks = _planned_masks(BASE.but(hq=8, hkv=2, tq=203, mask_heads="q"), monkeypatch)
     shared, _ = mask.split_groups(4)
     assert shared.num_selected_blocks * 4 < cpu_kernel._GROUP_SHARED_MIN * mask.num_selected_blocks
-    masks = []
-    gather = cpu_kernel._gather_fp32
-    monkeypatch.setattr(cpu_kernel, "_gather_fp32", lambda *a, **kw: masks.append(a[3]) or gather(*a, **kw))
-    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl="cpu", **kwargs)
-    check_attention(out, lse, q, k, v, mask, kwargs)
-    assert masks == [mask]
+    assert len(masks) == 1 and masks[0] is mask
 
 
 def test_cpu_path_slices_a_run_that_every_query_head_holds(monkeypatch):

@@ -425,14 +425,16 @@ class BlockMask:
 
     def as_partial(self) -> BlockMask:
         """Same selection with every block partial (element mask everywhere): valid for any geometry."""
-        num, idx = _rows_from_dense(self.to_dense())
-        empty = torch.zeros_like(self.full_kv_num_blocks)
+        dense = self.to_dense()
+        return self._with_blocks(dense, torch.zeros_like(dense))
+
+    def _with_blocks(self, partial: Tensor, full: Tensor) -> BlockMask:
+        """This mask's geometry and key rule over other blocks: bool [B, H', nQ, nK] partial and full
+        selections (disjoint, classified by the caller)."""
+        num, idx = _rows_from_dense(partial)
+        full_num, full_idx = _rows_from_dense(full)
         return replace(
-            self,
-            kv_num_blocks=num,
-            kv_indices=idx,
-            full_kv_num_blocks=empty,
-            full_kv_indices=empty[..., None].clone(),
+            self, kv_num_blocks=num, kv_indices=idx, full_kv_num_blocks=full_num, full_kv_indices=full_idx
         )
 
     def split_groups(self, group: int) -> tuple[BlockMask, BlockMask]:
@@ -450,15 +452,8 @@ class BlockMask:
         shared = (full | part).unflatten(1, (heads // group, group)).all(2)
         shared_full = shared & full.unflatten(1, (heads // group, group)).all(2)
         others = ~shared.repeat_interleave(group, 1)
-
-        def masks(full_sel: Tensor, part_sel: Tensor) -> BlockMask:
-            num, idx = _rows_from_dense(part_sel)
-            full_num, full_idx = _rows_from_dense(full_sel)
-            return replace(
-                self, kv_num_blocks=num, kv_indices=idx, full_kv_num_blocks=full_num, full_kv_indices=full_idx
-            )
-
-        return masks(shared_full, shared & ~shared_full), masks(full & others, part & others)
+        shared_mask = self._with_blocks(shared & ~shared_full, shared_full)
+        return shared_mask, self._with_blocks(part & others, full & others)
 
     def validate(self) -> BlockMask:
         """Check contents (counts in range, indices in range, ascending, no duplicates, partial and full
