@@ -5,9 +5,9 @@ sliding window and run exactly), in one process:
 
 - perplexity of the first ``--tokens`` tokens of the offline essay text, over its first and second
   half (the second is where keys far outside a local window exist), one forward per variant;
-- with ``--rounds R``, end-to-end prefill time (``logits_to_keep=1``): every variant once per round,
-  interleaved over R rounds, so that the machine's drift hits all alike; the medians and the ratios
-  to ``dense`` and to each variant's ``streaming`` twin (the same sink + local blocks) are reported;
+- with ``--rounds R``, end-to-end prefill time (``logits_to_keep=1``): every variant once per round
+  (odd rounds in reverse order), interleaved over R rounds, so that the machine's drift hits all
+  alike; the medians and the ratios to ``dense`` and to each variant's ``streaming`` twin (the same sink + local blocks) are reported;
 - with ``--layer-rounds R``, the attention of the global layers alone on their captured q, k, v (the
   part the methods change, free of the rest of the forward's noise), interleaved the same way;
 - with ``--depths``, passkey retrieval in a ``--tokens``-token prompt of repeated filler (greedy, 12
@@ -120,8 +120,9 @@ def attention_seconds(
     """Per round (interleaved), each method's time summed over the captured ``layers``: its ``attend``,
     or another ``(q, k, v, call)`` step by name (``"block_mask"``: the selection alone)."""
     times: dict[str, list[float]] = {label: [] for label in methods}
-    for _ in range(rounds):
-        for label, method in methods.items():
+    for rnd in range(rounds):
+        order = list(methods.items())
+        for label, method in order[::-1] if rnd % 2 else order:  # odd rounds reversed, as the prefills
             run = getattr(method, step)
             start = time.perf_counter()
             for q, k, v, call in layers:
@@ -202,7 +203,10 @@ def main() -> None:
 
     times: dict[str, list[float]] = {label: [] for label in labels}
     for rnd in range(args.rounds):
-        for label, method in methods.items():
+        # odd rounds run the variants in reverse order: a variant's place in the round (the process's
+        # allocator and cache state after the others) then weighs on every variant alike
+        order = list(methods.items())
+        for label, method in order[::-1] if rnd % 2 else order:
             with sparse_llm.sparse_attention(model, method):
                 times[label].append(prefill_seconds(model, ids))
                 report["variants"][label].update(layer_stats(model))
