@@ -127,3 +127,54 @@ def test_run_bench_reports_a_failing_configuration(tmp_path):
             BenchConfig(model=str(tmp_path / "broken"), methods=("sdpa",), lengths=(64,), repeats=1),
             progress=False,
         )
+
+
+def _prefill_row(method, length, seconds, density=None, selection=None):
+    return {
+        "method": method,
+        "length": length,
+        "median_s": seconds,
+        "peak_mem_mb": 100.0 + seconds,
+        "density": density,
+        "prefill_chunk": None,
+        "selection_s": selection,
+        "sparse_attention_s": None if selection is None else seconds / 10,
+    }
+
+
+@pytest.mark.parametrize("lengths", [(8192,), (8192, 16384)])
+def test_prefill_plot_keeps_one_colour_per_method_in_every_panel(tmp_path, monkeypatch, lengths):
+    """Bars at a report's one length, lines over several; a method's bar or line and its density
+    point share one colour, and the density legend names each method once."""
+    from matplotlib.colors import to_hex
+
+    from sparse_llm.bench import plots
+
+    rows = []
+    for n in lengths:
+        rows += [
+            _prefill_row("sdpa", n, 30.0),
+            _prefill_row("dense", n, 14.0, 1.0, 0.01),
+            _prefill_row("streaming", n, 12.0, 0.25, 0.01),
+            _prefill_row("block_topk", n, 13.0, 0.4, 0.05),
+        ]
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"config": {"model": "m"}, "machine": {"device": "cpu"}, "results": rows}))
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda plt, fig, path: figures.append(fig) or path)
+    plots.plot_prefill(report)
+    left, _, right = figures[0].axes
+    if len(lengths) == 1:
+        bars = {
+            t.get_text(): to_hex(p.get_facecolor())
+            for t, p in zip(left.get_yticklabels(), left.patches, strict=True)
+        }
+        assert list(bars) == ["sdpa", "dense", "streaming", "block_topk"]
+    else:
+        bars = {line.get_label(): to_hex(line.get_color()) for line in left.get_lines()}
+        assert [len(line.get_xdata()) for line in left.get_lines()] == [2] * 4
+    points = right.collections[: 2 * len(lengths)]  # streaming and block_topk at each length
+    assert {to_hex(c.get_facecolor()[0]) for c in points} == {bars["streaming"], bars["block_topk"]}
+    labels = [t.get_text() for t in right.get_legend().get_texts()]
+    assert labels[:2] == ["streaming", "block_topk"] and labels.count("streaming") == 1
+    assert ("16384 tokens" in labels) == (len(lengths) > 1)

@@ -49,8 +49,13 @@ def test_a_method_with_only_block_mask_works_through_sparsify(registry, model):
 
         def block_mask(self, q, k, v, call):
             return BlockMask.sink_window(
-                q_len=q.shape[2], kv_len=k.shape[2], block_q=self.block_size, block_k=self.block_size,
-                sink_tokens=self.block_size, local_tokens=self.block_size, device=q.device,
+                q_len=q.shape[2],
+                kv_len=k.shape[2],
+                block_q=self.block_size,
+                block_k=self.block_size,
+                sink_tokens=self.block_size,
+                local_tokens=self.block_size,
+                device=q.device,
             )
 
     assert "first_and_last" in sparse_llm.list_methods()
@@ -73,7 +78,10 @@ def test_a_far_field_is_merged_with_the_exact_part(registry, model):
 
         def far_field(self, q, k, v, mask, call):
             rest = BlockMask.from_dense(
-                ~mask.to_dense(), block_q=mask.block_q, block_k=mask.block_k, q_len=mask.q_len,
+                ~mask.to_dense(),
+                block_q=mask.block_q,
+                block_k=mask.block_k,
+                q_len=mask.q_len,
                 kv_len=mask.kv_len,
             )
             return block_sparse_attention(q, k, v, rest, scale=call.scale, return_lse=True)

@@ -30,29 +30,62 @@ def _save(plt, fig, report_path: Path) -> Path:
     return out
 
 
+_LENGTH_MARKERS = "os^Dv<>p*h"
+
+
+def _series_label(method: str, chunk: int | None) -> str:
+    return method if chunk is None else f"{method} (chunks of {chunk})"
+
+
 def plot_prefill(report_path: str | Path) -> Path:
-    """``<report>.png``: prefill latency and peak activation memory vs length per method (and prefill
-    chunk), and the sparse layers' speedup over our ``dense`` vs density."""
+    """``<report>.png``: prefill latency and peak activation memory per method (and prefill chunk),
+    lines against the length when the report has several lengths, bars at its one length otherwise;
+    and the sparse layers' attention speedup over our ``dense`` against attended density, one colour
+    per method (the same in every panel) and one marker per length."""
     path = Path(report_path)
     report = json.loads(path.read_text())
     rows = report["results"]
     plt = _pyplot()
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(18, 4.5))
-    for method, chunk in dict.fromkeys((r["method"], r.get("prefill_chunk")) for r in rows):
-        mine = sorted(
-            (r for r in rows if (r["method"], r.get("prefill_chunk")) == (method, chunk)),
-            key=lambda r: r["length"],
-        )
-        label = method if chunk is None else f"{method} (chunks of {chunk})"
-        lengths = [r["length"] for r in mine]
-        left.plot(lengths, [r["median_s"] for r in mine], "o-", label=label)
-        middle.plot(lengths, [r["peak_mem_mb"] for r in mine], "o-", label=label)
-    for ax, ylabel, title in (
-        (left, "prefill s (median)", "prefill latency"),
-        (middle, "peak activation MiB (first timed run)", "peak memory"),
-    ):
-        ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel=ylabel, title=title)
-        ax.legend(fontsize=8)
+    series = list(dict.fromkeys((r["method"], r.get("prefill_chunk")) for r in rows))
+    palette = plt.get_cmap("tab10" if len(series) <= 10 else "tab20").colors
+    colour = {key: palette[i % len(palette)] for i, key in enumerate(series)}
+    lengths = sorted({r["length"] for r in rows})
+    marker = {n: _LENGTH_MARKERS[i % len(_LENGTH_MARKERS)] for i, n in enumerate(lengths)}
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(18, 4.8))
+    panels = (
+        (left, "median_s", "prefill s (median)", "prefill latency"),
+        (middle, "peak_mem_mb", "peak activation MiB (first timed run)", "peak memory"),
+    )
+    for ax, field, ylabel, title in panels:
+        if len(lengths) > 1:
+            for key in series:
+                mine = sorted(
+                    (r for r in rows if (r["method"], r.get("prefill_chunk")) == key),
+                    key=lambda r: r["length"],
+                )
+                ax.plot(
+                    [r["length"] for r in mine],
+                    [r[field] for r in mine],
+                    "o-",
+                    color=colour[key],
+                    label=_series_label(*key),
+                )
+            ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel=ylabel, title=title)
+            ax.legend(fontsize=8)
+        else:  # one length: a bar per method, its value written beside it
+            values = [
+                next(r[field] for r in rows if (r["method"], r.get("prefill_chunk")) == k) for k in series
+            ]
+            ys = range(len(series))
+            ax.barh(ys, values, color=[colour[k] for k in series])
+            for y, value in zip(ys, values, strict=True):
+                ax.text(
+                    value, y, f" {value:.1f}" if value < 100 else f" {value:.0f}", va="center", fontsize=8
+                )
+            ax.set_yticks(list(ys), [_series_label(*k) for k in series], fontsize=8)
+            ax.invert_yaxis()
+            ax.set(xlabel=ylabel, title=f"{title}, {lengths[0]} tokens")
+            ax.set_xlim(0, max(values) * 1.15)
 
     # The sparse layers' own attention time (selection included, from the split run) against our
     # dense on the same layers: the speedup that 1/density bounds (end to end, Amdahl caps it).
@@ -65,19 +98,33 @@ def plot_prefill(report_path: str | Path) -> Path:
     dense = {cell(r): layer_s(r) for r in rows if r["method"] == "dense" and layer_s(r)}
     sparse = [r for r in rows if r["method"] != "dense" and layer_s(r) and cell(r) in dense]
     for r in sparse:
-        chunk = "" if r.get("prefill_chunk") is None else f"/{r['prefill_chunk']}"
-        label = f"{r['method']} @ {r['length']}{chunk}"
-        right.scatter(r["density"], dense[cell(r)] / layer_s(r), label=label)
+        key = (r["method"], r.get("prefill_chunk"))
+        right.scatter(
+            r["density"], dense[cell(r)] / layer_s(r), color=colour[key], marker=marker[r["length"]]
+        )
     _ideal_line(right, [r["density"] for r in sparse] or [0.1])
+    # legend: each method once (its colour), each length once (its marker)
+    handles = [
+        right.scatter([], [], color=colour[k], marker="o", label=_series_label(*k))
+        for k in series
+        if any((r["method"], r.get("prefill_chunk")) == k for r in sparse)
+    ]
+    if len(lengths) > 1:
+        handles += [
+            right.scatter([], [], color="grey", marker=marker[n], label=f"{n} tokens") for n in lengths
+        ]
+    handles += [h for h in right.get_lines() if h.get_label() == "ideal 1/density"]
     right.set(
-        xlabel="attention density (sparse layers)",
+        xlabel="attended density (sparse layers: exact blocks + far field)",
         ylabel="attention speedup over our dense",
         title="sparse layers' attention (selection included) vs density",
         ylim=(0, None),
     )
-    right.legend(fontsize=7)
+    right.legend(handles=handles, fontsize=7)
     machine = report.get("machine", {}).get("device", "")
-    fig.suptitle(f"{report['config'].get('model', '')} on {machine}", fontsize=10)
+    fig.suptitle(
+        f"{report['config'].get('model', '')} on {machine}, {report.get('date', '')[:10]}", fontsize=10
+    )
     return _save(plt, fig, path)
 
 
