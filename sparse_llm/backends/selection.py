@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from sparse_llm.kernels.block_mask import block_geometry
+from sparse_llm.kernels.cpu import cpu_has_native_bf16
 
 # Scorers split a prompt's query blocks into this many chunks, each scored against the keys it can
 # see: the causal upper triangle then costs ~1/16 of the full score matrix instead of 1/2.
@@ -26,13 +25,6 @@ def scoring_dtype(x: torch.Tensor) -> torch.dtype:
     if x.dtype == torch.float32 and x.device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return x.dtype
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    # Private probes (torch >= 2.3); without native bf16 a bf16 GEMM is emulated and slower than fp32.
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def logits_nt(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

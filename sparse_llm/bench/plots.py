@@ -96,15 +96,14 @@ def plot_prefill(report_path: str | Path) -> Path:
         return r["length"], r.get("prefill_chunk")
 
     dense = {cell(r): layer_s(r) for r in rows if r["method"] == "dense" and layer_s(r)}
+
     def attended(r):  # exact blocks plus the far field's mean keys: what the layer reads
         return r["density"] + (r.get("far_density") or 0.0)
 
     sparse = [r for r in rows if r["method"] != "dense" and layer_s(r) and cell(r) in dense]
     for r in sparse:
         key = (r["method"], r.get("prefill_chunk"))
-        right.scatter(
-            attended(r), dense[cell(r)] / layer_s(r), color=colour[key], marker=marker[r["length"]]
-        )
+        right.scatter(attended(r), dense[cell(r)] / layer_s(r), color=colour[key], marker=marker[r["length"]])
     _ideal_line(right, [attended(r) for r in sparse] or [0.1])
     # legend: each method once (its colour), each length once (its marker)
     handles = [

@@ -32,12 +32,13 @@ Full blocks need no element mask (only an additive per-key mask for key padding,
 index slots); partial blocks get the causal/window element mask. When a segment's keys are few, full and
 partial blocks share one call (one mask over all keys); otherwise they run apart, and the second part
 (and a second view run) is merged by log-sum-exp into the output.
-Results are written straight into the output's memory. Everything is computed in fp32.
+Results are written straight into the output's memory, accumulated and merged in fp32. The fused op
+computes in fp32, or in bf16 for a bf16 model on a CPU with native bf16 (``compute_dtype``).
 
 The work is split in two. ``plan_gather`` reads only the BlockMask and the shapes and returns a
 ``GatherPlan``: which query blocks take the fused causal call, which ``ViewCall``s and which
 ``GatherCall``s (of full and/or partial blocks) serve the rest, and which results are merged by LSE.
-``_Executor`` prepares the fp32 operands once (query tiles, padded K/V) and runs the plan's calls.
+``_Executor`` prepares the operands once (query tiles, padded K/V) and runs the plan's calls.
 
 On CPU each call goes to ATen's fused flash-attention kernel
 (``aten::_scaled_dot_product_flash_attention_for_cpu``, which returns the LSE, takes strided K/V and a
@@ -48,6 +49,7 @@ an OpenMP parallel region that may wait a scheduler tick for its other threads (
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 
@@ -75,6 +77,24 @@ _MAX_PERIOD = 16
 _GROUP_SHARED_MIN = 0.25
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    # Private probes (torch >= 2.3); without native bf16 a bf16 GEMM is emulated and slower than fp32.
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def compute_dtype(dtype: torch.dtype, op) -> torch.dtype:
+    """The dtype the fused op computes the attention calls in for inputs of ``dtype``: bf16 for bf16
+    inputs on a CPU with native bf16 (AMX or AVX512-BF16; ATen's op then runs its GEMMs in bf16 with
+    fp32 accumulation and softmax, as sdpa does for a bf16 model, 2-4x faster than in fp32 on large
+    tiles: docs/benchmarks.md), fp32 otherwise (fp32 and fp16 inputs, CPUs that emulate bf16, the
+    matmul path). Outputs are accumulated and merged in fp32 either way."""
+    if dtype == torch.bfloat16 and op is not None and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
 def _fused_op(device: torch.device, softcap: float | None):
     if device.type != "cpu" or softcap is not None:
         return None
@@ -82,10 +102,11 @@ def _fused_op(device: torch.device, softcap: float | None):
 
 
 def _attend(qs, k, v, bias: Tensor | None, scale: float, softcap: float | None):
-    """qs [B, Hr, R, D], k, v [B, Hk, L, D] fp32 (any strides; Hk divides Hr: query head h reads K/V head
-    h // (Hr / Hk)); bias None or an additive fp32 mask (0 / -inf) broadcastable to [B, Hr, R, L].
-    Returns (out [B, Hr, R, D], lse [B, Hr, R]). Rows without an allowed key are left to the caller: the
-    fused op returns lse = 0 for them (the matmul path -inf)."""
+    """qs [B, Hr, R, D], k, v [B, Hk, L, D] fp32, or bf16 on the fused op (any strides; Hk divides Hr:
+    query head h reads K/V head h // (Hr / Hk)); bias None or an additive fp32 mask (0 / -inf)
+    broadcastable to [B, Hr, R, L]. Returns (out [B, Hr, R, D] in qs's dtype, lse [B, Hr, R] fp32).
+    Rows without an allowed key are left to the caller: the fused op returns lse = 0 for them (the
+    matmul path -inf)."""
     b, hr, r, d = qs.shape
     hk, length = k.shape[1], k.shape[2]
     op = _fused_op(qs.device, softcap)
@@ -127,23 +148,23 @@ def _attend(qs, k, v, bias: Tensor | None, scale: float, softcap: float | None):
     return out, (row_max + denom.log()).squeeze(-1)
 
 
-def _padded_rows(x: Tensor, length: int) -> Tensor:
-    """fp32 x [B, H, T, D] padded with zeros to ``length`` along T, returned as a [B, H, length, D] view
-    of [B, length, H, D] memory: HF's query layout, so its queries usually need no copy at all."""
+def _padded_rows(x: Tensor, length: int, dtype: torch.dtype) -> Tensor:
+    """x [B, H, T, D] in ``dtype``, padded with zeros to ``length`` along T, returned as a [B, H, length,
+    D] view of [B, length, H, D] memory: HF's query layout, so its queries usually need no copy at all."""
     b, h, t, d = x.shape
-    if t == length and x.dtype == torch.float32 and x.transpose(1, 2).is_contiguous():
+    if t == length and x.dtype == dtype and x.transpose(1, 2).is_contiguous():
         return x
-    out = torch.empty(b, length, h, d, device=x.device).transpose(1, 2)
+    out = torch.empty(b, length, h, d, dtype=dtype, device=x.device).transpose(1, 2)
     out[:, :, :t].copy_(x)
     out[:, :, t:].zero_()
     return out
 
 
-def _padded(x: Tensor, dim_len: int, length: int) -> Tensor:
-    """fp32 copy of x [B, H, T, D] padded with zeros to ``length`` along T (no copy if nothing to do)."""
+def _padded(x: Tensor, dim_len: int, length: int, dtype: torch.dtype) -> Tensor:
+    """x [B, H, T, D] in ``dtype``, padded with zeros to ``length`` along T (no copy if nothing to do)."""
     if length == dim_len:
-        return x.float().contiguous()
-    out = torch.empty(*x.shape[:2], length, x.shape[3], device=x.device)
+        return x.to(dtype).contiguous()
+    out = torch.empty(*x.shape[:2], length, x.shape[3], dtype=dtype, device=x.device)
     out[:, :, :dim_len].copy_(x)
     out[:, :, dim_len:].zero_()
     return out
@@ -229,13 +250,16 @@ def _dense_prefix(block_mask: BlockMask) -> int:
 def _causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, op) -> tuple[Tensor, Tensor]:
     """Whole causal attention in one fused call, so the flash kernel skips the masked half itself.
     ATen's ``is_causal`` is top-left aligned, ours bottom-right: with Tq < Tk the first Tk - Tq keys
-    are seen by every query (one unmasked call) and the rest form a square causal block; merged by LSE."""
-    q32, k32, v32 = q.float(), k.float(), v.float()
+    are seen by every query (one unmasked call) and the rest form a square causal block; merged by LSE.
+    Computed in :func:`compute_dtype`, returned in fp32 (a caller may merge more into it)."""
+    dtype = compute_dtype(q.dtype, op)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     prefix = k.shape[2] - q.shape[2]
-    out, lse = op(q32, k32[:, :, prefix:], v32[:, :, prefix:], is_causal=True, scale=scale)
+    out, lse = op(q, k[:, :, prefix:], v[:, :, prefix:], is_causal=True, scale=scale)
+    out = out.float()
     if prefix:
-        merge_attention_(out, lse, *op(q32, k32[:, :, :prefix], v32[:, :, :prefix], scale=scale))
-    return out, lse  # fp32: a caller may merge more into it
+        merge_attention_(out, lse, *op(q, k[:, :, :prefix], v[:, :, :prefix], scale=scale))
+    return out, lse
 
 
 def _selected_runs(full: _Blocks, part: _Blocks, n_k: int) -> list[tuple[tuple[int, int], ...] | None]:
@@ -693,9 +717,10 @@ class _Executor:
         self.plan, self.op, self.scale, self.softcap, self.window = plan, op, scale, softcap, sliding_window
         self.q, self.k, self.v, self.key_ok = q, k, v, key_ok  # key_ok None or bool [B, nK * block_k]
         dev = self.dev = q.device
-        # Query tiles qb [nQ, B, Hr, R, D] fp32, padded to whole blocks, rows (position, head) pairs for
-        # a group: a view of HF-layout queries when Hkv = 1 (no transposing copy).
-        qr = _padded_rows(q, s.n_q * s.block_q)  # [B, Hq, nQ * bq, D] over [B, nQ * bq, Hq, D] memory
+        self.dtype = compute_dtype(q.dtype, op)  # of the attention calls' operands
+        # Query tiles qb [nQ, B, Hr, R, D] in that dtype, padded to whole blocks, rows (position, head)
+        # pairs for a group: a view of HF-layout queries when Hkv = 1 (no transposing copy).
+        qr = _padded_rows(q, s.n_q * s.block_q, self.dtype)  # [B, Hq, nQ * bq, D], [B, nQ * bq, Hq, D] memory
         if s.per_q_head:
             self.qb = qr.unflatten(2, (s.n_q, s.block_q)).permute(2, 0, 1, 3, 4)
             row_pos = torch.arange(s.r, device=dev)
@@ -705,9 +730,9 @@ class _Executor:
             row_pos = torch.arange(s.r, device=dev) // s.g
         # pos_q [nQ, R]: each tile row's key position (bottom-right alignment)
         self.pos_q = row_pos + torch.arange(s.n_q, device=dev)[:, None] * s.block_q + s.kv_len - s.q_len
-        # K/V fp32 [B, Hkv, nK * bk, D], padded to whole blocks, for views; flat blocks for gathers
+        # K/V [B, Hkv, nK * bk, D], padded to whole blocks, for views; flat blocks for gathers
         length = s.n_k * s.block_k
-        self.k4, self.v4 = _padded(k, s.kv_len, length), _padded(v, s.kv_len, length)
+        self.k4, self.v4 = (_padded(x, s.kv_len, length, self.dtype) for x in (k, v))
         self.kflat = self.k4.view(s.b * s.hkv * s.n_k, s.block_k, s.d)
         self.vflat = self.v4.view(s.b * s.hkv * s.n_k, s.block_k, s.d)
         self.kbias = None  # fp32 [B, Hkv, nK * bk], -inf past Tk
@@ -978,13 +1003,13 @@ class _Executor:
         return allowed
 
     def _workspace(self, name: str, n_blocks: int) -> Tensor:
-        """[n_blocks, block_k, D] fp32 of this thread's kept gather buffer ``name``."""
+        """[n_blocks, block_k, D] of this thread's kept gather buffer ``name`` (one per compute dtype)."""
         size = n_blocks * self.s.block_k * self.s.d
         buffers = _gather_buffers.__dict__
-        key = (name, self.dev)
+        key = (name, self.dev, self.dtype)
         if key not in buffers or buffers[key].numel() < size:
             buffers.pop(key, None)  # free the old one before the larger one is mapped
-            buffers[key] = torch.empty(size, device=self.dev)
+            buffers[key] = torch.empty(size, dtype=self.dtype, device=self.dev)
         return buffers[key][:size].view(n_blocks, self.s.block_k, self.s.d)
 
 
