@@ -15,10 +15,11 @@ def _pyplot():
     return plt
 
 
-def _ideal_line(ax, densities) -> None:
+def _ideal_line(ax, densities):
+    """The 1/density curve on ``ax``; returns its line (for a legend)."""
     lo = min([*densities, 0.05])
     xs = [lo + (1 - lo) * i / 50 for i in range(51)]
-    ax.plot(xs, [1 / x for x in xs], "k--", lw=1, label="ideal 1/density")
+    return ax.plot(xs, [1 / x for x in xs], "k--", lw=1, label="ideal 1/density")[0]
 
 
 def _save(plt, fig, report_path: Path) -> Path:
@@ -46,7 +47,14 @@ def plot_prefill(report_path: str | Path) -> Path:
     report = json.loads(path.read_text())
     rows = report["results"]
     plt = _pyplot()
-    series = list(dict.fromkeys((r["method"], r.get("prefill_chunk")) for r in rows))
+
+    def series_of(r):  # one line, bar and colour per (method, prefill chunk)
+        return r["method"], r.get("prefill_chunk")
+
+    by_series: dict[tuple, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: r["length"]):
+        by_series.setdefault(series_of(r), []).append(r)
+    series = list(dict.fromkeys(series_of(r) for r in rows))  # the report's order
     palette = plt.get_cmap("tab10" if len(series) <= 10 else "tab20").colors
     colour = {key: palette[i % len(palette)] for i, key in enumerate(series)}
     lengths = sorted({r["length"] for r in rows})
@@ -59,10 +67,7 @@ def plot_prefill(report_path: str | Path) -> Path:
     for ax, field, ylabel, title in panels:
         if len(lengths) > 1:
             for key in series:
-                mine = sorted(
-                    (r for r in rows if (r["method"], r.get("prefill_chunk")) == key),
-                    key=lambda r: r["length"],
-                )
+                mine = by_series[key]
                 ax.plot(
                     [r["length"] for r in mine],
                     [r[field] for r in mine],
@@ -73,9 +78,7 @@ def plot_prefill(report_path: str | Path) -> Path:
             ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel=ylabel, title=title)
             ax.legend(fontsize=8)
         else:  # one length: a bar per method, its value written beside it
-            values = [
-                next(r[field] for r in rows if (r["method"], r.get("prefill_chunk")) == k) for k in series
-            ]
+            values = [by_series[k][0][field] for k in series]
             ys = range(len(series))
             ax.barh(ys, values, color=[colour[k] for k in series])
             for y, value in zip(ys, values, strict=True):
@@ -102,20 +105,22 @@ def plot_prefill(report_path: str | Path) -> Path:
 
     sparse = [r for r in rows if r["method"] != "dense" and layer_s(r) and cell(r) in dense]
     for r in sparse:
-        key = (r["method"], r.get("prefill_chunk"))
-        right.scatter(attended(r), dense[cell(r)] / layer_s(r), color=colour[key], marker=marker[r["length"]])
-    _ideal_line(right, [attended(r) for r in sparse] or [0.1])
+        right.scatter(
+            attended(r), dense[cell(r)] / layer_s(r), color=colour[series_of(r)], marker=marker[r["length"]]
+        )
+    ideal = _ideal_line(right, [attended(r) for r in sparse] or [0.1])
     # legend: each method once (its colour), each length once (its marker)
+    plotted = {series_of(r) for r in sparse}
     handles = [
         right.scatter([], [], color=colour[k], marker="o", label=_series_label(*k))
         for k in series
-        if any((r["method"], r.get("prefill_chunk")) == k for r in sparse)
+        if k in plotted
     ]
     if len(lengths) > 1:
         handles += [
             right.scatter([], [], color="grey", marker=marker[n], label=f"{n} tokens") for n in lengths
         ]
-    handles += [h for h in right.get_lines() if h.get_label() == "ideal 1/density"]
+    handles.append(ideal)
     right.set(
         xlabel="attended density (sparse layers: exact blocks + far field)",
         ylabel="attention speedup over our dense",
