@@ -109,6 +109,25 @@ def test_kernel_bench_masks_hit_the_requested_density(density):
         assert mask.to_dense()[0, 0].diagonal().all()  # every query block sees its own block
 
 
+def test_kernel_bench_times_in_interleaved_rounds_and_takes_the_median_ratio():
+    from sparse_llm.bench import kernel
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("dense", "a", "b")}
+    times = kernel._time_interleaved(fns, repeats=3, device="cpu")
+    assert calls == ["dense", "a", "b"] * 4  # one warm-up of each, then 3 rounds of each in turn
+    assert {key: len(t) for key, t in times.items()} == {"dense": 3, "a": 3, "b": 3}
+
+    # a machine that slows down in round 2 slows both alike: the per-round ratio stays 2, while the
+    # ratio of the medians (1.2 / 1.0) would not
+    config = kernel.KernelBenchConfig(lengths=(256,))
+    mask = kernel.window_mask(256, 64, 0.5, "cpu")
+    row = kernel._row(config, 256, "window", mask, "ours", [0.5, 1.0, 1.0], [1.0, 1.2, 2.0])
+    assert row["speedup_vs_dense"] == pytest.approx(2.0)
+    assert row["fraction_of_ideal"] == pytest.approx(2.0 * mask.density())
+    assert row["median_ms"] == pytest.approx(1000.0)
+
+
 def test_bench_config_rejects_unknown_methods_and_lengths():
     with pytest.raises(ValueError, match="unknown method 'streamin'"):
         BenchConfig(methods=("sdpa", "streamin"))

@@ -9,8 +9,9 @@ kernel, and compared with our own kernel on the full causal mask (``dense``: wha
 1/density speedup is relative to), PyTorch SDPA (causal; the flash backend on CUDA half precision)
 and, optionally, FlexAttention on the same BlockMask (``impl="flex"``, compiled on CUDA). Inputs
 are random, fp32 by default, batch 1, bottom-right causal, Tq = Tk. Warm-up (and compilation) is
-untimed; the device is synchronized around every timed call; the median of ``repeats`` runs is
-reported.
+untimed; the device is synchronized around every timed call. The calls of one length run in
+``repeats`` interleaved rounds (dense, sdpa, then every mask, once each per round); a row reports
+its median time and, as its speedup, the median over rounds of dense's time / its time.
 
 Beside the ideal 1/density each row gives an ``expected`` speedup that prices partial blocks (those
 needing an element mask) apart from full ones: ``(F_d + x P_d) / (F + x P)``, with F, P the mask's
@@ -145,15 +146,19 @@ def random_mask(length: int, block: int, density: float, device, seed: int = 0) 
     return BlockMask.from_dense(picked[None, None], block_q=block, block_k=block, q_len=length, kv_len=length)
 
 
-def _time(fn: Callable[[], object], repeats: int, device) -> list[float]:
-    fn()  # warm-up (and compilation), untimed
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
+def _time_interleaved(fns: dict, repeats: int, device) -> dict[object, list[float]]:
+    """Seconds per call of each of ``fns``, ``repeats`` rounds that call each once in turn, after
+    one untimed warm-up (and compilation) call of each."""
+    for fn in fns.values():
         fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[key].append(time.perf_counter() - start)
     return times
 
 
@@ -209,8 +214,11 @@ def expected_speedup(mask: BlockMask, dense: BlockMask, x: float) -> float:
     return (full_d + x * part_d) / (full + x * part)
 
 
-def _row(config, length, pattern, mask, name, times, dense_s, expected=None, **extra) -> dict:
+def _row(config, length, pattern, mask, name, times, dense_times, expected=None, **extra) -> dict:
+    """One report row; the speedup over dense is the median of the rounds' ratios (each round times
+    dense and this row back to back), robust to the machine's drift between rounds."""
     median = statistics.median(times)
+    speedup = statistics.median(d / t for d, t in zip(dense_times, times, strict=True))
     density = mask.density() if mask is not None else 1.0
     full, part = _blocks(mask) if mask is not None else (None, None)
     # Attended (query, key) pairs of the causal triangle, times heads: 4 flops each (QK^T and PV).
@@ -224,11 +232,11 @@ def _row(config, length, pattern, mask, name, times, dense_s, expected=None, **e
         "partial_blocks": part,
         "median_ms": median * 1e3,
         "spread_ms": (max(times) - min(times)) * 1e3,
-        "speedup_vs_dense": dense_s / median,
+        "speedup_vs_dense": speedup,
         "ideal": 1 / density,
-        "fraction_of_ideal": dense_s / median * density,
+        "fraction_of_ideal": speedup * density,
         "expected": expected,
-        "fraction_of_expected": None if expected is None else dense_s / median / expected,
+        "fraction_of_expected": None if expected is None else speedup / expected,
         "tflops": flops / median / 1e12,
         **extra,
     }
@@ -268,48 +276,56 @@ def run_kernel_bench(
         dense = BlockMask.causal(
             q_len=length, kv_len=length, block_q=config.block_size, block_k=config.block_size, device=device
         )
-        dense_times = _time(_ours(q, k, v, dense), config.repeats, device)
-        dense_s = statistics.median(dense_times)
-        emit(_row(config, length, "causal", dense, "ours", dense_times, dense_s, 1.0))
-        sdpa_times = _time(_sdpa(q, k, v), config.repeats, device)
-        emit(_row(config, length, "causal", None, "sdpa", sdpa_times, dense_s))
-        bar.update()
-        # The partial block's cost x per target density: the random mask as built and all partial.
-        costs, random_times = {}, {}
+        # Everything of one length is timed in interleaved rounds (one call of each per round), so
+        # a machine whose speed drifts shifts the dense reference and each pattern alike.
+        fns = {("causal", None, "ours"): _ours(q, k, v, dense), ("causal", None, "sdpa"): _sdpa(q, k, v)}
+        random_masks = {}
         for density in config.densities if config.partial_cost else ():
-            mask = random_mask(length, config.block_size, density, device)
-            random_times[density] = _time(_ours(q, k, v, mask), config.repeats, device)
-            t_partial = _time(_ours(q, k, v, mask.as_partial()), config.repeats, device)
-            costs[density] = partial_cost(
-                mask, statistics.median(random_times[density]), statistics.median(t_partial)
-            )
+            random_masks[density] = mask = random_mask(length, config.block_size, density, device)
+            fns["random", density, "ours"] = _ours(q, k, v, mask)
+            fns["random", density, "partial"] = _ours(q, k, v, mask.as_partial())
+        cases = []
         for pattern in config.patterns:
             for density in config.densities:
                 mask, params = _pattern_mask(pattern, length, config.block_size, density, device)
-                impls = {"ours": _ours(q, k, v, mask)}
+                cases.append((pattern, density, mask, params))
+                fns.setdefault((pattern, density, "ours"), _ours(q, k, v, mask))
                 if config.flex:
-                    impls["flex"] = _flex(q, k, v, mask)
-                for name, fn in impls.items():
-                    # the random mask was timed above with the same inputs
-                    reuse = name == "ours" and pattern == "random" and density in random_times
-                    times = random_times[density] if reuse else _time(fn, config.repeats, device)
-                    cost = costs.get(density)
-                    expected = expected_speedup(mask, dense, cost) if name == "ours" and cost else None
-                    emit(
-                        _row(
-                            config,
-                            length,
-                            pattern,
-                            mask,
-                            name,
-                            times,
-                            dense_s,
-                            expected,
-                            partial_cost=cost,
-                            params=params,
-                        )
+                    fns[pattern, density, "flex"] = _flex(q, k, v, mask)
+        times = _time_interleaved(fns, config.repeats, device)
+        dense_times = times["causal", None, "ours"]
+        emit(_row(config, length, "causal", dense, "ours", dense_times, dense_times))
+        emit(_row(config, length, "causal", None, "sdpa", times["causal", None, "sdpa"], dense_times))
+        bar.update()
+        # The partial block's cost x per target density: the random mask as built and all partial.
+        costs = {
+            d: partial_cost(
+                m,
+                statistics.median(times["random", d, "ours"]),
+                statistics.median(times["random", d, "partial"]),
+            )
+            for d, m in random_masks.items()
+        }
+        for pattern, density, mask, params in cases:
+            for name in ("ours", "flex") if config.flex else ("ours",):
+                cost = costs.get(density)
+                expected = expected_speedup(mask, dense, cost) if name == "ours" and cost else None
+                row_times = times[pattern, density, name]
+                emit(
+                    _row(
+                        config,
+                        length,
+                        pattern,
+                        mask,
+                        name,
+                        row_times,
+                        dense_times,
+                        expected,
+                        partial_cost=cost,
+                        params=params,
                     )
-                bar.update()
+                )
+            bar.update()
     bar.close()
     report = {"config": asdict(config), **run_metadata(device), "results": rows}
     if out is not None:
