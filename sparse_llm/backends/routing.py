@@ -328,7 +328,6 @@ def cell_block_scores(
         allowed = torch.zeros_like(routed, dtype=torch.bool).scatter_(
             2, routed.topk(top_clusters, -1).indices, True
         )
-    by_block = F.one_hot(cells.group, n_k).float()  # [N, P, nK]: a cell's key block
     out = torch.full((n, n_q * g, n_k), float("-inf"), device=dev)
     # Chunks of query cells (in causal order), each against the key cells it can see: with ~8 chunks
     # the causal upper triangle costs ~1/16 of the square instead of 1/2.
@@ -349,7 +348,12 @@ def cell_block_scores(
             hidden |= ~allowed[:, rows].gather(2, cells.cluster[:, None, :seen].expand_as(logits))
         logits.masked_fill_(hidden, float("-inf"))
         top = logits.amax(-1, keepdim=True).clamp_min(torch.finfo(logits.dtype).min)
-        mass = logits.sub_(top).exp_() @ by_block[:, :seen]  # [N, r, nK]
+        # each key cell's mass added to its key block: [N, r, nK] without a one-hot [N, P, nK]
+        # (that matmul cost more than the logits themselves and its memory grows as T^2)
+        weight = logits.sub_(top).exp_()
+        mass = torch.zeros(n, weight.shape[1], n_k, device=dev).scatter_add_(
+            2, group.expand_as(weight), weight
+        )
         share = (
             (mass / mass.sum(-1, keepdim=True)).log_().nan_to_num_(float("-inf"), neginf=float("-inf"))
         )  # nan: sees no key
