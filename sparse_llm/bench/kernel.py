@@ -146,13 +146,17 @@ def random_mask(length: int, block: int, density: float, device, seed: int = 0) 
     return BlockMask.from_dense(picked[None, None], block_q=block, block_k=block, q_len=length, kv_len=length)
 
 
-def _time_interleaved(fns: dict, repeats: int, device) -> dict[object, list[float]]:
+def _time_interleaved(
+    fns: dict, repeats: int, device, on_round: Callable[[int], None] | None = None
+) -> dict[object, list[float]]:
     """Seconds per call of each of ``fns``, ``repeats`` rounds that call each once in turn, after
-    one untimed warm-up (and compilation) call of each."""
+    one untimed warm-up (and compilation) call of each; ``on_round(i)`` before round i (progress)."""
     for fn in fns.values():
         fn()
     times = {key: [] for key in fns}
-    for _ in range(repeats):
+    for i in range(repeats):
+        if on_round is not None:
+            on_round(i)
         for key, fn in fns.items():
             synchronize(device)
             start = time.perf_counter()
@@ -292,7 +296,12 @@ def run_kernel_bench(
                 fns.setdefault((pattern, density, "ours"), _ours(q, k, v, mask))
                 if config.flex:
                     fns[pattern, density, "flex"] = _flex(q, k, v, mask)
-        times = _time_interleaved(fns, config.repeats, device)
+        times = _time_interleaved(
+            fns,
+            config.repeats,
+            device,
+            lambda i, n=length: bar.set_postfix_str(f"{n}: round {i + 1}/{config.repeats}"),
+        )
         dense_times = times["causal", None, "ours"]
         emit(_row(config, length, "causal", dense, "ours", dense_times, dense_times))
         emit(_row(config, length, "causal", None, "sdpa", times["causal", None, "sdpa"], dense_times))
