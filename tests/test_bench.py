@@ -128,6 +128,7 @@ def test_kernel_bench_times_in_interleaved_rounds_and_takes_the_median_ratio():
     assert row["speedup_vs_dense"] == pytest.approx(2.0)
     assert row["fraction_of_ideal"] == pytest.approx(2.0 * mask.density())
     assert row["median_ms"] == pytest.approx(1000.0)
+    assert row["times_ms"] == pytest.approx([500.0, 1000.0, 1000.0])
 
 
 def test_bench_config_rejects_unknown_methods_and_lengths():

@@ -236,6 +236,7 @@ def _row(config, length, pattern, mask, name, times, dense_times, expected=None,
         "partial_blocks": part,
         "median_ms": median * 1e3,
         "spread_ms": (max(times) - min(times)) * 1e3,
+        "times_ms": [t * 1e3 for t in times],  # per round, in the order the rounds ran
         "speedup_vs_dense": speedup,
         "ideal": 1 / density,
         "fraction_of_ideal": speedup * density,
