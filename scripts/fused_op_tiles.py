@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
+from sparse_llm.bench.kernel import time_interleaved
 from sparse_llm.results import atomic_write_json, run_metadata
 
 
@@ -45,14 +45,7 @@ def main() -> None:
     rows = []
     for threads in map(int, args.threads.split(",")):
         torch.set_num_threads(threads)
-        times = {key: [] for key in calls}
-        for fn in calls.values():
-            fn()  # warm-up
-        for _ in range(args.rounds):
-            for key, fn in calls.items():
-                start = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - start)
+        times = time_interleaved(calls, args.rounds, torch.device("cpu"))
         for (r, masked), ts in times.items():
             seconds = statistics.median(ts)
             gflops = 4 * args.total_rows * length * d / seconds / 1e9

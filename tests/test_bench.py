@@ -115,7 +115,7 @@ def test_kernel_bench_times_in_interleaved_rounds_and_takes_the_median_ratio():
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in ("dense", "a", "b")}
     rounds = []
-    times = kernel._time_interleaved(fns, repeats=3, device="cpu", on_round=rounds.append)
+    times = kernel.time_interleaved(fns, repeats=3, device="cpu", on_round=rounds.append)
     assert calls == ["dense", "a", "b"] * 4  # one warm-up of each, then 3 rounds of each in turn
     assert rounds == [0, 1, 2]
     assert {key: len(t) for key, t in times.items()} == {"dense": 3, "a": 3, "b": 3}
