@@ -171,6 +171,26 @@ def test_cpu_path_slices_a_run_that_every_query_head_holds(monkeypatch):
     assert not gathers
 
 
+@pytest.mark.parametrize("hq", [1, 4])
+def test_cpu_path_shares_a_call_for_full_and_partial_blocks_only_on_one_heads_rows(hq):
+    """Few keys per query block (a sink, a far block, the diagonal): one head's tiles run full and
+    partial blocks in one call; a KV group's stacked tiles run them apart (their row mask costs more
+    than the merge). Both equal the reference."""
+    case = Case(tq=320, tk=320, hq=hq, hkv=1, block_q=16, block_k=16)
+    q, k, v, _, kwargs = build(case)
+    dense = torch.zeros(1, 1, 20, 20, dtype=torch.bool)
+    rows = torch.arange(20)
+    dense[0, 0, rows, 0] = dense[0, 0, rows, rows] = dense[0, 0, rows, rows // 2] = True
+    mask = BlockMask.from_dense(dense, block_q=16, block_k=16, q_len=320, kv_len=320)
+    shapes = cpu_kernel.Shapes.of(q, k, mask)
+    plan = cpu_kernel.plan_gather(mask, shapes, causal=True, sliding_window=None, padding=False, fused=True)
+    gathers = [c for c in plan.calls if isinstance(c, cpu_kernel.GatherCall)]
+    shared = [c for c in gathers if c.full and c.partial]
+    assert gathers and bool(shared) == (shapes.r == case.block_q)
+    out, lse = block_sparse_attention(q, k, v, mask, return_lse=True, impl="cpu", **kwargs)
+    check_attention(out, lse, q, k, v, mask, kwargs)
+
+
 @pytest.mark.parametrize("hkv, mask_heads", [(1, "kv"), (2, "kv"), (2, "1")])
 def test_cpu_path_serves_the_sink_run_of_a_window_in_one_call(hkv, mask_heads, monkeypatch):
     """Sink + sliding window: the sink run, seen whole by every query block past it, is one call with

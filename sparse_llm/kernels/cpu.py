@@ -29,9 +29,9 @@ method's sinks and local window) runs as two masks merged by log-sum-exp: the bl
 group selects, with the group's tiles stacked, and the rest per head (``_group_split``).
 
 Full blocks need no element mask (only an additive per-key mask for key padding, the Tk tail and padded
-index slots); partial blocks get the causal/window element mask. When a segment's keys are few, full and
-partial blocks share one call (one mask over all keys); otherwise they run apart, and the second part
-(and a second view run) is merged by log-sum-exp into the output.
+index slots); partial blocks get the causal/window element mask. When a segment's keys are few and its
+tiles are one head's rows, full and partial blocks share one call (one mask over all keys); otherwise
+they run apart, and the second part (and a second view run) is merged by log-sum-exp into the output.
 Results are written straight into the output's memory, accumulated and merged in fp32. The fused op
 computes in fp32, or in bf16 for a bf16 model on a CPU with native bf16 (``compute_dtype``).
 
@@ -62,7 +62,9 @@ from sparse_llm.kernels.merge import merge_attention_
 
 # fp32 elements per segment (gathered K/V + masks) and per score tile of the matmul path: 2^25 = 128 MiB.
 _MAX_SCORE_ELEMENTS = 1 << 25
-# Full and partial blocks share one call (one mask over all keys) up to this many keys per head dim.
+# Full and partial blocks share one call (one mask over all keys) up to this many keys per head dim,
+# when a tile's rows are one head's block_q positions. A group's stacked tiles (G * block_q rows) never
+# share: their [G * block_q, L] mask cost more to build than the merge it saves (docs/benchmarks.md).
 _SHARED_CALL_KEYS_PER_DIM = 4
 # A non-causal prefix segment (query blocks selecting most blocks of runs from one first block) shares a
 # view of its longest run; each row's masked keys in it are at most this fraction of its own count.
@@ -687,9 +689,10 @@ def _gather_runs(blocks: _Blocks, todo: list[bool], s: Shapes) -> list[tuple[int
 def _plan_gathers(full: _Blocks, part: _Blocks, s: Shapes, alone: list[bool]) -> list[GatherCall]:
     """Gather calls for the query blocks still ``alone``. A long run of query blocks with few keys shares
     one call for its full + partial blocks (one mask over all keys); the rest run full and partial
-    blocks apart, each in runs of equal (or, down to _PAD_RATIO, padded) counts."""
+    blocks apart, each in runs of equal (or, down to _PAD_RATIO, padded) counts; a group's stacked
+    tiles always run them apart."""
     cost = _block_cost(s)
-    limit = max(1, _SHARED_CALL_KEYS_PER_DIM * s.d // s.block_k)
+    limit = max(1, _SHARED_CALL_KEYS_PER_DIM * s.d // s.block_k) if s.r <= s.block_q else 0
     facts = zip(alone, full.counts, part.counts, full.needs, part.needs, strict=True)
     both = [
         (f, p, nf, np) if todo and 0 < f and 0 < p and f + p <= limit else None
