@@ -310,13 +310,15 @@ def cell_block_scores(
     keys, c = k.flatten(0, 1), centroids.shape[1]
     cells = cell_summaries(keys, assign, valid, torch.arange(kv_len, device=dev) // block, n_k, c)
     # Query cells: the queries of one head in one query block routed to one centroid (shared QK
-    # routing). Grouped by query block first, so that slots come in causal order.
-    qs = q.reshape(n, g * q_len, d)
-    q_valid = real[:, -q_len:].repeat(1, g).repeat_interleave(hkv, 0)
-    qn = F.normalize(qs.float(), dim=-1)
-    _, q_assign = nearest(qn.to(scoring_dtype(qn)), centroids, active_clusters(n_clusters, valid)[1])
-    pos = torch.arange(g * q_len, device=dev)
-    q_cells = cell_summaries(qs, q_assign, q_valid, pos % q_len // block * g + pos // q_len, n_q * g, c)
+    # routing). Grouped by query block first, so that slots come in causal order. Rows are (position,
+    # head) pairs of a KV group, HF's [B, Tq, Hq, D] memory order: a view, no copy, when Hkv = 1.
+    qs = q.transpose(1, 2).unflatten(2, (hkv, g)).transpose(1, 2).reshape(n, q_len * g, d)
+    q_valid = real[:, -q_len:].repeat_interleave(g, 1).repeat_interleave(hkv, 0)
+    # A query's nearest unit centroid by q . c (its cosine times |q|: no normalized copy of the queries),
+    # in fp32: exact picks, and a GEMV of C centroids costs less than a bf16 copy would save.
+    _, q_assign = nearest(qs.float(), centroids, active_clusters(n_clusters, valid)[1])
+    pos = torch.arange(q_len * g, device=dev)
+    q_cells = cell_summaries(qs, q_assign, q_valid, pos // g // block * g + pos % g, n_q * g, c)
     reps, q_block = q_cells.mean * call.scale, q_cells.group // g  # [N, R, D], [N, R]
     reach = reachable_blocks(q_len, kv_len, block, call.sliding_window, dev)
     first = torch.where(reach.any(-1), reach.to(torch.int8).argmax(-1), n_k)  # reach is one run per row
