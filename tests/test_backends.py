@@ -61,6 +61,36 @@ def test_block_topk_finds_the_planted_block_and_respects_the_budget():
     assert mask.density() == pytest.approx(sum(min(n + 1, 5) for n in range(n_k)) / sum(range(1, n_k + 1)))
 
 
+@pytest.mark.parametrize("name", ["block_topk", "routing"])
+def test_group_heads_share_one_block_set_that_keeps_what_one_head_needs(name):
+    """heads="group": one mask row per KV head, which keeps the block each query head of the group
+    points at (the group's score is its heads' largest), and with one query head per KV head the
+    selection is the per-head one."""
+    torch.manual_seed(0)
+    b, hkv, g, t, d, bs = 1, 2, 2, 512, 64, 32
+    q = torch.randn(b, hkv * g, t, d) * 0.1
+    k = torch.randn(b, hkv, t, d) * 0.1
+    for head, block in ((0, 9), (1, 5)):  # the two query heads of KV head 0 look for different blocks
+        direction = torch.randn(d) * 2
+        q[:, head, -bs:] += direction
+        k[:, 0, block * bs : (block + 1) * bs] += direction
+    params = dict(dense_tail_blocks=0, budget=5 * bs, sink_tokens=bs, local_tokens=2 * bs, block_size=bs)
+    call = LayerCall(0, d**-0.5)
+    per_head = get_method(name, **params).block_mask(q, k, k, call).to_dense()[0]  # [Hq, nQ, nK]
+    shared = get_method(name, heads="group", **params).block_mask(q, k, k, call).to_dense()[0]
+    assert shared.shape[0] == hkv and per_head.shape[0] == hkv * g
+    assert per_head[0, -1, 9] and per_head[1, -1, 5]  # each head finds its own block
+    assert shared[0, -1, 9] and shared[0, -1, 5]  # the group keeps both, for both heads
+    assert shared.sum(-1).tolist() == per_head[::g].sum(-1).tolist()  # the same budget per row
+    one = (q[:, ::g], k)  # one query head per KV head: group = per head
+    assert torch.equal(
+        get_method(name, heads="group", **params).block_mask(*one, k, call).to_dense(),
+        get_method(name, **params).block_mask(*one, k, call).to_dense(),
+    )
+    with pytest.raises(ValueError, match="heads must be one of"):
+        get_method(name, heads="kv")
+
+
 def test_block_topk_budget_must_cover_the_forced_blocks():
     with pytest.raises(ValueError, match="must cover sink_tokens"):
         get_method("block_topk", dense_tail_blocks=0, budget=256, sink_tokens=128, local_tokens=512)

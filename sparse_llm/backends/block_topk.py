@@ -26,7 +26,9 @@ import torch
 from sparse_llm.backends.base import BudgetedMethod, LayerCall, register_method
 from sparse_llm.backends.selection import (
     CAUSAL_CHUNKS,
+    check_heads,
     check_probes,
+    group_scores,
     logits_nt,
     probe_queries,
     scoring_dtype,
@@ -40,20 +42,27 @@ MAX_SCORES = 2**25  # scores held at once while scoring (elements)
 @dataclass
 class BlockTopK(BudgetedMethod):
     """Args: budget (tokens per query block, sinks and local window included; default 2048),
-    probes (single queries per query block scored besides its mean query, default 4),
-    sink_tokens (default 64), local_tokens (default 512)."""
+    probes (single queries per query block scored besides its mean query, default 4), heads
+    (``"query"``: each query head its own blocks, the default; ``"group"``: one block set per KV
+    group, each block scored by the largest weight any of the group's heads puts on it), sink_tokens
+    (default 64), local_tokens (default 512)."""
 
     name = "block_topk"
     description = "Top-k key blocks per query head by the peak q.k of a few queries, plus sink and local."
 
     probes: int = 4
+    heads: str = "query"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_probes(self.probes, self.block_size)
+        check_heads(self.heads)
 
     def block_mask(self, q, k, v, call: LayerCall) -> BlockMask:
-        return self.mask_from_scores(peak_block_scores(q, k, call, self.block_size, self.probes), q, k, call)
+        scores = peak_block_scores(q, k, call, self.block_size, self.probes)
+        if self.heads == "group":
+            scores = group_scores(scores, k.shape[1])
+        return self.mask_from_scores(scores, q, k, call)
 
 
 def peak_block_scores(

@@ -42,7 +42,9 @@ import torch.nn.functional as F
 from sparse_llm.backends.base import BudgetedMethod, LayerCall, register_method, require_positive
 from sparse_llm.backends.selection import (
     CAUSAL_CHUNKS,
+    check_heads,
     check_probes,
+    group_scores,
     key_blocks_with_real_keys,
     prefer_late_ties,
     probe_queries,
@@ -181,7 +183,9 @@ class Routing(BudgetedMethod):
     for a row of n real keys with clusters), top_clusters (None (default): every cluster carries its
     soft share of mass; an int: only that many clusters per query cell or representative), probes
     (``"cluster"`` only: single queries per query block besides its mean query, default 1: the
-    block's last query), iterations (k-means steps, default 4), seed (0), sink_tokens (64),
+    block's last query), iterations (k-means steps, default 4), seed (0), heads (``"query"``: each
+    query head its own blocks, the default; ``"group"``: one block set per KV group, each block
+    scored by the largest share any of the group's heads routes to it), sink_tokens (64),
     local_tokens (512)."""
 
     name = "routing"
@@ -195,10 +199,12 @@ class Routing(BudgetedMethod):
     iterations: int = 4
     seed: int = 0
     summary: str = "cell"
+    heads: str = "query"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require_positive(iterations=self.iterations)
+        check_heads(self.heads)
         for name in ("n_clusters", "top_clusters"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -222,6 +228,8 @@ class Routing(BudgetedMethod):
             scores = cell_block_scores(q, k, call, seed=self.seed, **kw)
         else:
             scores = routed_block_scores(q, k, call, probes=self.probes, seed=self.seed, **kw)
+        if self.heads == "group":
+            scores = group_scores(scores, k.shape[1])
         return self.mask_from_scores(prefer_late_ties(scores), q, k, call)
 
 
