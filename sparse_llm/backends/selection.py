@@ -122,8 +122,8 @@ def group_scores(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     across heads) as one row per KV group ``[B, Hkv, nQ, nK]``: the largest over the group's query
     heads, so a block that one head needs keeps that head's score (NSA shares its selection within a
     GQA group in the same way, by the group's summed importance). A group-shared mask lets the CPU
-    kernel run the group's heads as one tile: ~0.8x the attention time at equal density at 8K on
-    Gemma3-270M, at some perplexity (docs/evaluations.md, "One block set per KV group")."""
+    kernel run the group's heads as one tile: ~0.85x the attention time at equal density at 8K on
+    Gemma3-270M, for up to +1.8 % perplexity (docs/evaluations.md, "One block set per KV group")."""
     b, hq, n_q, n_k = scores.shape
     if hq == num_kv_heads:
         return scores
