@@ -171,6 +171,17 @@ def test_sparse_chunks_are_valid_finite_within_budget_with_one_dense_tail(name, 
         assert c["density"] == pytest.approx(sum(densities) / len(densities))
 
 
+@pytest.mark.parametrize("name", ["block_topk", "routing"])
+def test_group_heads_select_one_row_per_kv_head_in_every_chunk(name):
+    """heads="group" under chunked prefill: one mask row per KV head in every chunk, finite outputs."""
+    model = model_of("llama")  # Hq = 4, Hkv = 2
+    with sparse_llm.sparse_attention(model, name, heads="group", **sparse_setting(name)):
+        with captured_masks(model) as seen:
+            hidden = final_hidden(model, lambda: sparse_llm.prefill(model, IDS, 48))
+    assert torch.isfinite(hidden).all()
+    assert seen and {mask.kv_num_blocks.shape[1] for _, mask in seen} == {model.config.num_key_value_heads}
+
+
 @pytest.mark.parametrize(
     "name", [pytest.param(n, id=n) for n in CHUNK_INVARIANT if n in sparse_llm.list_methods()]
 )
