@@ -61,7 +61,7 @@ def test_block_topk_finds_the_planted_block_and_respects_the_budget():
     assert mask.density() == pytest.approx(sum(min(n + 1, 5) for n in range(n_k)) / sum(range(1, n_k + 1)))
 
 
-@pytest.mark.parametrize("name", ["block_topk", "routing"])
+@pytest.mark.parametrize("name", ["block_topk", "routing", "dhsa"])
 def test_group_heads_share_one_block_set_that_keeps_what_one_head_needs(name):
     """heads="group": one mask row per KV head, which keeps the block each query head of the group
     points at (the group's score is its heads' largest), and with one query head per KV head the

@@ -171,7 +171,7 @@ def test_sparse_chunks_are_valid_finite_within_budget_with_one_dense_tail(name, 
         assert c["density"] == pytest.approx(sum(densities) / len(densities))
 
 
-@pytest.mark.parametrize("name", ["block_topk", "routing"])
+@pytest.mark.parametrize("name", ["block_topk", "routing", "dhsa"])
 def test_group_heads_select_one_row_per_kv_head_in_every_chunk(name):
     """heads="group" under chunked prefill: one mask row per KV head in every chunk, finite outputs."""
     model = model_of("llama")  # Hq = 4, Hkv = 2

@@ -41,7 +41,13 @@ import torch
 import torch.nn.functional as F
 
 from sparse_llm.backends.base import BudgetedMethod, LayerCall, register_method, require_positive
-from sparse_llm.backends.selection import block_means, first_real_key, real_keys
+from sparse_llm.backends.selection import (
+    block_means,
+    check_heads,
+    first_real_key,
+    group_scores,
+    real_keys,
+)
 from sparse_llm.kernels import BlockMask
 
 CHUNKINGS = ("dynamic", "fixed")
@@ -123,8 +129,10 @@ class DHSA(BudgetedMethod):
     """Args: budget (tokens per query block incl. sinks and window, default 2048; the paper uses 1024
     for NIAH and 2048 for LongBench), chunking ("fixed" or "dynamic"), chunk_size (fixed/average
     chunk length, default 32), min_chunk (16), max_chunk (256), score ("mass" or the paper's
-    "similarity"), sink_tokens (128), local_tokens (128), dense_tail_blocks (last query blocks
-    attending densely, default 1)."""
+    "similarity"), heads (``"query"``: each query head its own blocks, the default; ``"group"``: one
+    block set per KV group, each block scored by the largest share of its row's estimated mass any
+    of the group's heads gives it; "similarity" is one set per KV head either way), sink_tokens (128),
+    local_tokens (128), dense_tail_blocks (last query blocks attending densely, default 1)."""
 
     name = "dhsa"
     description = "Dynamic hierarchical sparse attention: key chunks ranked per query head by estimated mass."
@@ -137,11 +145,13 @@ class DHSA(BudgetedMethod):
     max_chunk: int = 256
     dense_tail_blocks: int = 1
     score: str = "mass"
+    heads: str = "query"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        check_heads(self.heads)
         require_positive(chunk_size=self.chunk_size, min_chunk=self.min_chunk, max_chunk=self.max_chunk)
         if self.chunking not in CHUNKINGS:
             raise ValueError(f"chunking must be one of {CHUNKINGS}, got {self.chunking!r}")
@@ -163,7 +173,12 @@ class DHSA(BudgetedMethod):
             kv_start=first_real_key(call.key_padding_mask),
         )
         score = chunk_mass_scores if self.score == "mass" else chunk_similarity_scores
-        return self.mask_from_scores(score(q, k, starts, call, self.block_size), q, k, call)
+        scores = score(q, k, starts, call, self.block_size)
+        if self.heads == "group":
+            # mass scores are unnormalized log masses: as log shares of their row they compare across heads
+            lse = scores.logsumexp(-1, keepdim=True)
+            scores = group_scores(scores - torch.where(torch.isfinite(lse), lse, 0.0), k.shape[1])
+        return self.mask_from_scores(scores, q, k, call)
 
 
 def _chunk_sums(k: torch.Tensor, starts: torch.Tensor, call: LayerCall):
