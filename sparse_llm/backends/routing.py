@@ -161,9 +161,11 @@ def key_clusters(
 def nearest(
     xn: torch.Tensor, centroids: torch.Tensor, active: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cosine, index) of the closest centroid ``[N, C, D]`` to each row of ``xn`` ``[N, T, D]``, the
-    cosines computed in xn's dtype; ``active`` ``[N, C]`` bool leaves out the centroids an entry does
-    not have."""
+    """(similarity, index) of the closest unit centroid ``[N, C, D]`` to each row of ``xn`` ``[N, T,
+    D]`` by dot product, computed in xn's dtype: the cosine for unit rows; for other rows the
+    similarity is the cosine times the row's norm, so the index is still the nearest by angle (the
+    query cells route raw queries this way). ``active`` ``[N, C]`` bool leaves out the centroids an
+    entry does not have."""
     n, t, _ = xn.shape
     step = max(1, MAX_SIMILARITIES // max(n * centroids.shape[1], 1))
     parts = []
