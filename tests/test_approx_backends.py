@@ -15,6 +15,7 @@ from attention_cases import assert_within_rule, rounding_floor
 import sparse_llm
 from sparse_llm.backends import LayerCall, get_method
 from sparse_llm.backends._collapse import selection_far_reference
+from sparse_llm.backends import deltallm as deltallm_module
 from sparse_llm.backends.deltallm import deltallm_reference, held_key_runs, held_keys, query_moment
 from sparse_llm.backends.lightning import lightning_reference
 from sparse_llm.backends.lla import lla_reference
@@ -154,6 +155,29 @@ def test_deltallm_whole_key_runs_hold_within_theta_and_cost_falls_with_sparsity(
         assert stats["far_groups"] <= min(stats["far_keys"], stats["far_slots"])
     assert sparsity[0] == 0.0 and all(a < b for a, b in zip(sparsity, sparsity[1:], strict=False)), sparsity
     assert all(a >= b for a, b in zip(slots, slots[1:], strict=False)) and slots[-1] < slots[0], slots
+
+
+def test_deltallm_query_moment_is_the_mean_outer_product_over_each_groups_real_queries():
+    q, _, _, padding = inputs(seed=5)  # GQA 4 / 2, left padding in row 1
+    scale = 0.125
+    hf_layout = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, Hq, Tq, D] view of [B, Tq, Hq, D]
+    moment = query_moment(hf_layout, 2, LayerCall(0, scale, key_padding_mask=padding))
+    real = padding[:, -q.shape[2] :]
+    for b in range(2):
+        for h in range(2):
+            rows = q[b, 2 * h : 2 * h + 2][:, real[b]].flatten(0, 1)  # the group's real queries
+            expected = scale**2 * rows.T @ rows / rows.shape[0]
+            torch.testing.assert_close(moment[b, h], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_deltallm_collapsed_slots_pad_each_key_block_by_less_than_one_slot_width():
+    q, k, v, padding = inputs(seed=2)
+    method = get_method("deltallm", theta=1.0, sink_tokens=16, local_tokens=32, block_size=BS)
+    method.attend(q, smooth(k), v, LayerCall(3, 0.125, key_padding_mask=padding))
+    stats = method.layer_stats()[3]
+    width = max(1, BS // deltallm_module._SLOTS_PER_BLOCK)
+    far_blocks_per_row = -(-203 // BS) * 2 * 2  # at most every key block of both rows and KV heads
+    assert stats["far_groups"] <= stats["far_slots"] < stats["far_groups"] + far_blocks_per_row * width
 
 
 def test_deltallm_holds_keys_that_move_where_no_query_looks():

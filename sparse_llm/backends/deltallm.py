@@ -39,7 +39,7 @@ only the scores of far keys are approximate. Soft-capping and padding are honour
 Speed: ``hold="channel"`` runs the far part densely through the kernel with held keys (DeltaLLM's
 quality at dense cost, plus a sequential scan over Tk to build the held keys, run again at every step
 when ``decode="sparse"``). ``hold="key"`` reads one collapsed key per run (a key block's runs padded
-to a multiple of a quarter block: 16 slots at block_size 64) after a vectorized run search (Gram
+to a multiple of a sixteenth of a block: 4 slots at block_size 64) after a vectorized run search (Gram
 matrices of the key blocks, then one host pass over the chain of held keys).
 """
 
@@ -67,7 +67,11 @@ HOLDS = ("key", "channel")
 # standard deviations. Measured on Gemma3-270M at 8K (docs/evaluations.md): the logit drift at 2.0
 # forms about as many runs as the per-channel RMS drift at 1.0 did, with lower perplexity.
 THETA = {"key": 2.0, "channel": 0.6}
-_SLOTS_PER_BLOCK = 4  # collapsed blocks per key block at most: a key block's runs take quarters of it
+# Collapsed blocks per key block at most: a key block's runs take sixteenths of it (slots of 4 at
+# block_size 64), so its padding (unused slots, computed and masked) averages 1.5 slots. Quarters of a
+# block (slots of 16) padded 12-42 % of the far slots on the 8K essays; sixteenths took deltallm's
+# attention from 0.94x to 0.82x dense's at the same runs and outputs (docs/benchmarks.md).
+_SLOTS_PER_BLOCK = 16
 
 
 @register_method
@@ -160,7 +164,7 @@ class DeltaLLM(SparseMethod):
         keys = far_key_mask(far, real, mask.block_k)
         runs = held_key_runs(k, query_moment(q, k.shape[1], call), self.theta, keys, mask.block_k)
         out, lse, stats = collapsed_far_field(
-            q, k, v, runs, far, mask, call, width=mask.block_k // _SLOTS_PER_BLOCK
+            q, k, v, runs, far, mask, call, width=max(1, mask.block_k // _SLOTS_PER_BLOCK)
         )
         if stats["far_keys"]:
             self.last_delta_sparsity[call.layer_idx] = 1.0 - stats["far_groups"] / stats["far_keys"]
@@ -173,11 +177,15 @@ def query_moment(q: torch.Tensor, num_kv_heads: int, call: LayerCall) -> torch.T
     (q ``[B, Hq, Tq, D]``; the queries are the last Tq of the key padding mask's positions): ``d^T M d``
     is the mean squared change of the logits when a key moves by ``d``."""
     b, hq, q_len, d = q.shape
-    qg = q.float().reshape(b, num_kv_heads, hq // num_kv_heads * q_len, d)
-    count = torch.full((b, 1, 1, 1), float(hq // num_kv_heads * q_len), device=q.device)
+    g = hq // num_kv_heads
+    # Rows as (position, query head) pairs, HF's [B, Tq, Hq, D] memory order: a view, no copy, when
+    # Hkv = 1 (the sum does not depend on the order; a head-major copy took as long as the GEMM).
+    qg = q.float().transpose(1, 2).unflatten(2, (num_kv_heads, g)).transpose(1, 2)
+    qg = qg.reshape(b, num_kv_heads, q_len * g, d)
+    count = torch.full((b, 1, 1, 1), float(g * q_len), device=q.device)
     if call.key_padding_mask is not None:
         valid = call.key_padding_mask[:, -q_len:].float()
-        qg = qg * valid.repeat(1, hq // num_kv_heads)[:, None, :, None]
+        qg = qg * valid.repeat_interleave(g, 1)[:, None, :, None]
         count = count * valid.mean(1).view(b, 1, 1, 1)
     return qg.transpose(-1, -2) @ qg * (call.scale**2 / count.clamp_min(1.0))
 
