@@ -14,8 +14,8 @@ from attention_cases import assert_within_rule, rounding_floor
 
 import sparse_llm
 from sparse_llm.backends import LayerCall, get_method
-from sparse_llm.backends._collapse import selection_far_reference
 from sparse_llm.backends import deltallm as deltallm_module
+from sparse_llm.backends._collapse import selection_far_reference
 from sparse_llm.backends.deltallm import deltallm_reference, held_key_runs, held_keys, query_moment
 from sparse_llm.backends.lightning import lightning_reference
 from sparse_llm.backends.lla import lla_reference
