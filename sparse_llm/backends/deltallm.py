@@ -58,7 +58,7 @@ from sparse_llm.backends.base import (
     register_method,
     require_positive,
 )
-from sparse_llm.backends.selection import first_real_key, real_keys
+from sparse_llm.backends.selection import first_real_key, group_rows, real_keys
 from sparse_llm.backends.streaming import sink_window_mask
 from sparse_llm.kernels import BlockMask
 
@@ -176,12 +176,11 @@ def query_moment(q: torch.Tensor, num_kv_heads: int, call: LayerCall) -> torch.T
     """``M = scale^2 E[q q^T]`` fp32 ``[B, Hkv, D, D]`` over each KV head's query heads and real queries
     (q ``[B, Hq, Tq, D]``; the queries are the last Tq of the key padding mask's positions): ``d^T M d``
     is the mean squared change of the logits when a key moves by ``d``."""
-    b, hq, q_len, d = q.shape
+    b, hq, q_len, _ = q.shape
     g = hq // num_kv_heads
-    # Rows as (position, query head) pairs, HF's [B, Tq, Hq, D] memory order: a view, no copy, when
-    # Hkv = 1 (the sum does not depend on the order; a head-major copy took as long as the GEMM).
-    qg = q.float().transpose(1, 2).unflatten(2, (num_kv_heads, g)).transpose(1, 2)
-    qg = qg.reshape(b, num_kv_heads, q_len * g, d)
+    # The sum does not depend on the row order: HF's (a view when Hkv = 1; a head-major copy took as
+    # long as the GEMM).
+    qg = group_rows(q.float(), num_kv_heads)
     count = torch.full((b, 1, 1, 1), float(g * q_len), device=q.device)
     if call.key_padding_mask is not None:
         valid = call.key_padding_mask[:, -q_len:].float()

@@ -44,6 +44,7 @@ from sparse_llm.backends.selection import (
     CAUSAL_CHUNKS,
     check_heads,
     check_probes,
+    group_rows,
     group_scores,
     key_blocks_with_real_keys,
     prefer_late_ties,
@@ -314,15 +315,15 @@ def cell_block_scores(
     """Block scores of ``summary="cell"``, ``[B, Hq, nQ, nK]`` fp32 (module docstring): per query head
     and query block, the largest log share of attention mass that one of its query cells routes to
     the key block; -inf for blocks never to select. Arguments as :func:`routed_block_scores`."""
-    (b, hq, q_len, d), (_, hkv, kv_len, _) = q.shape, k.shape
+    (b, hq, q_len, _), (_, hkv, kv_len, _) = q.shape, k.shape
     n_k, n_q, dev, n, g = -(-kv_len // block), -(-q_len // block), q.device, b * hkv, hq // hkv
     real, valid, n_clusters, centroids, assign = key_clusters(k, call, n_clusters, iterations, seed)
     keys, c = k.flatten(0, 1), centroids.shape[1]
     cells = cell_summaries(keys, assign, valid, torch.arange(kv_len, device=dev) // block, n_k, c)
     # Query cells: the queries of one head in one query block routed to one centroid (shared QK
     # routing). Grouped by query block first, so that slots come in causal order. Rows are (position,
-    # head) pairs of a KV group, HF's [B, Tq, Hq, D] memory order: a view, no copy, when Hkv = 1.
-    qs = q.transpose(1, 2).unflatten(2, (hkv, g)).transpose(1, 2).reshape(n, q_len * g, d)
+    # head) pairs of a KV group (group_rows: a view of HF's queries, no copy, when Hkv = 1).
+    qs = group_rows(q, hkv).flatten(0, 1)
     q_valid = real[:, -q_len:].repeat_interleave(g, 1).repeat_interleave(hkv, 0)
     # A query's nearest unit centroid by q . c (its cosine times |q|: no normalized copy of the queries),
     # in fp32: exact picks, and a GEMV of C centroids costs less than a bf16 copy would save.

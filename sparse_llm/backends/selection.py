@@ -109,6 +109,17 @@ def probe_queries(
     return torch.cat([block_means(q, block, valid)[:, :, :, None], singles], dim=3), index
 
 
+def group_rows(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """x ``[B, Hq, T, D]`` as ``[B, Hkv, T * G, D]``: each KV group's rows as (position, query head)
+    pairs, in HF's ``[B, T, Hq, D]`` memory order, so that for HF's queries it is a view, not a copy,
+    when Hkv = 1 (a head-major reshape copies them). Row ``t * G + j`` is position t of the group's
+    head j; a ``[B, T]`` row mask matches it after ``repeat_interleave(G, 1)``."""
+    b, hq, t, d = x.shape
+    g = hq // num_kv_heads
+    rows = x.transpose(1, 2).unflatten(2, (num_kv_heads, g)).transpose(1, 2)  # [B, Hkv, T, G, D]
+    return rows.reshape(b, num_kv_heads, t * g, d)
+
+
 HEADS = ("query", "group")  # a selection per query head, or one per KV group (``group_scores``)
 
 
