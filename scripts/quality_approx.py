@@ -7,7 +7,8 @@ sliding window and run exactly), in one process:
   half (the second is where keys far outside a local window exist), one forward per variant;
 - with ``--rounds R``, end-to-end prefill time (``logits_to_keep=1``): every variant once per round
   (odd rounds in reverse order), interleaved over R rounds, so that the machine's drift hits all
-  alike; the medians and the ratios to ``dense`` and to each variant's ``streaming`` twin (the same sink + local blocks) are reported;
+  alike; the medians and the ratios to ``dense`` and to each variant's ``streaming`` twin (the same
+  sink + local blocks) are reported;
 - with ``--layer-rounds R``, the attention of the global layers alone on their captured q, k, v (the
   part the methods change, free of the rest of the forward's noise), interleaved the same way;
 - with ``--depths``, passkey retrieval in a ``--tokens``-token prompt of repeated filler (greedy, 12
